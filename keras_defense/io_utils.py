@@ -1,0 +1,64 @@
+"""Crash-safe file output: write to a temporary path, then rename into place."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[str]:
+  """Yields a temporary sibling of ``path``; renames it onto ``path`` on success.
+
+  A crash or exception leaves ``path`` as it was (old content or absent) and
+  removes the temporary. For directories an existing ``path`` is replaced.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp",
+                                      dir=path.parent))
+  target = tmp if directory else tmp / path.name
+  if directory:
+    tmp.rmdir()  # the writer creates it
+  try:
+    yield str(target)
+    if directory:
+      if path.exists():
+        old = path.with_name(f".{path.name}.old.tmp")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(target, path)
+        shutil.rmtree(old, ignore_errors=True)
+      else:
+        os.replace(target, path)
+    else:
+      os.replace(target, path)
+  finally:
+    if directory:
+      shutil.rmtree(tmp, ignore_errors=True)
+    else:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically."""
+  with atomic_path(path) as tmp:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes ``obj`` as indented JSON to ``path`` atomically."""
+  write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
