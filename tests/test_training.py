@@ -1,0 +1,132 @@
+"""Tests for keras_defense.training and the kd-train binary."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from keras_defense import export
+from keras_defense import training
+import fake_cifar10
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_short_run_learns(tmp_path):
+  config = training.TrainConfig(
+      dataset="mnist", run_dir=str(tmp_path / "run"), epochs=2, train_limit=4000,
+      test_limit=1000, validation_size=500, learning_rate=0.05,
+      lr_decay_epochs=(1,), export_dir=str(tmp_path / "sm"), export_version=1,
+      verbose=0)
+  result = training.train(config)
+  assert result.test_accuracy > 0.85  # chance is 0.10
+  assert result.epochs_run == 2
+  assert result.saved_model_path == str(tmp_path / "sm" / "1")
+  saved = json.loads((tmp_path / "run" / "train_result.json").read_text())
+  assert saved["test_accuracy"] == pytest.approx(result.test_accuracy)
+  # TensorBoard got loss, accuracy and learning-rate scalars.
+  from tensorboard.backend.event_processing import event_accumulator
+  ea = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard" / "train"))
+  ea.Reload()
+  tags = set(ea.Tags()["tensors"]) | set(ea.Tags()["scalars"])
+  assert {"epoch_loss", "epoch_accuracy", "epoch_lr"} <= tags, tags
+
+
+def test_step_schedule():
+  lr = training.step_schedule(0.1, (5, 8), 0.5)
+  assert [lr(e) for e in (0, 4, 5, 7, 8, 20)] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("epochs", 0, "`epochs` must be >= 1"),
+    ("model", "vgg", "`model` must be one of"),
+    ("optimizer", "rmsprop", "`optimizer` must be one of"),
+    ("learning_rate", -1.0, "`learning_rate` must be > 0"),
+    ("lr_decay_factor", 0.0, r"`lr_decay_factor` must be in \(0, 1\]"),
+    ("compute_dtype", "float16", "`compute_dtype` must be one of"),
+    ("dataset", "imagenet_nope", "no default model for `dataset`"),
+])
+def test_bad_config(field, value, match):
+  config = training.TrainConfig(**{field: value})
+  with pytest.raises(training.ConfigError, match=match):
+    config.validate()
+
+
+def test_cifar10_path_end_to_end_on_tiny_data(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  tarball = fake_cifar10.write_tarball(str(manual), per_batch=40, n_test=50)
+  with fake_cifar10.patched_checksum(tarball):
+    result = training.train(training.TrainConfig(
+        dataset="cifar10", run_dir=str(tmp_path / "run"), epochs=1,
+        batch_size=32, learning_rate=0.01, validation_size=20,
+        data_dir=str(tmp_path / "tfds"), manual_dir=str(manual),
+        export_dir=str(tmp_path / "saved_models" / "cifar10_c0"), verbose=0))
+  assert result.model.name == "cw_cifar10"
+  assert 0.0 <= result.test_accuracy <= 1.0
+  served = export.load_model(result.saved_model_path)
+  x = np.zeros((2, 32, 32, 3), np.float32)
+  np.testing.assert_allclose(served(x).numpy(), result.model(x).numpy(), atol=1e-5)
+
+
+def _train_cmd(run_dir, export_dir, epochs):
+  return [sys.executable, "-m", "keras_defense.bin.train",
+          f"--flagfile={REPO / 'flags' / 'mnist_m0.flags'}",
+          f"--run_dir={run_dir}", f"--export_dir={export_dir}",
+          f"--epochs={epochs}", "--train_limit=3000", "--test_limit=500",
+          "--validation_size=500", "--lr_decay_epochs=100"]
+
+
+def test_sigkill_then_rerun_resumes_from_last_epoch(tmp_path):
+  run_dir, export_dir = tmp_path / "run", tmp_path / "sm"
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.Popen(_train_cmd(run_dir, export_dir, 40), cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  backup = run_dir / "backup"
+  deadline = time.time() + 180
+  try:
+    # Kill -9 once at least two epochs have been checkpointed.
+    while time.time() < deadline:
+      ckpts = list(backup.rglob("ckpt-*.index"))
+      if any(int(p.name.split("-")[1].split(".")[0]) >= 2 for p in ckpts):
+        break
+      assert proc.poll() is None, "training ended before it could be killed"
+      time.sleep(0.2)
+    else:
+      pytest.fail("no checkpoint within 180 s")
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  assert not (run_dir / "train_result.json").exists()
+  # Rerun with fewer total epochs than were already done + 1: it resumes.
+  done = subprocess.run(_train_cmd(run_dir, export_dir, 3), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  result = json.loads((run_dir / "train_result.json").read_text())
+  assert result["epochs_run"] < 3  # the killed run's epochs were not redone
+  assert (export_dir / "1" / "saved_model.pb").is_file()
+
+
+def test_binary_bad_flag_is_one_line_no_traceback(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "keras_defense.bin.train", "--epochs=0"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "--epochs" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_binary_user_error_is_one_line_no_traceback(tmp_path):
+  missing = tmp_path / "nope"
+  out = subprocess.run(
+      [sys.executable, "-m", "keras_defense.bin.train", "--dataset=mnist",
+       f"--manual_dir={missing}", f"--data_dir={tmp_path / 'tfds'}",
+       f"--run_dir={tmp_path / 'run'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 2
+  assert "error: MNIST folder" in out.stderr and "Traceback" not in out.stderr
