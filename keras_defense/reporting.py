@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from keras_defense import io_utils
 from keras_defense import statistics
@@ -376,8 +377,8 @@ def _cw_table(rows, model_names, threat_models) -> list[str]:
                                    list(model_names).index(r["model"]), r["loss"],
                                    r["source_model"]))
   body = [[_attack_label(r["attack"], bool(r["targeted"])), r["threat_model"], r["model"],
-           r["loss"], r["source_model"], _cell(r), _num(r["mean_l2"]), _num(r["mean_linf"]),
-           _num(r["mean_l0"], ".1f")] for r in sub]
+           r["loss"], r["source_model"], _cell(r), _num(r["mean_l2"], ".2f"),
+           _num(r["mean_linf"], ".3f"), _num(r["mean_l0"], ".1f")] for r in sub]
   return (["## Minimum-distortion attacks (Carlini & Wagner)", "",
            "Success over initially correct images and the mean distortion of the successful "
            "adversarial examples (L2 and L∞ in [0, 1] pixel units, L0 = pixels changed). "
@@ -470,7 +471,8 @@ def plot_success_vs_epsilon(rows, model_names: Sequence[str], path: str | os.Pat
                             title: str = "") -> bool:
   """Plots success rate vs ε, one subplot per attack × targeted, with CI error bars.
 
-  One line per model (color) × threat model (line style and marker). Returns
+  One line per model (color) × threat model (line style and marker), dodged a
+  little along x so the error bars at one ε stay apart. Returns
   False (and writes nothing) when no row has an ε.
   """
   sub = [r for r in rows if r["epsilon"] is not None]
@@ -482,20 +484,24 @@ def plot_success_vs_epsilon(rows, model_names: Sequence[str], path: str | os.Pat
             if any(r["attack"] == a and bool(r["targeted"]) == t for r in sub)]
   ncols = 2 if len(panels) > 1 else 1
   nrows = math.ceil(len(panels) / ncols)
-  fig = Figure(figsize=(5.2 * ncols, 3.8 * nrows + 0.9))
+  fig_height = 3.8 * nrows + 0.6
+  fig = Figure(figsize=(5.2 * ncols, fig_height))
   axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
   threat_models = _ordered([r["threat_model"] for r in sub], THREAT_MODEL_ORDER)
   colors = {m: f"C{i % 10}" for i, m in enumerate(model_names)}
-  styles = {tm: _PLOT_STYLES.get(tm) or _EXTRA_STYLES[i % len(_EXTRA_STYLES)]
-            for i, tm in enumerate(threat_models)}
   eps_all = sorted({float(r["epsilon"]) for r in sub})
   span = (eps_all[-1] - eps_all[0]) or max(eps_all[-1], 1e-3)
   series_keys = sorted({(r["model"], r["threat_model"], _variant(r, varying)) for r in sub},
                        key=lambda k: (threat_models.index(k[1]), list(model_names).index(k[0]),
                                       k[2]))
+  # Line style per threat model; a threat model run with several losses/sources
+  # (a "variant", see _variant_fields) gets a further style per variant.
+  style_keys = list(dict.fromkeys((k[1], k[2]) for k in series_keys))
+  extra = iter(_EXTRA_STYLES * len(style_keys))
+  styles = {sk: (_PLOT_STYLES[sk[0]] if not sk[1] and sk[0] in _PLOT_STYLES else next(extra))
+            for sk in style_keys}
   # Dodge the series a little along x so error bars at the same ε do not overlap.
-  dodge = {k: (i - (len(series_keys) - 1) / 2) * span * 0.008 for i, k in enumerate(series_keys)}
-  handles = {}
+  dodge = {k: (i - (len(series_keys) - 1) / 2) * span * 0.012 for i, k in enumerate(series_keys)}
   for idx, (attack, targeted) in enumerate(panels):
     ax = axes[idx // ncols][idx % ncols]
     for key in series_keys:
@@ -510,12 +516,10 @@ def plot_success_vs_epsilon(rows, model_names: Sequence[str], path: str | os.Pat
       y = np.array([100 * float(r["success_rate"]) for _, r in pts])
       lo = np.array([100 * float(r["ci_low"]) for _, r in pts])
       hi = np.array([100 * float(r["ci_high"]) for _, r in pts])
-      linestyle, marker = styles[tm]
-      label = f"{model} {tm}" + (f" ({variant.replace('_', ' ')})" if variant else "")
-      h = ax.errorbar(x, y, yerr=np.vstack([np.maximum(y - lo, 0), np.maximum(hi - y, 0)]),
+      linestyle, marker = styles[(tm, variant)]
+      ax.errorbar(x, y, yerr=np.vstack([np.maximum(y - lo, 0), np.maximum(hi - y, 0)]),
                       color=colors[model], linestyle=linestyle, marker=marker, markersize=4.5,
-                      linewidth=1.6, capsize=3, elinewidth=1, label=label)
-      handles.setdefault(label, h)
+                      linewidth=1.6, capsize=3, elinewidth=1)
     ax.set_title(_attack_label(attack, targeted), fontsize=11)
     ax.set_xticks(eps_all)
     ax.set_xticklabels([format_epsilon(e) for e in eps_all], fontsize=8)
@@ -528,22 +532,27 @@ def plot_success_vs_epsilon(rows, model_names: Sequence[str], path: str | os.Pat
     axes[idx // ncols][idx % ncols].set_visible(False)
   fig.suptitle(f"{title}: attack success vs ε (95% Wilson intervals; "
                "color = model, line style = threat model)".lstrip(": "), fontsize=11)
-  fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
-             ncol=min(len(handles), max(3, len(model_names))), fontsize=8.5, frameon=False,
-             bbox_to_anchor=(0.5, 0.0))
-  fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(handles) / max(3, len(model_names))),
-                         1, 0.97))
+  used_models = [m for m in model_names if any(k[0] == m for k in series_keys)]
+  proxies = [Line2D([], [], color=colors[m], linewidth=2.5, label=m) for m in used_models]
+  proxies += [Line2D([], [], color="0.25", linestyle=styles[sk][0], marker=styles[sk][1],
+                     linewidth=1.6, label=sk[0] + (f" ({sk[1].replace('_', ' ')})" if sk[1] else ""))
+              for sk in style_keys]
+  fig.legend(handles=proxies, loc="lower center", ncol=min(len(proxies), 7), fontsize=9,
+             frameon=False, bbox_to_anchor=(0.5, 0.0))
+  fig.tight_layout(rect=(0, 0.4 / fig_height, 1, 1 - 0.05 / nrows))
   _save_figure(fig, pathlib.Path(path))
   return True
 
 
 def _example_label(example) -> str:
-  label = f"{example.get('model')} · {example.get('threat_model')}\n{ATTACK_NAMES.get(example.get('attack'), example.get('attack'))}"
+  """E.g. 'm2\nadaptive\nFGSM untargeted\nε=0.3' (one fact per line, for the left margin)."""
+  attack = ATTACK_NAMES.get(example.get("attack"), example.get("attack"))
   if example.get("targeted") is not None:
-    label += " targeted" if example["targeted"] else " untargeted"
+    attack += " targeted" if example["targeted"] else " untargeted"
+  lines = [str(example.get("model")), str(example.get("threat_model")), attack]
   if example.get("epsilon") is not None:
-    label += f" ε={format_epsilon(example['epsilon'])}"
-  return label
+    lines.append(f"ε={format_epsilon(example['epsilon'])}")
+  return "\n".join(lines)
 
 
 def _validate_examples(examples) -> None:
@@ -570,37 +579,41 @@ def plot_adversarial_examples(examples: Sequence[Mapping[str, Any]], path: str |
   """
   examples = list(examples)[:_MAX_EXAMPLE_ENTRIES]
   k = max(min(len(ex["x"]), _MAX_EXAMPLE_IMAGES) for ex in examples)
-  fig = Figure(figsize=(1.05 * k + 1.9, 2.5 * len(examples) + 0.5))
-  axes = fig.subplots(2 * len(examples), k, squeeze=False)
+  # Fixed layout in inches (tight_layout squeezes the tiles around long labels).
+  tile, gap, title_h, left, top, entry_gap = 1.1, 0.12, 0.22, 1.75, 0.45, 0.3
+  row_h = tile + title_h
+  entry_h = 2 * row_h + entry_gap
+  width = left + k * (tile + gap) + 0.1
+  height = top + len(examples) * entry_h
+  fig = Figure(figsize=(width, height))
   for e, ex in enumerate(examples):
     y = np.asarray(ex["y"]).astype(int)
+    entry_top = height - top - e * entry_h
+    fig.text(0.08 / width, (entry_top - row_h) / height, _example_label(ex), fontsize=9,
+             fontweight="bold", va="center", ha="left", linespacing=1.4)
     for r, (key, pred_key) in enumerate((("x", "pred_clean"), ("x_adv", "pred_adv"))):
-      images = np.clip(np.asarray(ex[key], np.float32), 0, 1)
+      images = np.clip(np.asarray(ex[key], np.float32), 0, 1)[:_MAX_EXAMPLE_IMAGES]
       preds = np.asarray(ex[pred_key]).astype(int)
-      for j in range(k):
-        ax = axes[2 * e + r][j]
+      bottom = entry_top - r * row_h - title_h - tile
+      for j, img in enumerate(images):
+        ax = fig.add_axes(((left + j * (tile + gap)) / width, bottom / height, tile / width,
+                           tile / height))
         ax.set_xticks([])
         ax.set_yticks([])
-        if j >= min(len(images), _MAX_EXAMPLE_IMAGES):
-          ax.set_axis_off()
-          continue
-        img = images[j]
         if img.shape[-1] == 1:
           ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         else:
           ax.imshow(img, interpolation="nearest")
         wrong = preds[j] != y[j]
         text = f"y={y[j]} → {preds[j]}" if r == 0 else f"→ {preds[j]}"
-        ax.set_title(text, fontsize=8.5, color="red" if wrong else "black", pad=2)
+        ax.set_title(text, fontsize=9, color="red" if wrong else "black", pad=2)
         for spine in ax.spines.values():
-          spine.set_edgecolor("red" if wrong and r == 1 else "0.6")
-      axes[2 * e + r][0].set_ylabel(("clean" if r == 0 else "adversarial"), fontsize=8.5)
-    axes[2 * e][0].annotate(_example_label(ex), xy=(0, 1), xycoords="axes fraction",
-                            xytext=(0, 16), textcoords="offset points", fontsize=9,
-                            fontweight="bold", va="bottom", ha="left")
-  fig.suptitle(f"{title}: clean vs adversarial (label y → prediction; red = misclassified)"
-               .lstrip(": "), fontsize=10)
-  fig.tight_layout(rect=(0, 0, 1, 0.98), h_pad=1.6)
+          spine.set_edgecolor("red" if wrong else "0.6")
+          spine.set_linewidth(1.5 if wrong else 0.8)
+        if j == 0:
+          ax.set_ylabel("clean" if r == 0 else "adversarial", fontsize=8.5)
+  fig.suptitle(f"{title}: clean vs adversarial (y = label → prediction; red = misclassified)"
+               .lstrip(": "), fontsize=10, y=1 - 0.12 / height, va="top")
   _save_figure(fig, pathlib.Path(path))
 
 

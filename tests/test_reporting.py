@@ -209,7 +209,7 @@ def test_report_cw_models_warnings_definitions(report):
   cw_lines = [l for l in cw.splitlines() if l.startswith("| C&W")]
   assert len(cw_lines) == 7
   assert "| C&W L2 untargeted | grey_box | m1 | cw | m1 | 100.0% [" in cw
-  assert "| 1.76 | 0.41 | 170.0 |" in cw
+  assert "| 1.76 | 0.410 | 170.0 |" in cw
   assert "| C&W L0 untargeted | grey_box | m2 | cw | m2 | 0.0% [0.0–7.1] (50) | — | — | — |" in cw
   models = _table(_section(markdown, "## Models"))
   assert models["m2"]["Compression"] == "5.89×"
