@@ -281,14 +281,22 @@ def _variant_fields(rows) -> dict[str, set]:
   return fields
 
 
-def _variant(row, varying: dict[str, set]) -> str:
-  """'' normally; e.g. 'margin' or 'from_m0' when a threat model mixes losses or sources."""
+def _variant(row, varying: dict[str, set]) -> tuple[str, ...]:
+  """() normally; e.g. ('margin',) or ('margin', 'from m0') when a threat model mixes them."""
   parts = []
   if "loss" in varying.get(row["threat_model"], ()):
     parts.append(row["loss"])
   if "source_model" in varying.get(row["threat_model"], ()):
-    parts.append(f"from_{row['source_model']}")
-  return "_".join(parts)
+    parts.append(f"from {row['source_model']}")
+  return tuple(parts)
+
+
+def _variant_label(variant: tuple[str, ...]) -> str:
+  return f" ({', '.join(variant)})" if variant else ""
+
+
+def _variant_tag(variant: tuple[str, ...]) -> str:
+  return "".join("_" + part.replace(" ", "_") for part in variant)
 
 
 def format_epsilon(epsilon: float | None) -> str:
@@ -349,8 +357,7 @@ def _threat_table(tm: str, rows, model_names, varying) -> list[str]:
   body = []
   for attack, targeted, eps, variant in keys:
     label = _attack_label(attack, targeted, eps)
-    if variant:
-      label += f" ({variant.replace('_', ' ')})"
+    label += _variant_label(variant)
     body.append([label] + [_cell(cells.get((attack, targeted, eps, variant, m)))
                            for m in model_names])
   losses = sorted({r["loss"] for r in sub})
@@ -535,7 +542,7 @@ def plot_success_vs_epsilon(rows, model_names: Sequence[str], path: str | os.Pat
   used_models = [m for m in model_names if any(k[0] == m for k in series_keys)]
   proxies = [Line2D([], [], color=colors[m], linewidth=2.5, label=m) for m in used_models]
   proxies += [Line2D([], [], color="0.25", linestyle=styles[sk][0], marker=styles[sk][1],
-                     linewidth=1.6, label=sk[0] + (f" ({sk[1].replace('_', ' ')})" if sk[1] else ""))
+                     linewidth=1.6, label=sk[0] + _variant_label(sk[1]))
               for sk in style_keys]
   fig.legend(handles=proxies, loc="lower center", ncol=min(len(proxies), 7), fontsize=9,
              frameon=False, bbox_to_anchor=(0.5, 0.0))
@@ -625,9 +632,7 @@ def _tensorboard_scalars(rows, models) -> list[tuple[str, int, float]]:
   scalars = []
   for r in rows:
     name = f"{r['attack']}_{'targeted' if r['targeted'] else 'untargeted'}"
-    variant = _variant(r, varying)
-    if variant:
-      name += f"_{variant}"
+    name += _variant_tag(_variant(r, varying))
     step = 0 if r["epsilon"] is None else round(float(r["epsilon"]) * 1000)
     for metric in ("success_rate", "ci_low", "ci_high", "mean_l2", "mean_linf", "mean_l0"):
       if r[metric] is not None and (r["epsilon"] is None or not metric.startswith("mean")):

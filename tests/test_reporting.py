@@ -339,3 +339,43 @@ def test_format_epsilon():
   assert reporting.format_epsilon(0.3) == "0.3"
   assert reporting.format_epsilon(8 / 255) == "8/255"
   assert reporting.format_epsilon(None) == "—"
+
+
+def test_threat_model_with_two_losses_labels_each(tmp_path):
+  """An adaptive attacker run two ways (margin loss; CE on the unscaled logits) keeps both."""
+  rows = [r for r in synthetic_rows() if r["attack"] == "bim" and r["epsilon"] is not None]
+  extra = [dict(r, loss="unscaled_cross_entropy", successes=r["successes"] - 5,
+                success_rate=(r["successes"] - 5) / r["n"],
+                ci_low=statistics.wilson_interval(r["successes"] - 5, r["n"])[0],
+                ci_high=statistics.wilson_interval(r["successes"] - 5, r["n"])[1])
+           for r in rows if r["threat_model"] == "adaptive"]
+  paths = reporting.write_report(str(tmp_path), rows=rows + extra, models=synthetic_models(),
+                                 warnings=[], config={}, versions={}, title="MNIST")
+  markdown = pathlib.Path(paths["report.md"]).read_text(encoding="utf-8")
+  adaptive = _table(_section(markdown, "### adaptive"))
+  assert len(adaptive) == 2 * 2 * len(EPSILONS)
+  s = _successes("m2", "bim", False, 0.3, "adaptive")
+  assert adaptive["BIM untargeted ε=0.3 (margin)"]["m2"].startswith(f"{100 * s / 200:.1f}%")
+  assert adaptive["BIM untargeted ε=0.3 (unscaled_cross_entropy)"]["m2"].startswith(
+      f"{100 * (s - 5) / 200:.1f}%")
+  # Other threat models keep their short labels.
+  assert "BIM untargeted ε=0.3" in _table(_section(markdown, "### grey_box"))
+  tags = set(_accumulator(tmp_path / "tensorboard" / "report").Tags()["tensors"])
+  assert {"success_rate/adaptive/m2/bim_untargeted_margin",
+          "success_rate/adaptive/m2/bim_untargeted_unscaled_cross_entropy",
+          "success_rate/grey_box/m2/bim_untargeted"} <= tags
+
+
+def test_cifar_epsilons_are_shown_in_255ths(tmp_path):
+  models = {"c0": dict(synthetic_models()["m0"], description="C0")}
+  rows = [_row("c0", "fgsm", False, k / 255, "grey_box", "c0", "cross_entropy", 100, 10 * i)
+          for i, k in enumerate((2, 4, 8, 16))]
+  paths = reporting.write_report(str(tmp_path), rows=rows, models=models, warnings=[], config={},
+                                 versions={}, title="CIFAR-10")
+  markdown = pathlib.Path(paths["report.md"]).read_text(encoding="utf-8")
+  assert markdown.startswith("# CIFAR-10")
+  assert list(_table(_section(markdown, "### grey_box"))) == [
+      f"FGSM untargeted ε={k}/255" for k in (2, 4, 8, 16)]
+  steps = [e.step for e in _accumulator(tmp_path / "tensorboard" / "report").Tensors(
+      "success_rate/grey_box/c0/fgsm_untargeted")]
+  assert steps == [8, 16, 31, 63]  # round(ε·1000)
