@@ -28,6 +28,8 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "kd-train=keras_defense.bin.train:run_main",
+            "kd-prune=keras_defense.bin.prune:run_main",
+            "kd-augment=keras_defense.bin.augment:run_main",
         ],
     },
 )
