@@ -243,7 +243,8 @@ def load_results(path: str | os.PathLike) -> dict:
 
 
 def _csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-  keys = list(ROW_KEYS) + [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ROW_KEYS]
+  extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in ROW_KEYS]
+  keys = list(ROW_KEYS) + extra
   out = io.StringIO()
   writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
   writer.writeheader()
@@ -407,7 +408,8 @@ def _models_table(models) -> list[str]:
     weights = "—"
     if info.get("nonzero_weights") is not None and info.get("total_weights") is not None:
       weights = f"{int(info['nonzero_weights']):,} / {int(info['total_weights']):,}"
-    compression = "—" if info.get("compression") is None else f"{float(info['compression']):.2f}×"
+    compression = _num(info.get("compression"), ".2f")
+    compression += "×" if info.get("compression") is not None else ""
     body.append([name, info.get("description") or "—", acc_cell, weights, compression,
                  _pct(info.get("zero_gradient_fraction")) + (
                      "%" if info.get("zero_gradient_fraction") is not None else ""),
@@ -427,7 +429,9 @@ def render_markdown(*, rows, models, warnings, config, versions, wall_seconds=No
   model_names = list(models)
   threat_models = _ordered([r["threat_model"] for r in rows], THREAT_MODEL_ORDER)
   varying = _variant_fields(rows)
-  wall = "—" if wall_seconds is None else f"{float(wall_seconds):.0f} s ({float(wall_seconds) / 60:.1f} min)"
+  wall = "—"
+  if wall_seconds is not None:
+    wall = f"{float(wall_seconds):.0f} s ({float(wall_seconds) / 60:.1f} min)"
   lines = [f"# {title}: adversarial attacks on pruning + logits augmentation", "",
            f"- Command: `{command}`" if command else "- Command: —",
            f"- Wall time: {wall}"]
@@ -451,7 +455,7 @@ def render_markdown(*, rows, models, warnings, config, versions, wall_seconds=No
   lines += ["## Warnings", ""]
   lines += [f"- {w}" for w in warnings] if warnings else ["none"]
   lines += ["", "## Threat models", ""]
-  for tm in threat_models or THREAT_MODEL_ORDER:
+  for tm in threat_models:
     lines.append(f"- **{tm}**: {THREAT_MODEL_DEFINITIONS.get(tm, '(no definition given)')}")
   for tm in THREAT_MODEL_ORDER:
     if tm not in threat_models:

@@ -8,8 +8,10 @@ log directory and a rerun replaces the previous one instead of adding a second
 event file next to it.
 
 Example:
-  write_summaries("run/tensorboard/report", scalars=[("success_rate/grey_box/m2/fgsm_untargeted", 300, 0.05)],
-                  images=[("adversarial_examples/m2", grid)], texts=[("report", markdown)])
+  write_summaries("run/tensorboard/report",
+                  scalars=[("success_rate/grey_box/m2/fgsm_untargeted", 300, 0.05)],
+                  images=[("adversarial_examples/m2", image_grid([x, x_adv]))],
+                  texts=[("report", markdown)])
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ def test_report_cw_models_warnings_definitions(report):
   assert len(cw_lines) == 7
   assert "| C&W L2 untargeted | grey_box | m1 | cw | m1 | 100.0% [" in cw
   assert "| 1.76 | 0.410 | 170.0 |" in cw
-  assert "| C&W L0 untargeted | grey_box | m2 | cw | m2 | 0.0% [0.0–7.1] (50) | — | — | — |" in cw
+  assert ("| C&W L0 untargeted | grey_box | m2 | cw | m2 | 0.0% [0.0–7.1] (50) | — | — | — |"
+          in cw)
   models = _table(_section(markdown, "## Models"))
   assert models["m2"]["Compression"] == "5.89×"
   assert models["m2"]["Zero-gradient fraction"] == "94.8%"
@@ -379,3 +380,32 @@ def test_cifar_epsilons_are_shown_in_255ths(tmp_path):
   steps = [e.step for e in _accumulator(tmp_path / "tensorboard" / "report").Tensors(
       "success_rate/grey_box/c0/fgsm_untargeted")]
   assert steps == [8, 16, 31, 63]  # round(ε·1000)
+
+
+def test_tensorboard_server_data_provider_lists_everything(report):
+  """The data provider the TensorBoard server uses finds the scalars, images and text."""
+  # pylint: disable=g-import-not-at-top
+  from tensorboard import context
+  from tensorboard.backend.event_processing import data_provider
+  from tensorboard.backend.event_processing import plugin_event_multiplexer
+  from tensorboard.data import provider
+
+  run_dir, _ = report
+  logdir = str(pathlib.Path(run_dir) / "tensorboard")
+  multiplexer = plugin_event_multiplexer.EventMultiplexer()
+  multiplexer.AddRunsFromDirectory(logdir)
+  multiplexer.Reload()
+  tb = data_provider.MultiplexerDataProvider(multiplexer, logdir)
+  ctx = context.RequestContext()
+  scalars = tb.list_scalars(ctx, experiment_id="", plugin_name="scalars")
+  assert list(scalars) == ["report"]  # the run is named after tensorboard/report
+  tag = "success_rate/adaptive/m2/bim_untargeted"
+  assert tag in scalars["report"]
+  points = tb.read_scalars(ctx, experiment_id="", plugin_name="scalars", downsample=100,
+                           run_tag_filter=provider.RunTagFilter(tags=[tag]))["report"][tag]
+  assert [p.step for p in points] == [50, 100, 300]
+  assert [p.value for p in points] == pytest.approx(
+      [_successes("m2", "bim", False, eps, "adaptive") / 200 for eps in EPSILONS], abs=1e-6)
+  images = tb.list_blob_sequences(ctx, experiment_id="", plugin_name="images")["report"]
+  assert "adversarial_examples/grey_box/m1/fgsm_untargeted_eps300" in images
+  assert "report" in tb.list_tensors(ctx, experiment_id="", plugin_name="text")["report"]
