@@ -657,6 +657,10 @@ def _tensorboard_images(examples) -> list[tuple[str, np.ndarray]]:
       tag += "_targeted" if ex["targeted"] else "_untargeted"
     if ex.get("epsilon") is not None:
       tag += f"_eps{round(float(ex['epsilon']) * 1000)}"
+    # Entries without `targeted` may share a tag; number the repeats so none is hidden.
+    repeats = sum(1 for t, _ in images if t == tag or t.startswith(tag + "_#"))
+    if repeats:
+      tag += f"_#{repeats + 1}"
     # One grid per entry: the clean images on top, their adversarial versions below.
     images.append((tag, tensorboard_writer.image_grid([ex["x"], ex["x_adv"]])))
   return images

@@ -409,3 +409,17 @@ def test_tensorboard_server_data_provider_lists_everything(report):
   images = tb.list_blob_sequences(ctx, experiment_id="", plugin_name="images")["report"]
   assert "adversarial_examples/grey_box/m1/fgsm_untargeted_eps300" in images
   assert "report" in tb.list_tensors(ctx, experiment_id="", plugin_name="text")["report"]
+
+
+def test_examples_without_targeted_get_distinct_image_tags(tmp_path):
+  examples = synthetic_examples(k=3)
+  for ex in examples:
+    ex.pop("targeted")
+    ex.update(model="m1", threat_model="grey_box")
+  rows = [r for r in synthetic_rows() if r["attack"] == "fgsm"]
+  reporting.write_report(str(tmp_path), rows=rows, models=synthetic_models(), warnings=[],
+                         config={}, versions={}, examples=examples)
+  acc = _accumulator(tmp_path / "tensorboard" / "report")
+  image_tags = sorted(t for t in acc.Tags()["tensors"] if t.startswith("adversarial_examples/"))
+  assert image_tags == ["adversarial_examples/grey_box/m1/fgsm_eps300",
+                        "adversarial_examples/grey_box/m1/fgsm_eps300_#2"]
