@@ -1,0 +1,544 @@
+"""Carlini & Wagner L2, L-inf and L0 attacks, batched and compiled.
+
+Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks",
+IEEE S&P 2017, https://arxiv.org/abs/1608.04644 (reference code:
+https://github.com/carlini/nn_robust_attacks). Defaults are theirs and say so.
+
+All three share one machinery: images are re-parametrised in tanh space,
+``x' = tanh(w) * (clip_max - clip_min) / 2 + (clip_max + clip_min) / 2``, and
+``w`` is optimised with Adam written out on tensors inside a ``tf.while_loop``;
+every constant, bound and search state is per image (shape (N,)), unlike
+cleverhans #1205 whose constant had the image's shape. L-inf and L0 also share
+the "round" loop: an inner Adam run until each image reaches its goal, then a
+per-image update (shrink tau / remove pixels on success, double c on failure).
+Where an attack finds nothing for an image, that image is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from keras_defense.attacks import losses
+from keras_defense.attacks import runtime
+from keras_defense.attacks import validation
+from keras_defense.compat import tf
+
+DEFAULT_BATCH_SIZE = 1000
+_BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8   # tf.train.AdamOptimizer defaults
+_TANH_SHRINK = 0.999999                          # C&W: arctanh(x * 1.999999)
+
+
+def _expand(v: tf.Tensor) -> tf.Tensor:
+  """(N,) -> (N, 1, 1, 1) for broadcasting against images."""
+  return tf.reshape(v, [-1, 1, 1, 1])
+
+
+def _sum_per_image(t: tf.Tensor) -> tf.Tensor:
+  return tf.reduce_sum(t, axis=[1, 2, 3])
+
+
+class _Machinery:
+  """What all C&W variants share: tanh space, Adam, the objective's f, goal test."""
+
+  def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
+               targeted: bool, confidence: float, clip_min: float,
+               clip_max: float):
+    self.logits = logits_fn
+    self.targeted = targeted
+    self.confidence = confidence
+    self._half = (clip_max - clip_min) / 2.0
+    self._mid = (clip_max + clip_min) / 2.0
+
+  def to_tanh(self, x: tf.Tensor) -> tf.Tensor:
+    unit = tf.clip_by_value((x - self._mid) / self._half, -1.0, 1.0)
+    return tf.atanh(unit * _TANH_SHRINK)
+
+  def from_tanh(self, w: tf.Tensor) -> tf.Tensor:
+    return tf.tanh(w) * self._half + self._mid
+
+  @staticmethod
+  def adam(w, grad, m, v, t, lr):
+    """One Adam step; ``t`` (N,) is each image's step count after this step."""
+    m = _BETA1 * m + (1.0 - _BETA1) * grad
+    v = _BETA2 * v + (1.0 - _BETA2) * tf.square(grad)
+    t = _expand(tf.cast(t, tf.float32))
+    rate = lr * tf.sqrt(1.0 - _BETA2**t) / (1.0 - _BETA1**t)
+    return w - rate * m / (tf.sqrt(v) + _ADAM_EPS), m, v
+
+  def f(self, logits, y):
+    """C&W f6 shifted to be >= 0: ``max(margin + kappa, 0)`` per image."""
+    return losses.carlini_wagner_f(logits, y, targeted=self.targeted,
+                                   confidence=self.confidence) + self.confidence
+
+  def reached(self, logits, y):
+    return losses.reached(logits, y, targeted=self.targeted,
+                          confidence=self.confidence)
+
+  def rounds(self, x, y, state, *, make_image, objective, after_round,
+             max_iterations, lr, abort_early, max_rounds):
+    """The round loop shared by L-inf and L0.
+
+    ``state`` is a dict of per-image tensors holding at least ``const``,
+    ``prev`` (last success, initially x), ``active`` and ``found``. Each round
+    runs Adam from ``to_tanh(prev)`` until every active image reaches its goal
+    (``objective`` says which) or ``max_iterations``; ``after_round(state,
+    ok, result)`` then updates the per-image state. Adam state carries over
+    a failed round (C&W keep optimising while they double c) and restarts
+    after a success.
+    """
+    zeros = tf.zeros_like(x)
+    b = tf.shape(x)[0]
+
+    def inner(state, w_start, mod, m, v, t):
+      def body(i, mod, m, v, t, worked, result):
+        with tf.GradientTape() as tape:
+          tape.watch(mod)
+          x_new = make_image(state, w_start + mod)
+          logits = self.logits(x_new)
+          loss_i, works = objective(state, x_new, logits)
+          loss = tf.reduce_sum(loss_i)
+        grad = tape.gradient(loss, mod)
+        allowed = abort_early | (i == max_iterations - 1)
+        new = works & allowed & state["active"] & ~worked
+        result = tf.where(_expand(new), x_new, result)
+        t = t + 1
+        mod, m, v = self.adam(mod, grad, m, v, t, lr)
+        return i + 1, mod, m, v, t, worked | new, result
+
+      def cond(i, mod, m, v, t, worked, result):
+        return (i < max_iterations) & tf.reduce_any(state["active"] & ~worked)
+
+      _, mod, m, v, t, worked, result = tf.while_loop(
+          cond, body, (0, mod, m, v, t, tf.zeros([b], tf.bool), x))
+      return mod, m, v, t, worked & state["active"], result
+
+    def body(r, state, w_start, mod, m, v, t):
+      mod, m, v, t, ok, result = inner(state, w_start, mod, m, v, t)
+      state = after_round(dict(state), ok, result)
+      state["prev"] = tf.where(_expand(ok), result, state["prev"])
+      state["found"] = state["found"] | ok
+      keep = _expand(~ok)
+      w_start = tf.where(keep, w_start, self.to_tanh(result))
+      mod, m, v = (tf.where(keep, a, zeros) for a in (mod, m, v))
+      t = tf.where(ok, tf.zeros_like(t), t)
+      return r + 1, state, w_start, mod, m, v, t
+
+    def cond(r, state, *_):
+      return (r < max_rounds) & tf.reduce_any(state["active"])
+
+    _, state, *_ = tf.while_loop(cond, body, (
+        0, state, self.to_tanh(x), zeros, zeros, zeros, tf.zeros([b], tf.int32)))
+    return tf.where(_expand(state["found"]), state["prev"], x)
+
+
+class _CarliniWagnerL2(_Machinery):
+  """Compiled C&W L2 for one (model, options); hyperparameters are tensors."""
+
+  def __init__(self, logits_fn, *, image_shape, **kwargs):
+    super().__init__(logits_fn, **kwargs)
+    self.run = tf.function(self._run, input_signature=[
+        tf.TensorSpec([None, *image_shape], tf.float32),
+        tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([], tf.float32),    # initial_const
+        tf.TensorSpec([], tf.int32),      # binary_search_steps
+        tf.TensorSpec([], tf.int32),      # max_iterations
+        tf.TensorSpec([], tf.float32),    # learning_rate
+        tf.TensorSpec([], tf.bool),       # abort_early
+    ])
+
+  def _run(self, x, y, initial_const, search_steps, max_iterations, lr,
+           abort_early):
+    b = tf.shape(x)[0]
+    w0 = self.to_tanh(x)
+    zeros = tf.zeros_like(x)
+    check_every = tf.maximum(max_iterations // 10, 1)
+
+    def search(s, const, lower, upper, best_l2, best_adv):
+      def body(i, mod, m, v, ok_any, best_l2, best_adv, prev_loss, stop):
+        with tf.GradientTape() as tape:
+          tape.watch(mod)
+          x_new = self.from_tanh(w0 + mod)
+          logits = self.logits(x_new)
+          l2 = _sum_per_image(tf.square(x_new - x))
+          loss = tf.reduce_sum(l2 + const * self.f(logits, y))
+        grad = tape.gradient(loss, mod)
+        ok = self.reached(logits, y)
+        better = ok & (l2 < best_l2)
+        best_l2 = tf.where(better, l2, best_l2)
+        best_adv = tf.where(_expand(better), x_new, best_adv)
+        mod, m, v = self.adam(mod, grad, m, v, tf.fill([b], i + 1), lr)
+        # C&W: every max_iterations // 10 steps, stop if the loss fell < 0.01%.
+        check = abort_early & (i % check_every == 0)
+        stop = check & (loss > prev_loss * 0.9999)
+        prev_loss = tf.where(check, loss, prev_loss)
+        return i + 1, mod, m, v, ok_any | ok, best_l2, best_adv, prev_loss, stop
+
+      _, _, _, _, ok_any, best_l2, best_adv, _, _ = tf.while_loop(
+          lambda i, *a: (i < max_iterations) & ~a[-1], body,
+          (0, zeros, zeros, zeros, tf.zeros([b], tf.bool), best_l2, best_adv,
+           tf.constant(np.inf, tf.float32), False))
+      # Per-image binary search (C&W): bisect once bounded, else c *= 10.
+      upper = tf.where(ok_any, tf.minimum(upper, const), upper)
+      lower = tf.where(ok_any, lower, tf.maximum(lower, const))
+      const = tf.where(upper < 1e9, (lower + upper) / 2.0, const * 10.0)
+      return s + 1, const, lower, upper, best_l2, best_adv
+
+    _, _, _, _, _, best_adv = tf.while_loop(
+        lambda s, *_: s < search_steps, search,
+        (0, tf.fill([b], initial_const), tf.zeros([b]), tf.fill([b], 1e10),
+         tf.fill([b], np.inf), x))
+    return best_adv
+
+
+class _CarliniWagnerLinf(_Machinery):
+  """Compiled C&W L-inf: shrink tau by ``decrease_factor`` after each success."""
+
+  def __init__(self, logits_fn, *, image_shape, clip_min, clip_max, **kwargs):
+    super().__init__(logits_fn, clip_min=clip_min, clip_max=clip_max, **kwargs)
+    self._range = clip_max - clip_min
+    self.run = tf.function(self._run, input_signature=[
+        tf.TensorSpec([None, *image_shape], tf.float32),
+        tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([], tf.float32),    # initial_const
+        tf.TensorSpec([], tf.float32),    # largest_const
+        tf.TensorSpec([], tf.float32),    # const_factor
+        tf.TensorSpec([], tf.float32),    # decrease_factor
+        tf.TensorSpec([], tf.int32),      # max_iterations
+        tf.TensorSpec([], tf.float32),    # learning_rate
+        tf.TensorSpec([], tf.bool),       # abort_early
+        tf.TensorSpec([], tf.int32),      # max_rounds
+    ])
+
+  def _run(self, x, y, initial_const, largest_const, const_factor,
+           decrease_factor, max_iterations, lr, abort_early, max_rounds):
+    b = tf.shape(x)[0]
+    tau_min = self._range / 256.0   # C&W: stop once tau < 1/256 of the range
+
+    def objective(state, x_new, logits):
+      excess = _sum_per_image(tf.nn.relu(tf.abs(x_new - x) - _expand(state["tau"])))
+      loss = state["const"] * self.f(logits, y) + excess
+      # C&W: "works" when the whole loss is below 1e-4 * c and the goal holds.
+      return loss, (loss < 1e-4 * state["const"]) & self.reached(logits, y)
+
+    def after_round(state, ok, result):
+      actual = tf.reduce_max(tf.abs(result - x), axis=[1, 2, 3])
+      state["tau"] = tf.where(
+          ok, tf.minimum(state["tau"], actual) * decrease_factor, state["tau"])
+      failed = state["active"] & ~ok
+      state["const"] = tf.where(failed, state["const"] * const_factor,
+                                state["const"])
+      state["active"] = (state["active"] & ~(failed & (state["const"] >= largest_const))
+                         & (state["tau"] >= tau_min))
+      return state
+
+    state = {"const": tf.fill([b], initial_const), "prev": x,
+             "tau": tf.fill([b], tf.constant(self._range, tf.float32)),
+             "active": tf.ones([b], tf.bool), "found": tf.zeros([b], tf.bool)}
+    return self.rounds(x, y, state, make_image=lambda s, w: self.from_tanh(w),
+                       objective=objective, after_round=after_round,
+                       max_iterations=max_iterations, lr=lr,
+                       abort_early=abort_early, max_rounds=max_rounds)
+
+
+class _CarliniWagnerL0(_Machinery):
+  """Compiled C&W L0: an L2 attack on a shrinking set of allowed pixels."""
+
+  def __init__(self, logits_fn, *, image_shape, **kwargs):
+    super().__init__(logits_fn, **kwargs)
+    self.run = tf.function(self._run, input_signature=[
+        tf.TensorSpec([None, *image_shape], tf.float32),
+        tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([], tf.float32),    # initial_const
+        tf.TensorSpec([], tf.float32),    # largest_const
+        tf.TensorSpec([], tf.float32),    # const_factor
+        tf.TensorSpec([], tf.int32),      # max_iterations
+        tf.TensorSpec([], tf.float32),    # learning_rate
+        tf.TensorSpec([], tf.bool),       # abort_early
+        tf.TensorSpec([], tf.int32),      # max_rounds
+    ])
+
+  def _run(self, x, y, initial_const, largest_const, const_factor,
+           max_iterations, lr, abort_early, max_rounds):
+    b = tf.shape(x)[0]
+    pixels = tf.shape(x)[1] * tf.shape(x)[2]
+
+    def make_image(state, w):
+      valid = state["valid"]   # (N, H, W, 1): 1 where the pixel may change
+      return valid * self.from_tanh(w) + (1.0 - valid) * x
+
+    def objective(state, x_new, logits):
+      f = self.f(logits, y)
+      loss = state["const"] * f + _sum_per_image(tf.square(x_new - x))
+      return loss, (f < 1e-4) & self.reached(logits, y)
+
+    def after_round(state, ok, result):
+      # C&W: rank the allowed pixels by |change| x |gradient of the loss| and
+      # drop the least useful ones: stop after a pixel with total change > .01
+      # or after 0.3 * sqrt(#unchanged values) pixels.
+      with tf.GradientTape() as tape:
+        tape.watch(result)
+        loss = tf.reduce_sum(state["const"] * self.f(self.logits(result), y)
+                             + _sum_per_image(tf.square(result - x)))
+      grad = tape.gradient(loss, result)
+      change = tf.reshape(tf.reduce_sum(tf.abs(result - x) * tf.abs(grad), -1),
+                          [b, pixels])
+      valid = tf.reshape(state["valid"], [b, pixels]) > 0.5
+      change = tf.where(valid, change, np.inf)
+      order = tf.argsort(change, axis=1)
+      rank = tf.argsort(order, axis=1)
+      sorted_change = tf.gather(change, order, batch_dims=1)
+      first_big = tf.argmax(tf.cast(sorted_change > 0.01, tf.int32), axis=1,
+                            output_type=tf.int32)
+      first_big = tf.where(tf.reduce_any(sorted_change > 0.01, axis=1),
+                           first_big, pixels)
+      unchanged = tf.cast(_sum_per_image(
+          tf.cast(tf.abs(x - result) < 1e-4, tf.float32)), tf.float32)
+      by_count = tf.maximum(1, tf.cast(tf.math.ceil(0.3 * tf.sqrt(unchanged)),
+                                       tf.int32))
+      n_remove = tf.minimum(first_big + 1, by_count)
+      remove = ok[:, None] & (rank < n_remove[:, None])
+      valid = valid & ~remove
+      state["valid"] = tf.where(_expand(ok), tf.reshape(
+          tf.cast(valid, tf.float32), tf.shape(state["valid"])), state["valid"])
+      failed = state["active"] & ~ok
+      state["const"] = tf.where(failed, state["const"] * const_factor,
+                                state["const"])
+      state["active"] = (state["active"]
+                         & ~(failed & (state["const"] >= largest_const))
+                         & tf.reduce_any(valid, axis=1))
+      return state
+
+    state = {"const": tf.fill([b], initial_const), "prev": x,
+             "valid": tf.ones_like(x[..., :1]),
+             "active": tf.ones([b], tf.bool), "found": tf.zeros([b], tf.bool)}
+    return self.rounds(x, y, state, make_image=make_image, objective=objective,
+                       after_round=after_round, max_iterations=max_iterations,
+                       lr=lr, abort_early=abort_early, max_rounds=max_rounds)
+
+
+def _setup(model, x, y, *, variant, targeted, confidence, clip_min, clip_max,
+           compute_dtype, batch_size, learning_rate, max_iterations,
+           initial_const):
+  """Validation and the cached compiled attack, shared by the three variants."""
+  clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
+  confidence = validation.check_number("confidence", confidence, minimum=0.0)
+  validation.check_number("learning_rate", learning_rate, strictly_positive=True)
+  validation.check_number("initial_const", initial_const, strictly_positive=True)
+  validation.check_int("max_iterations", max_iterations, minimum=1)
+  batch_size = validation.check_int("batch_size", batch_size, minimum=1)
+  logits_fn = runtime.logits_function(model, compute_dtype)
+  inputs = runtime.prepare(model, x, y, clip_min, clip_max, logits_fn)
+  image_shape = tuple(inputs.x.shape[1:])
+  key = (variant.__name__, image_shape, bool(targeted), confidence, clip_min,
+         clip_max, compute_dtype)
+  attack = runtime.cached(model, key, lambda: variant(
+      logits_fn, image_shape=image_shape, targeted=bool(targeted),
+      confidence=confidence, clip_min=clip_min, clip_max=clip_max))
+  return attack, inputs, batch_size
+
+
+def carlini_wagner_l2(model: Any, x: Any, y: Any, *, targeted: bool = False,
+                      confidence: float = 0.0, binary_search_steps: int = 9,
+                      max_iterations: int = 1000, learning_rate: float = 1e-2,
+                      initial_const: float = 1e-3, abort_early: bool = True,
+                      clip_min: float = 0.0, clip_max: float = 1.0,
+                      compute_dtype: str = "float32",
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+  """C&W L2: minimise ``||x' - x||_2^2 + c * f(x')`` in tanh space.
+
+  Per image, c starts at ``initial_const``, is multiplied by 10 until the
+  first success and then bisected (``binary_search_steps`` rounds); the
+  smallest-L2 successful image over all rounds is returned. Defaults are the
+  paper's/reference code's: 9 search steps, 1000 iterations (their code
+  allows 10,000), Adam lr 1e-2, c0 1e-3, abort early when the loss has not
+  fallen by 0.01% over a tenth of the iterations.
+
+  Args:
+    model: Keras model or callable, images -> logits (N, K).
+    x: float32 (N, H, W, C) in [clip_min, clip_max]; numpy or tensor.
+    y: int (N,) true labels (untargeted) or target labels (targeted).
+    targeted: reach ``y`` instead of leaving it.
+    confidence: kappa >= 0, the logit margin required (C&W: 0).
+    binary_search_steps: rounds of the per-image search on c, >= 1.
+    max_iterations: Adam steps per round, >= 1.
+    learning_rate: Adam step size > 0.
+    initial_const: first c > 0.
+    abort_early: stop a round when the loss stops falling.
+    clip_min: lowest pixel value.
+    clip_max: highest pixel value.
+    compute_dtype: "float32" or "bfloat16" (Keras models only).
+    batch_size: images optimised together.
+
+  Returns:
+    Adversarial images, same shape/dtype/kind as ``x``; images for which no
+    adversarial example was found are returned unchanged.
+
+  Raises:
+    ValueError: a bad value (non-positive rates/constants, steps < 1, labels
+      out of range or not one per image, images not rank 4, non-finite or
+      outside [clip_min, clip_max]).
+    TypeError: a bad type (non-integer labels or counts, uncallable model,
+      bfloat16 with a non-Keras callable).
+  """
+  steps = validation.check_int("binary_search_steps", binary_search_steps,
+                               minimum=1)
+  attack, inputs, batch_size = _setup(
+      model, x, y, variant=_CarliniWagnerL2, targeted=targeted,
+      confidence=confidence, clip_min=clip_min, clip_max=clip_max,
+      compute_dtype=compute_dtype, batch_size=batch_size,
+      learning_rate=learning_rate, max_iterations=max_iterations,
+      initial_const=initial_const)
+  run = lambda xb, yb: attack.run(  # pylint: disable=g-long-lambda
+      xb, yb, tf.constant(initial_const, tf.float32), tf.constant(steps),
+      tf.constant(max_iterations), tf.constant(learning_rate, tf.float32),
+      tf.constant(bool(abort_early)))
+  return inputs.restore(runtime.in_batches(run, batch_size, inputs.x, inputs.y))
+
+
+def carlini_wagner_linf(model: Any, x: Any, y: Any, *, targeted: bool = False,
+                        confidence: float = 0.0, max_iterations: int = 1000,
+                        learning_rate: float = 5e-3, initial_const: float = 1e-5,
+                        largest_const: float = 20.0, const_factor: float = 2.0,
+                        decrease_factor: float = 0.9, abort_early: bool = True,
+                        clip_min: float = 0.0, clip_max: float = 1.0,
+                        compute_dtype: str = "float32",
+                        batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+  """C&W L-inf: minimise ``c * f(x + d) + sum_i max(0, |d_i| - tau)``.
+
+  Per image: start with tau = the pixel range and c = ``initial_const``; after
+  each success set tau <- decrease_factor * min(tau, max|d|) and continue
+  from that example; after a failure double c; stop at tau < range/256 or
+  c >= ``largest_const``. Defaults from the reference code: c from 1e-5
+  doubling up to 20, tau x 0.9, Adam lr 5e-3, 1000 iterations.
+
+  Args:
+    model: Keras model or callable, images -> logits (N, K).
+    x: float32 (N, H, W, C) in [clip_min, clip_max].
+    y: int (N,) true labels (untargeted) or target labels (targeted).
+    targeted: reach ``y`` instead of leaving it.
+    confidence: kappa >= 0.
+    max_iterations: Adam steps per round, >= 1.
+    learning_rate: Adam step size > 0.
+    initial_const: first c > 0.
+    largest_const: give up once c reaches this (> initial_const).
+    const_factor: c multiplier after a failure (> 1).
+    decrease_factor: tau multiplier after a success, in (0, 1).
+    abort_early: end a round as soon as the goal holds (else only the last
+      iteration is checked).
+    clip_min: lowest pixel value.
+    clip_max: highest pixel value.
+    compute_dtype: "float32" or "bfloat16".
+    batch_size: images optimised together.
+
+  Returns:
+    Adversarial images, same shape/dtype/kind as ``x``; unchanged where
+    nothing was found.
+
+  Raises:
+    ValueError: as ``carlini_wagner_l2``, plus bad const/decrease factors.
+    TypeError: as ``carlini_wagner_l2``.
+  """
+  largest_const, const_factor = _check_const_schedule(
+      initial_const, largest_const, const_factor)
+  decrease_factor = validation.check_number("decrease_factor", decrease_factor,
+                                            strictly_positive=True)
+  if decrease_factor >= 1.0:
+    raise ValueError(f"`decrease_factor` must be in (0, 1); got {decrease_factor!r}.")
+  attack, inputs, batch_size = _setup(
+      model, x, y, variant=_CarliniWagnerLinf, targeted=targeted,
+      confidence=confidence, clip_min=clip_min, clip_max=clip_max,
+      compute_dtype=compute_dtype, batch_size=batch_size,
+      learning_rate=learning_rate, max_iterations=max_iterations,
+      initial_const=initial_const)
+  # Enough rounds for every tau decrease and every doubling of c.
+  max_rounds = (math.ceil(math.log(256.0) / -math.log(decrease_factor))
+                + _doublings(initial_const, largest_const, const_factor) + 2)
+  run = lambda xb, yb: attack.run(  # pylint: disable=g-long-lambda
+      xb, yb, tf.constant(initial_const, tf.float32),
+      tf.constant(largest_const, tf.float32), tf.constant(const_factor, tf.float32),
+      tf.constant(decrease_factor, tf.float32), tf.constant(max_iterations),
+      tf.constant(learning_rate, tf.float32), tf.constant(bool(abort_early)),
+      tf.constant(max_rounds))
+  return inputs.restore(runtime.in_batches(run, batch_size, inputs.x, inputs.y))
+
+
+def carlini_wagner_l0(model: Any, x: Any, y: Any, *, targeted: bool = False,
+                      confidence: float = 0.0, max_iterations: int = 1000,
+                      learning_rate: float = 1e-2, initial_const: float = 1e-3,
+                      largest_const: float = 2e6, const_factor: float = 2.0,
+                      abort_early: bool = True, clip_min: float = 0.0,
+                      clip_max: float = 1.0, compute_dtype: str = "float32",
+                      batch_size: int = DEFAULT_BATCH_SIZE) -> Any:
+  """C&W L0: repeated L2 attacks on a shrinking set of allowed pixels.
+
+  Per image: run the L2 objective with only the allowed pixels free (the
+  others held at ``x``); on success, drop from the allowed set the pixels
+  with the smallest |change| x |gradient| and continue from the new example;
+  on failure double c; stop at c >= ``largest_const`` (returning the last
+  success) or when no pixel is left. Defaults from the reference code: c from
+  1e-3 doubling up to 2e6, Adam lr 1e-2, 1000 iterations.
+
+  Args:
+    model: Keras model or callable, images -> logits (N, K).
+    x: float32 (N, H, W, C) in [clip_min, clip_max].
+    y: int (N,) true labels (untargeted) or target labels (targeted).
+    targeted: reach ``y`` instead of leaving it.
+    confidence: kappa >= 0.
+    max_iterations: Adam steps per round, >= 1.
+    learning_rate: Adam step size > 0.
+    initial_const: first c > 0.
+    largest_const: give up once c reaches this (> initial_const).
+    const_factor: c multiplier after a failure (> 1).
+    abort_early: end a round as soon as the goal holds.
+    clip_min: lowest pixel value.
+    clip_max: highest pixel value.
+    compute_dtype: "float32" or "bfloat16".
+    batch_size: images optimised together.
+
+  Returns:
+    Adversarial images, same shape/dtype/kind as ``x``; unchanged where
+    nothing was found.
+
+  Raises:
+    ValueError: as ``carlini_wagner_l2``, plus bad const factors.
+    TypeError: as ``carlini_wagner_l2``.
+  """
+  largest_const, const_factor = _check_const_schedule(
+      initial_const, largest_const, const_factor)
+  attack, inputs, batch_size = _setup(
+      model, x, y, variant=_CarliniWagnerL0, targeted=targeted,
+      confidence=confidence, clip_min=clip_min, clip_max=clip_max,
+      compute_dtype=compute_dtype, batch_size=batch_size,
+      learning_rate=learning_rate, max_iterations=max_iterations,
+      initial_const=initial_const)
+  # At least one pixel leaves the set per success, plus every doubling of c.
+  max_rounds = (int(np.prod(inputs.x.shape[1:3]))
+                + _doublings(initial_const, largest_const, const_factor) + 2)
+  run = lambda xb, yb: attack.run(  # pylint: disable=g-long-lambda
+      xb, yb, tf.constant(initial_const, tf.float32),
+      tf.constant(largest_const, tf.float32), tf.constant(const_factor, tf.float32),
+      tf.constant(max_iterations), tf.constant(learning_rate, tf.float32),
+      tf.constant(bool(abort_early)), tf.constant(max_rounds))
+  return inputs.restore(runtime.in_batches(run, batch_size, inputs.x, inputs.y))
+
+
+def _check_const_schedule(initial_const, largest_const, const_factor):
+  initial_const = validation.check_number("initial_const", initial_const,
+                                          strictly_positive=True)
+  largest_const = validation.check_number("largest_const", largest_const,
+                                          strictly_positive=True)
+  const_factor = validation.check_number("const_factor", const_factor,
+                                         strictly_positive=True)
+  if largest_const <= initial_const:
+    raise ValueError(f"`largest_const` must be > `initial_const` "
+                     f"({initial_const!r}); got {largest_const!r}.")
+  if const_factor <= 1.0:
+    raise ValueError(f"`const_factor` must be > 1; got {const_factor!r}.")
+  return largest_const, const_factor
+
+
+def _doublings(initial_const: float, largest_const: float, factor: float) -> int:
+  return math.ceil(math.log(largest_const / initial_const) / math.log(factor)) + 1

@@ -1,0 +1,153 @@
+"""The one iterative gradient core behind FGSM, BIM and PGD, and its per-norm math.
+
+random start -> gradient of the loss -> normalised step -> project into the
+epsilon-ball -> clip to [clip_min, clip_max], repeated ``steps`` times inside
+one ``tf.function`` (a ``tf.while_loop``; no numpy round trip per step).
+FGSM is one step of size epsilon without random start; BIM is PGD without
+random start (Kurakin et al. 2016, https://arxiv.org/abs/1607.02533; Madry et
+al. 2018, https://arxiv.org/abs/1706.06083).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from keras_defense.attacks import losses
+from keras_defense.attacks import runtime
+from keras_defense.attacks import validation
+from keras_defense.compat import tf
+
+_TINY = 1e-12
+
+
+def _per_image_l2(t: tf.Tensor) -> tf.Tensor:
+  """L2 norm over all but the batch axis, shaped (N, 1, 1, 1) for broadcasting."""
+  return tf.sqrt(tf.reduce_sum(tf.square(t), axis=[1, 2, 3], keepdims=True))
+
+
+def normalized_step(grad: tf.Tensor, step_size: tf.Tensor, norm: str) -> tf.Tensor:
+  """Steepest-ascent step of length ``step_size`` in ``norm`` (cleverhans' optimize_linear).
+
+  L-inf: ``step_size * sign(grad)``; L2: ``step_size * grad / ||grad||_2``.
+  A zero gradient gives a zero step in both norms.
+  """
+  if norm == "linf":
+    return step_size * tf.sign(grad)
+  return step_size * grad / tf.maximum(_per_image_l2(grad), _TINY)
+
+
+def project(x_adv: tf.Tensor, x: tf.Tensor, epsilon: tf.Tensor, norm: str) -> tf.Tensor:
+  """Projects ``x_adv`` into the ``norm`` ball of radius ``epsilon`` around ``x``.
+
+  The L-inf projection clips to ``[x - eps, x + eps]`` so that one FGSM step
+  of exactly epsilon is left bit-identical to the closed form.
+  """
+  if norm == "linf":
+    return tf.clip_by_value(x_adv, x - epsilon, x + epsilon)
+  delta = x_adv - x
+  scale = tf.minimum(1.0, epsilon / tf.maximum(_per_image_l2(delta), _TINY))
+  return x + delta * scale
+
+
+def random_start(x: tf.Tensor, epsilon: tf.Tensor, norm: str,
+                 seed: tf.Tensor) -> tf.Tensor:
+  """A point drawn uniformly from the ``norm`` ball of radius ``epsilon``."""
+  shape = tf.shape(x)
+  if norm == "linf":
+    return x + tf.random.stateless_uniform(shape, seed, -1.0, 1.0) * epsilon
+  direction = tf.random.stateless_normal(shape, seed)
+  direction /= tf.maximum(_per_image_l2(direction), _TINY)
+  dims = tf.cast(tf.reduce_prod(shape[1:]), tf.float32)
+  u = tf.random.stateless_uniform([shape[0], 1, 1, 1], seed + 1)
+  return x + direction * epsilon * u ** (1.0 / dims)
+
+
+class IterativeAttack:
+  """Compiled ``x -> x_adv`` for one (model, loss, norm, targeted, start, clip).
+
+  Epsilon, step size, steps and the seed are tensor arguments, so changing them
+  never retraces; the batch dimension is ``None`` in the signature.
+  """
+
+  def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
+               image_shape: tuple[int, ...], loss: str, norm: str,
+               targeted: bool, random_start: bool, clip_min: float,
+               clip_max: float):
+    self._logits = logits_fn
+    self._loss = losses.LOSSES[loss]
+    self._norm = norm
+    self._sign = -1.0 if targeted else 1.0
+    self._random_start = random_start
+    self._clip = (clip_min, clip_max)
+    self.run = tf.function(self._run, input_signature=[
+        tf.TensorSpec([None, *image_shape], tf.float32),
+        tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([], tf.int32),
+        tf.TensorSpec([2], tf.int64),
+    ])
+
+  def _run(self, x, y, epsilon, step_size, steps, seed):
+    x_adv = x
+    if self._random_start:
+      x_adv = tf.clip_by_value(random_start(x, epsilon, self._norm, seed),
+                               *self._clip)
+
+    def body(i, x_adv):
+      with tf.GradientTape() as tape:
+        tape.watch(x_adv)
+        loss = tf.reduce_sum(self._loss(self._logits(x_adv), y))
+      grad = tape.gradient(loss, x_adv)
+      x_adv = x_adv + normalized_step(self._sign * grad, step_size, self._norm)
+      x_adv = project(x_adv, x, epsilon, self._norm)
+      return i + 1, tf.clip_by_value(x_adv, *self._clip)
+
+    _, x_adv = tf.while_loop(lambda i, _: i < steps, body, (0, x_adv))
+    return x_adv
+
+
+def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
+                     step_size: float | None, steps: int, norm: str, random_start: bool,
+                     targeted: bool, clip_min: float, clip_max: float, loss: str,
+                     compute_dtype: str, batch_size: int, seed: int | None) -> Any:
+  """Validates the arguments and runs the compiled core in batches.
+
+  ``step_size=None`` means one step of exactly ``epsilon`` (FGSM).
+  """
+  clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
+  epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
+  if step_size is None:
+    step_size = epsilon
+  else:
+    step_size = validation.check_number("step_size", step_size,
+                                        strictly_positive=True)
+  steps = validation.check_int("steps", steps, minimum=1)
+  batch_size = validation.check_int("batch_size", batch_size, minimum=1)
+  validation.check_choice("norm", norm, validation.NORMS)
+  validation.check_choice("loss", loss, validation.LOSSES)
+  if seed is not None:
+    seed = validation.check_int("seed", seed, minimum=0)
+  logits_fn = runtime.logits_function(model, compute_dtype)
+  inputs = runtime.prepare(model, x, y, clip_min, clip_max, logits_fn)
+  image_shape = tuple(inputs.x.shape[1:])
+  key = ("iterative", image_shape, loss, norm, bool(targeted),
+         bool(random_start), clip_min, clip_max, compute_dtype)
+  attack = runtime.cached(model, key, lambda: IterativeAttack(
+      logits_fn, image_shape=image_shape, loss=loss, norm=norm,
+      targeted=bool(targeted), random_start=bool(random_start),
+      clip_min=clip_min, clip_max=clip_max))
+  if seed is None:
+    seed = int(np.random.default_rng().integers(2**31))
+  seeds = iter(range(10**9))
+
+  def run_batch(xb, yb):
+    s = tf.constant([seed, next(seeds)], tf.int64)
+    return attack.run(xb, yb, tf.constant(epsilon, tf.float32),
+                      tf.constant(step_size, tf.float32),
+                      tf.constant(steps, tf.int32), s)
+
+  x_adv = runtime.in_batches(run_batch, batch_size, inputs.x, inputs.y)
+  return inputs.restore(x_adv)
