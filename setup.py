@@ -30,6 +30,7 @@ setuptools.setup(
             "kd-train=keras_defense.bin.train:run_main",
             "kd-prune=keras_defense.bin.prune:run_main",
             "kd-augment=keras_defense.bin.augment:run_main",
+            "kd-experiment=keras_defense.bin.experiment:run_main",
         ],
     },
 )

@@ -9,6 +9,8 @@ functions here.
 
 from __future__ import annotations
 
+import copy
+
 from absl import flags
 
 from keras_defense import data
@@ -60,21 +62,22 @@ flags.register_validator(
     "--lr_decay_epochs must be a comma-separated list of epochs >= 1.")
 
 
-def train_config() -> training.TrainConfig:
+def train_config(fv=None) -> training.TrainConfig:
   """The TrainConfig the training flags describe."""
+  fv = FLAGS if fv is None else fv
   return training.TrainConfig(
-      dataset=FLAGS.dataset, model=FLAGS.model,
-      run_dir=FLAGS.run_dir or f"runs/{FLAGS.dataset}_train",
-      epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer,
-      learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum,
-      nesterov=FLAGS.nesterov,
-      lr_decay_epochs=tuple(int(e) for e in FLAGS.lr_decay_epochs),
-      lr_decay_factor=FLAGS.lr_decay_factor, dropout=FLAGS.dropout,
-      seed=FLAGS.seed, train_limit=FLAGS.train_limit, test_limit=FLAGS.test_limit,
-      validation_size=FLAGS.validation_size, data_dir=FLAGS.data_dir,
-      manual_dir=FLAGS.manual_dir, export_dir=FLAGS.export_dir,
-      export_version=FLAGS.export_version, compute_dtype=FLAGS.compute_dtype,
-      deterministic=FLAGS.deterministic)
+      dataset=fv.dataset, model=fv.model,
+      run_dir=fv.run_dir or f"runs/{fv.dataset}_train",
+      epochs=fv.epochs, batch_size=fv.batch_size, optimizer=fv.optimizer,
+      learning_rate=fv.learning_rate, momentum=fv.momentum,
+      nesterov=fv.nesterov,
+      lr_decay_epochs=tuple(int(e) for e in fv.lr_decay_epochs),
+      lr_decay_factor=fv.lr_decay_factor, dropout=fv.dropout,
+      seed=fv.seed, train_limit=fv.train_limit, test_limit=fv.test_limit,
+      validation_size=fv.validation_size, data_dir=fv.data_dir,
+      manual_dir=fv.manual_dir, export_dir=fv.export_dir,
+      export_version=fv.export_version, compute_dtype=fv.compute_dtype,
+      deterministic=fv.deterministic)
 
 
 # --- pruning and logits augmentation ---------------------------------------
@@ -96,6 +99,9 @@ flags.DEFINE_float("conv_sparsity", 0.95,
 flags.DEFINE_float("initial_sparsity", 0.0, "Sparsity when pruning begins, [0, 1).")
 flags.DEFINE_bool("prune_logits", True,
                   "Prune the logits Dense layer too (design card: all FC layers).")
+flags.DEFINE_float("finetune_dropout", None,
+                   "Dropout rate while fine-tuning the pruned model (default: the base "
+                   "model's, C&W 0.5). No effect at inference.")
 flags.DEFINE_float("pruning_begin_epoch", 0.0,
                    "Fine-tuning epoch (may be fractional) at which pruning starts.", lower_bound=0.0)
 flags.DEFINE_float("pruning_end_epoch", 4.0,
@@ -125,33 +131,157 @@ flags.register_validator("initial_sparsity", lambda v: 0 <= v < 1,
                          "--initial_sparsity must be in [0, 1).")
 
 
-def prune_config():
+def prune_config(fv=None):
   """The PruneConfig the pruning flags describe."""
+  fv = FLAGS if fv is None else fv
   from keras_defense import pruning  # pylint: disable=g-import-not-at-top  (imports tfmot)
   return pruning.PruneConfig(
-      base_model_path=FLAGS.base_model_path or f"saved_models/{FLAGS.dataset}_m0/1",
-      dataset=FLAGS.dataset, run_dir=FLAGS.run_dir or f"runs/{FLAGS.dataset}_prune",
-      dense_sparsity=FLAGS.dense_sparsity, conv_sparsity=FLAGS.conv_sparsity,
-      initial_sparsity=FLAGS.initial_sparsity, prune_logits=FLAGS.prune_logits,
-      pruning_begin_epoch=FLAGS.pruning_begin_epoch,
-      pruning_end_epoch=FLAGS.pruning_end_epoch,
-      pruning_frequency=FLAGS.pruning_frequency, finetune_epochs=FLAGS.finetune_epochs,
-      batch_size=FLAGS.batch_size, optimizer=FLAGS.optimizer,
-      learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, nesterov=FLAGS.nesterov,
-      lr_decay_epochs=tuple(int(e) for e in FLAGS.lr_decay_epochs),
-      lr_decay_factor=FLAGS.lr_decay_factor, seed=FLAGS.seed,
-      train_limit=FLAGS.train_limit, test_limit=FLAGS.test_limit,
-      validation_size=FLAGS.validation_size, data_dir=FLAGS.data_dir,
-      manual_dir=FLAGS.manual_dir, export_dir=FLAGS.export_dir,
-      export_version=FLAGS.export_version, report_path=FLAGS.report_path,
-      deterministic=FLAGS.deterministic, verbose=2)  # one log line per epoch
+      base_model_path=fv.base_model_path or f"saved_models/{fv.dataset}_m0/1",
+      dataset=fv.dataset, run_dir=fv.run_dir or f"runs/{fv.dataset}_prune",
+      dense_sparsity=fv.dense_sparsity, conv_sparsity=fv.conv_sparsity,
+      initial_sparsity=fv.initial_sparsity, prune_logits=fv.prune_logits,
+      finetune_dropout=fv.finetune_dropout,
+      pruning_begin_epoch=fv.pruning_begin_epoch,
+      pruning_end_epoch=fv.pruning_end_epoch,
+      pruning_frequency=fv.pruning_frequency, finetune_epochs=fv.finetune_epochs,
+      batch_size=fv.batch_size, optimizer=fv.optimizer,
+      learning_rate=fv.learning_rate, momentum=fv.momentum, nesterov=fv.nesterov,
+      lr_decay_epochs=tuple(int(e) for e in fv.lr_decay_epochs),
+      lr_decay_factor=fv.lr_decay_factor, seed=fv.seed,
+      train_limit=fv.train_limit, test_limit=fv.test_limit,
+      validation_size=fv.validation_size, data_dir=fv.data_dir,
+      manual_dir=fv.manual_dir, export_dir=fv.export_dir,
+      export_version=fv.export_version, report_path=fv.report_path,
+      deterministic=fv.deterministic, verbose=2)  # one log line per epoch
 
 
-def augment_config() -> _la.AugmentConfig:
+def augment_config(fv=None) -> _la.AugmentConfig:
   """The AugmentConfig the augmentation flags describe."""
+  fv = FLAGS if fv is None else fv
   return _la.AugmentConfig(
-      base_model_path=FLAGS.base_model_path or f"saved_models/{FLAGS.dataset}_m1/1",
-      transform=FLAGS.transform, logits_epsilon=FLAGS.logits_epsilon,
-      inhibition_epsilon=FLAGS.inhibition_epsilon, dataset=FLAGS.dataset,
-      test_limit=FLAGS.test_limit, data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
-      export_dir=FLAGS.export_dir, export_version=FLAGS.export_version)
+      base_model_path=fv.base_model_path or f"saved_models/{fv.dataset}_m1/1",
+      transform=fv.transform, logits_epsilon=fv.logits_epsilon,
+      inhibition_epsilon=fv.inhibition_epsilon, dataset=fv.dataset,
+      test_limit=fv.test_limit, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
+      export_dir=fv.export_dir, export_version=fv.export_version)
+
+
+# --- experiment (kd-experiment) ---------------------------------------------
+from keras_defense import evaluation as _ev  # noqa: E402  pylint: disable=g-import-not-at-top
+from keras_defense import threat_models as _tm  # noqa: E402  pylint: disable=g-import-not-at-top
+
+flags.DEFINE_string("train_flagfile", None, "Flagfile of the M0 training stage (flags/mnist_m0.flags).")
+flags.DEFINE_string("prune_flagfile", None, "Flagfile of the M1 pruning stage (flags/mnist_m1.flags).")
+flags.DEFINE_string("augment_flagfile", None, "Flagfile of the M2 stage (flags/mnist_m2.flags).")
+flags.DEFINE_list("stages", ["train", "prune", "augment", "attack", "report"],
+                  "Stages to run, in order; finished stages are skipped on a rerun.")
+flags.DEFINE_bool("reuse_saved_models", False,
+                  "Attack the shipped saved_models/<dataset>_{m0,m1,m2}/1 instead of "
+                  "training, pruning and augmenting.")
+flags.DEFINE_string("saved_models_dir", "saved_models", "Where --reuse_saved_models looks.")
+flags.DEFINE_list("attacks", ["fgsm", "bim"], "Gradient attacks of the grid: fgsm, bim.")
+flags.DEFINE_list("epsilons", ["0.05", "0.1", "0.2", "0.3"],
+                  "L-inf radii in [0, 1] pixel units; fractions allowed (8/255).")
+flags.DEFINE_list("targeted_modes", ["untargeted", "targeted"], "untargeted, targeted or both.")
+flags.DEFINE_enum("target_selection", "random", list(_ev.TARGET_SELECTIONS),
+                  "Targets: random other class, least_likely class, or next class.")
+flags.DEFINE_list("threat_models", list(_tm.THREAT_MODELS),
+                  "grey_box, transfer, adaptive (see BUILD.md).")
+flags.DEFINE_integer("eval_size", None, "Test images for FGSM/BIM (default: all).", lower_bound=1)
+flags.DEFINE_integer("bim_steps", 10, "BIM iterations (defense authors' code: 10).", lower_bound=1)
+flags.DEFINE_float("rel_step_size", 0.25, "BIM step size as a fraction of epsilon.")
+flags.DEFINE_list("cw_attacks", ["cw_l2", "cw_linf", "cw_l0"],
+                  "Carlini-Wagner attacks of the grid (empty for none).")
+flags.DEFINE_integer("cw_eval_size", 100, "Test images for the C&W attacks.", lower_bound=1)
+flags.DEFINE_integer("cw_binary_search_steps", 9, "C&W L2 binary-search steps (C&W: 9).",
+                     lower_bound=1)
+flags.DEFINE_integer("cw_max_iterations", 1000, "C&W iterations per search step (C&W: 1000).",
+                     lower_bound=1)
+flags.DEFINE_integer("attack_batch_size", 1000, "Images per compiled attack call.", lower_bound=1)
+flags.DEFINE_enum("attack_compute_dtype", "float32", ["float32", "bfloat16"],
+                  "Attack arithmetic; bfloat16 is faster on CPUs with AMX/AVX-512 BF16 but "
+                  "changes where softmax saturates.")
+
+
+def _parse_epsilon(text: str) -> float:
+  text = text.strip()
+  try:
+    if "/" in text:
+      num, den = text.split("/")
+      return float(num) / float(den)
+    return float(text)
+  except (ValueError, ZeroDivisionError):
+    raise flags.ValidationError(
+        f"--epsilons: {text!r} is not a number or a fraction like 8/255.") from None
+
+
+def _check_epsilons(values):
+  eps = [_parse_epsilon(v) for v in values]
+  if not eps:
+    raise flags.ValidationError("--epsilons must list at least one epsilon.")
+  if any(not 0 < e <= 1 for e in eps):
+    raise flags.ValidationError(f"--epsilons must all be in (0, 1]; got {values}.")
+  return True
+
+
+def _check_choices(name, choices):
+  def check(values):
+    bad = [v for v in values if v not in choices]
+    if bad:
+      raise flags.ValidationError(
+          f"--{name} must be from {', '.join(choices)}; got {', '.join(bad)}.")
+    return True
+  return check
+
+
+flags.register_validator("epsilons", _check_epsilons)
+flags.register_validator("stages", _check_choices("stages", ("train", "prune", "augment",
+                                                             "attack", "report")))
+flags.register_validator("attacks", _check_choices("attacks", _ev.GRADIENT_ATTACKS))
+flags.register_validator("cw_attacks", _check_choices("cw_attacks", _ev.CW_ATTACKS))
+flags.register_validator("threat_models", _check_choices("threat_models", _tm.THREAT_MODELS))
+flags.register_validator("targeted_modes",
+                         _check_choices("targeted_modes", ("untargeted", "targeted")))
+flags.register_validator("rel_step_size", lambda v: v > 0, "--rel_step_size must be > 0.")
+for _name in ("train_flagfile", "prune_flagfile", "augment_flagfile"):
+  flags.register_validator(
+      _name, lambda v: v is None or __import__("os").path.isfile(v),
+      f"--{_name} must name an existing flagfile.")
+
+
+def _sub_flags(flagfile: str | None):
+  """A copy of FLAGS with ``flagfile`` parsed on top of the defaults."""
+  fv = copy.deepcopy(FLAGS)
+  fv.unparse_flags()
+  fv(["stage"] + ([f"--flagfile={flagfile}"] if flagfile else []))
+  return fv
+
+
+def experiment_config(command: str | None = None):
+  """The ExperimentConfig the experiment flags (and the stage flagfiles) describe."""
+  from keras_defense import experiment  # pylint: disable=g-import-not-at-top
+  from keras_defense import pruning  # pylint: disable=g-import-not-at-top
+  train_fv = _sub_flags(FLAGS.train_flagfile)
+  prune_fv = _sub_flags(FLAGS.prune_flagfile)
+  augment_fv = _sub_flags(FLAGS.augment_flagfile)
+  cw = {"cw_l2": {"binary_search_steps": FLAGS.cw_binary_search_steps,
+                  "max_iterations": FLAGS.cw_max_iterations},
+        "cw_linf": {"max_iterations": FLAGS.cw_max_iterations},
+        "cw_l0": {"max_iterations": FLAGS.cw_max_iterations}}
+  eval_config = _ev.EvalConfig(
+      attacks=tuple(FLAGS.attacks), epsilons=tuple(_parse_epsilon(e) for e in FLAGS.epsilons),
+      targeted_modes=tuple(m == "targeted" for m in FLAGS.targeted_modes),
+      target_selection=FLAGS.target_selection, threat_models=tuple(FLAGS.threat_models),
+      eval_size=FLAGS.eval_size, bim_steps=FLAGS.bim_steps,
+      rel_step_size=FLAGS.rel_step_size, cw_attacks=tuple(FLAGS.cw_attacks),
+      cw_eval_size=FLAGS.cw_eval_size, cw_options=cw,
+      batch_size=FLAGS.attack_batch_size, compute_dtype=FLAGS.attack_compute_dtype,
+      seed=FLAGS.seed)
+  del pruning
+  return experiment.ExperimentConfig(
+      run_dir=FLAGS.run_dir or f"runs/{FLAGS.dataset}",
+      train=train_config(train_fv), prune=prune_config(prune_fv),
+      augment=augment_config(augment_fv), eval=eval_config,
+      stages=tuple(FLAGS.stages), reuse_saved_models=FLAGS.reuse_saved_models,
+      saved_models_dir=FLAGS.saved_models_dir, seed=FLAGS.seed,
+      deterministic=FLAGS.deterministic, command=command)

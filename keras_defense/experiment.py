@@ -1,0 +1,294 @@
+"""The reproduction: train M0 -> prune M1 -> augment M2 -> attack -> report.
+
+Every stage keeps its artifacts in the run directory and records completion
+in ``<run_dir>/stages/<stage>.json``; a rerun skips finished stages and
+resumes an interrupted one (training and pruning from their last epoch
+checkpoint, the attack grid from its last finished cell).
+
+Run-directory layout::
+
+  <run_dir>/m0, m1/                 training / pruning runs (checkpoints, TensorBoard)
+  <run_dir>/saved_models/<ds>_m0/1  the three models, TF Serving layout (m1, m2 too)
+  <run_dir>/compression/            M1's compression report
+  <run_dir>/attack/cells/           one JSON per finished attack cell
+  <run_dir>/attack/models.json      clean accuracy, compression, zero-gradient fraction
+  <run_dir>/results.json|csv, report.md, plots/, tensorboard/
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import platform
+import sys
+import time
+from typing import Any
+
+from absl import logging
+import numpy as np
+
+from keras_defense import data
+from keras_defense import diagnostics
+from keras_defense import evaluation
+from keras_defense import export
+from keras_defense import io_utils
+from keras_defense import training
+from keras_defense.compat import tf
+from keras_defense.errors import UserError
+
+STAGES = ("train", "prune", "augment", "attack", "report")
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+  """The whole reproduction. Sub-configs come from the per-model flagfiles."""
+  run_dir: str
+  train: training.TrainConfig
+  prune: Any  # pruning.PruneConfig (imported lazily: tfmot is heavy)
+  augment: Any  # logits_augmentation.AugmentConfig
+  eval: evaluation.EvalConfig
+  stages: tuple[str, ...] = STAGES
+  reuse_saved_models: bool = False
+  saved_models_dir: str = "saved_models"
+  seed: int = 0
+  deterministic: bool = True
+  command: str | None = None
+
+  @property
+  def dataset(self) -> str:
+    return self.train.dataset
+
+  @property
+  def names(self) -> tuple[str, str, str]:
+    p = "m" if self.dataset in ("mnist", "fashion_mnist") else "c"
+    return (f"{p}0", f"{p}1", f"{p}2")
+
+  def validate(self) -> "ExperimentConfig":
+    for s in self.stages:
+      if s not in STAGES:
+        raise UserError(f"`stages` must be from {', '.join(STAGES)}; got {s!r}.")
+    if not self.stages:
+      raise UserError("`stages` must name at least one stage; got an empty list.")
+    if not self.run_dir:
+      raise UserError("`run_dir` must be a directory path; got an empty string.")
+    run = pathlib.Path(self.run_dir)
+    if run.exists() and not run.is_dir():
+      raise UserError(f"`run_dir` {self.run_dir!r} exists and is not a directory.")
+    self.train.validate()
+    self.prune.validate() if hasattr(self.prune, "validate") else None
+    self.eval.validate()
+    return self
+
+
+def versions() -> dict[str, str]:
+  """Versions of everything that can change the numbers."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  import tensorflow_model_optimization as tfmot  # pylint: disable=g-import-not-at-top
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  import keras_defense  # pylint: disable=g-import-not-at-top
+  return {"python": platform.python_version(), "tensorflow": tf.__version__,
+          "tf_keras": tf_keras.__version__, "tfmot": tfmot.__version__,
+          "tensorflow_datasets": tfds.__version__, "numpy": np.__version__,
+          "keras_defense": keras_defense.__version__, "machine": platform.machine(),
+          "cpu_count": str(__import__("os").cpu_count())}
+
+
+class _Run:
+  """Stage bookkeeping for one run directory."""
+
+  def __init__(self, config: ExperimentConfig):
+    self.config = config
+    self.dir = pathlib.Path(config.run_dir)
+    self.stage_dir = self.dir / "stages"
+
+  def done(self, stage: str) -> dict | None:
+    path = self.stage_dir / f"{stage}.json"
+    return io_utils.read_json(path) if path.is_file() else None
+
+  def finish(self, stage: str, record: dict) -> dict:
+    io_utils.write_json(self.stage_dir / f"{stage}.json", record)
+    return record
+
+  def model_path(self, index: int) -> str:
+    name = self.config.names[index]
+    if self.config.reuse_saved_models:
+      path = pathlib.Path(self.config.saved_models_dir) / f"{self.config.dataset}_{name}" / "1"
+      if not (path / "saved_model.pb").is_file():
+        raise UserError(
+            f"--reuse_saved_models: no SavedModel at {str(path)!r}; train it first "
+            f"or run without --reuse_saved_models.")
+      return str(path)
+    record = self.done(STAGES[index])
+    if record is None:
+      raise UserError(
+          f"stage {STAGES[index]!r} has not finished in {str(self.dir)!r}, so "
+          f"{name} does not exist yet; include it in --stages.")
+    return record["saved_model"]
+
+  def export_dir(self, index: int) -> str:
+    return str(self.dir / "saved_models" / f"{self.config.dataset}_{self.config.names[index]}")
+
+
+def _stage_train(run: _Run) -> dict:
+  c = run.config
+  cfg = dataclasses.replace(c.train, run_dir=str(run.dir / c.names[0]),
+                            export_dir=run.export_dir(0), export_version=1)
+  result = training.train(cfg)
+  return {"saved_model": result.saved_model_path, **result.to_dict()}
+
+
+def _stage_prune(run: _Run) -> dict:
+  from keras_defense import pruning  # pylint: disable=g-import-not-at-top
+  c = run.config
+  cfg = dataclasses.replace(
+      c.prune, base_model_path=run.model_path(0), dataset=c.dataset,
+      run_dir=str(run.dir / c.names[1]), export_dir=run.export_dir(1), export_version=1,
+      report_path=str(run.dir / "compression" / f"{c.dataset}_{c.names[1]}"))
+  result = pruning.prune(cfg)
+  return {"saved_model": result.saved_model_path,
+          **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
+
+
+def _stage_augment(run: _Run) -> dict:
+  from keras_defense import logits_augmentation  # pylint: disable=g-import-not-at-top
+  c = run.config
+  cfg = dataclasses.replace(c.augment, base_model_path=run.model_path(1),
+                            dataset=c.dataset, export_dir=run.export_dir(2),
+                            export_version=1)
+  result = logits_augmentation.augment(cfg)
+  return {"saved_model": result.saved_model_path,
+          **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
+
+
+def _weights(model) -> tuple[int, int]:
+  ws = model.get_weights()
+  return int(sum(w.size for w in ws)), int(sum(np.count_nonzero(w) for w in ws))
+
+
+def describe_models(config: ExperimentConfig, models: dict, paths: dict, x, y) -> dict:
+  """Clean accuracy (full test set), weights, compression, zero-gradient fraction."""
+  from keras_defense import attacks  # pylint: disable=g-import-not-at-top
+  n0 = config.names[0]
+  total0, _ = _weights(models[n0])
+  p = config.prune
+  aug = config.augment
+  descriptions = {
+      config.names[0]: "unprotected C&W CNN",
+      config.names[1]: (f"pruned: {100 * p.dense_sparsity:.1f}% Dense / "
+                        f"{100 * p.conv_sparsity:.1f}% Conv zeroed (tfmot)"),
+      config.names[2]: (f"{config.names[1]} + {aug.transform} "
+                        f"(eps={aug.epsilon:g})"),
+  }
+  n_eval = len(x) if config.eval.eval_size is None else min(len(x), config.eval.eval_size)
+  facts = {}
+  for name, model in models.items():
+    total, nonzero = _weights(model)
+    pred = attacks.predict_classes(model, x)
+    facts[name] = {
+        "clean_accuracy": float(np.mean(pred == y)), "n_test": int(len(y)),
+        "total_weights": total, "nonzero_weights": nonzero,
+        "compression": total0 / max(nonzero, 1),
+        "zero_gradient_fraction": float(attacks.zero_gradient_fraction(
+            model, x[:n_eval], y[:n_eval])),
+        "saved_model": paths[name], "description": descriptions[name]}
+  return facts
+
+
+def _stage_attack(run: _Run, progress=None) -> dict:
+  c = run.config
+  paths = {name: run.model_path(i) for i, name in enumerate(c.names)}
+  models = {name: export.load_model(p) for name, p in paths.items()}
+  x, y = data.load_arrays(c.dataset, "test", data_dir=c.train.data_dir,
+                          manual_dir=c.train.manual_dir)
+  info = data.info(c.dataset, data_dir=c.train.data_dir, manual_dir=c.train.manual_dir)
+  facts_path = run.dir / "attack" / "models.json"
+  if facts_path.is_file():
+    facts = io_utils.read_json(facts_path)
+  else:
+    facts = describe_models(c, models, paths, x, y)
+    io_utils.write_json(facts_path, facts)
+  rows, _ = evaluation.evaluate(models, x, y, c.eval, source=c.names[0],
+                                num_classes=info.num_classes,
+                                cells_dir=run.dir / "attack" / "cells", progress=progress)
+  return {"rows": len(rows)}
+
+
+def _stage_report(run: _Run, start_time: float) -> dict:
+  from keras_defense import reporting  # pylint: disable=g-import-not-at-top
+  c = run.config
+  facts = io_utils.read_json(run.dir / "attack" / "models.json")
+  names = list(c.names)
+  cells = run.dir / "attack" / "cells"
+  groups = evaluation.build_groups(names, names[0], c.eval)
+  rows, examples = [], []
+  for g in groups:
+    for plan in g.plans:
+      key = evaluation.cell_key(plan, g.attack, g.targeted, g.epsilon)
+      if not (cells / f"{key}.json").is_file():
+        raise UserError(f"attack cell {key} is missing in {str(cells)!r}; run the "
+                        f"'attack' stage first.")
+      rows.append(io_utils.read_json(cells / f"{key}.json"))
+      examples.extend(evaluation.load_example(cells, key))
+  warnings = diagnostics.masking_warnings(rows, facts)
+  for w in warnings:
+    logging.warning("GRADIENT MASKING: %s", w)
+  stage_seconds = {s: (run.done(s) or {}).get("stage_seconds") for s in STAGES}
+  wall = sum(v for v in stage_seconds.values() if v) + (time.time() - start_time)
+  config_dict = _config_dict(c)
+  config_dict["stage_seconds"] = stage_seconds
+  paths = reporting.write_report(
+      str(run.dir), rows=rows, models=facts, warnings=warnings, config=config_dict,
+      versions=versions(), examples=examples, wall_seconds=wall, command=c.command,
+      title=c.dataset.upper())
+  return {"artifacts": paths, "warnings": warnings}
+
+
+def _config_dict(c: ExperimentConfig) -> dict:
+  def plain(v):
+    if dataclasses.is_dataclass(v):
+      return {k: plain(x) for k, x in dataclasses.asdict(v).items()}
+    if isinstance(v, tuple):
+      return list(v)
+    return v
+  return {"run_dir": c.run_dir, "stages": list(c.stages),
+          "reuse_saved_models": c.reuse_saved_models, "seed": c.seed,
+          "deterministic": c.deterministic, "train": plain(c.train),
+          "prune": plain(c.prune), "augment": plain(c.augment), "eval": plain(c.eval)}
+
+
+def run(config: ExperimentConfig, *, progress=None) -> dict:
+  """Runs the requested stages, skipping finished ones; returns the stage records.
+
+  Raises:
+    UserError: bad config, missing models or data.
+  """
+  config.validate()
+  run_ = _Run(config)
+  run_.dir.mkdir(parents=True, exist_ok=True)
+  training.setup_determinism(config.seed, config.deterministic)
+  records = {}
+  for stage in STAGES:
+    if stage not in config.stages:
+      continue
+    if config.reuse_saved_models and stage in ("train", "prune", "augment"):
+      logging.info("stage %s: reusing %s", stage, run_.model_path(STAGES.index(stage)))
+      continue
+    if stage != "report" and (record := run_.done(stage)) is not None:
+      logging.info("stage %s: already finished, skipped", stage)
+      records[stage] = record
+      continue
+    logging.info("stage %s: running", stage)
+    start = time.time()
+    if stage == "train":
+      record = _stage_train(run_)
+    elif stage == "prune":
+      record = _stage_prune(run_)
+    elif stage == "augment":
+      record = _stage_augment(run_)
+    elif stage == "attack":
+      record = _stage_attack(run_, progress)
+    else:
+      record = _stage_report(run_, start)
+    record["stage_seconds"] = time.time() - start
+    records[stage] = run_.finish(stage, record)
+  return records
