@@ -79,7 +79,8 @@ def _validate_sparsity(value: float, name: str) -> None:
 def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: float,
                 begin_step: int, end_step: int, frequency: int,
                 initial_sparsity: float = 0.0,
-                prune_logits: bool = True) -> keras.Model:
+                prune_logits: bool = True,
+                dropout: float | None = None) -> keras.Model:
   """Wraps the Dense and Conv2D layers of ``model`` for magnitude pruning.
 
   Each prunable layer gets its own ``PolynomialDecay`` schedule (tfmot's
@@ -101,6 +102,9 @@ def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: flo
     initial_sparsity: sparsity at ``begin_step``, [0, 1).
     prune_logits: also prune the output Dense layer (default True: the design
       card prunes all FC layers). If False it is left unwrapped and dense.
+    dropout: if not None, the rate of every Dropout layer of the clone, [0, 1)
+      (fine-tuning a sparse net with less dropout); None keeps the model's.
+      Dropout does nothing at inference, so the served model is unchanged.
 
   Returns:
     A new model (clone) whose Dense/Conv2D layers are ``PruneLowMagnitude``
@@ -118,6 +122,8 @@ def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: flo
     raise ValueError(f"`end_step` must be > `begin_step` ({begin_step}); got {end_step}.")
   if int(frequency) < 1:
     raise ValueError(f"`frequency` must be >= 1; got {frequency}.")
+  if dropout is not None and not 0.0 <= float(dropout) < 1.0:
+    raise ValueError(f"`dropout` must be in [0, 1) or None; got {dropout!r}.")
   output_layer = model.layers[-1]
 
   def schedule(final):
@@ -135,6 +141,8 @@ def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: flo
     if isinstance(layer, keras.layers.Dense) and (layer is not output_layer or prune_logits):
       return _sparsity.prune_low_magnitude(fresh(layer),
                                            pruning_schedule=schedule(dense_sparsity))
+    if isinstance(layer, keras.layers.Dropout) and dropout is not None:
+      return layer.__class__.from_config({**layer.get_config(), "rate": float(dropout)})
     return fresh(layer)  # logits kept dense, or a layer without prunable weights
 
   pruned = keras.models.clone_model(model, clone_function=clone_layer)
@@ -154,8 +162,18 @@ def pruning_callbacks(log_dir: str | os.PathLike | None = None) -> list:
 
 
 def strip_pruning(model: keras.Model) -> keras.Model:
-  """Removes the tfmot wrappers; the zeros stay in the plain kernels."""
-  return _sparsity.strip_pruning(model)
+  """Removes the tfmot wrappers; the zeros stay in the plain kernels.
+
+  tfmot's ``strip_pruning`` keeps the wrappers' variables, whose names carry a
+  ``prune_low_magnitude_`` prefix into the SavedModel; the result is therefore
+  cloned once more so that its variables are named like the base model's
+  (``dense1/kernel``), which lets plain-TensorFlow consumers match M0/M1/M2
+  variables by name.
+  """
+  stripped = _sparsity.strip_pruning(model)
+  clean = keras.models.clone_model(stripped)
+  clean.set_weights(stripped.get_weights())
+  return clean
 
 
 def has_pruning_wrappers(model: keras.Model) -> bool:
@@ -333,6 +351,7 @@ class PruneConfig:
   conv_sparsity: float = 0.95  # design card: keep 5% of conv weights
   initial_sparsity: float = 0.0
   prune_logits: bool = True
+  finetune_dropout: float | None = None  # None: keep the base model's dropout rate
   pruning_begin_epoch: float = 0.0
   pruning_end_epoch: float = 4.0
   pruning_frequency: int = 100  # steps between mask updates
@@ -366,6 +385,8 @@ class PruneConfig:
         _validate_sparsity(getattr(self, name), name)
       except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
+    need(self.finetune_dropout is None or 0 <= self.finetune_dropout < 1,
+         f"`finetune_dropout` must be in [0, 1); got {self.finetune_dropout}.")
     need(self.initial_sparsity <= min(self.dense_sparsity, self.conv_sparsity),
          f"`initial_sparsity` must be <= both final sparsities; got {self.initial_sparsity}.")
     need(bool(self.base_model_path),
@@ -501,7 +522,7 @@ def prune(config: PruneConfig) -> PruneResult:
                       conv_sparsity=config.conv_sparsity, begin_step=begin_step,
                       end_step=end_step, frequency=config.pruning_frequency,
                       initial_sparsity=config.initial_sparsity,
-                      prune_logits=config.prune_logits)
+                      prune_logits=config.prune_logits, dropout=config.finetune_dropout)
   training.compile_classifier(model, training.make_optimizer(
       config.optimizer, config.learning_rate, config.momentum, config.nesterov))
   callbacks = [

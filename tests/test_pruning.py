@@ -68,6 +68,8 @@ def test_strip_leaves_no_wrapper_and_keeps_logits(pruned_and_base):
   np.testing.assert_allclose(stripped(x, training=False), wrapped(x, training=False),
                              rtol=1e-5, atol=1e-5)
   assert stripped.layers[-1].name == models.LOGITS_LAYER_NAME
+  assert [v.name for v in stripped.weights] == [
+      v.name for v in models.build_model("cw_mnist").weights]  # no wrapper prefix
 
 
 def test_base_model_is_not_modified(pruned_and_base):
@@ -90,6 +92,17 @@ def test_logits_layer_can_be_left_dense():
   assert isinstance(wrapped.get_layer("prune_low_magnitude_dense1").layer, keras.layers.Dense)
   np.testing.assert_array_equal(wrapped.layers[-1].get_weights()[0],
                                 base.layers[-1].get_weights()[0])
+
+
+def test_finetune_dropout_overrides_only_the_dropout_rate():
+  base = models.build_model("cw_mnist", seed=1)
+  wrapped = pruning.prune_model(base, dense_sparsity=0.5, conv_sparsity=0.5, begin_step=0,
+                                end_step=4, frequency=2, dropout=0.1)
+  assert wrapped.get_layer("dropout").rate == 0.1
+  assert base.get_layer("dropout").rate == 0.5
+  with pytest.raises(ValueError, match=r"`dropout` must be in \[0, 1\) or None"):
+    pruning.prune_model(base, dense_sparsity=0.5, conv_sparsity=0.5, begin_step=0,
+                        end_step=4, frequency=2, dropout=1.0)
 
 
 @pytest.mark.parametrize("field", ["dense_sparsity", "conv_sparsity"])
