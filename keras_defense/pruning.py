@@ -297,21 +297,21 @@ class CompressionReport:
     }
 
   def to_markdown(self) -> str:
-    def pct(x):
-      return "n/a" if x is None else f"{100 * x:.2f}%"
+    def pct(x, digits=2):
+      return "n/a" if x is None else f"{100 * x:.{digits}f}%"
     lines = [
         "| layer | type | kernel weights | nonzero | kept | biases (kept, not pruned) |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for r in self.pruned["layers"]:
       lines.append(f"| {r['name']} | {r['type']} | {r['kernel_total']:,} | "
-                   f"{r['kernel_nonzero']:,} | {pct(r['kept_fraction'])} | "
+                   f"{r['kernel_nonzero']:,} | {pct(r['kept_fraction'], 3)} | "
                    f"{r['bias_nonzero']}/{r['bias_total']} |")
     for kind, agg in sorted(self.pruned["by_type"].items()):
       lines.append(f"| all {kind} | {kind} | {agg['kernel_total']:,} | "
-                   f"{agg['kernel_nonzero']:,} | {pct(agg['kept_fraction'])} | |")
+                   f"{agg['kernel_nonzero']:,} | {pct(agg['kept_fraction'], 3)} | |")
     lines.append(f"| **total** | | {self.pruned['kernel_total']:,} | "
-                 f"{self.pruned['kernel_nonzero']:,} | {pct(self.pruned['kept_fraction'])} | |")
+                 f"{self.pruned['kernel_nonzero']:,} | {pct(self.pruned['kept_fraction'], 3)} | |")
     lines += ["", "| | M0 (base) | M1 (pruned) |", "|---|---:|---:|",
               f"| weights (kernels + biases) | {self.base['weights_total']:,} | "
               f"{self.pruned['weights_nonzero']:,} nonzero |",
@@ -324,7 +324,15 @@ class CompressionReport:
     lines += ["", f"Compression ratio (M0 weights / M1 nonzero weights): "
               f"**{self.compression_ratio:.2f}x** (kernels only: "
               f"{self.kernel_compression_ratio:.2f}x)."]
+    lines += ["", "Kept = nonzero / total kernel weights; tfmot keeps round(n * (1 - sparsity)) "
+              "weights per kernel, so a layer can hold one weight more than the exact "
+              "fraction."]
     return "\n".join(lines) + "\n"
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "CompressionReport":
+    """Inverse of ``to_dict`` (derived fields are recomputed)."""
+    return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
 
   def write(self, path_prefix: str | os.PathLike) -> tuple[str, str]:
     """Writes ``<prefix>.json`` and ``<prefix>.md`` atomically; returns both paths."""
