@@ -163,7 +163,9 @@ def test_prune_run_on_real_mnist_exports_a_plain_sparse_savedmodel(tmp_path):
   assert result.report.pruned_gzip_bytes < result.report.base_gzip_bytes
   assert 0 <= result.test_accuracy <= 1 and result.report.test_examples == 300
   with open(tmp_path / "report" / "m1.json") as f:
-    assert json.load(f)["compression_ratio"] == pytest.approx(result.report.compression_ratio)
+    saved_report = json.load(f)
+  assert saved_report["compression_ratio"] == pytest.approx(result.report.compression_ratio)
+  assert pruning.CompressionReport.from_dict(saved_report).to_dict() == saved_report
   assert "| **total** |" in (tmp_path / "report" / "m1.md").read_text()
   assert (tmp_path / "run" / "tensorboard" / "metrics").is_dir()
   # Plain TensorFlow in a fresh process: no keras_defense, no tfmot needed.
