@@ -1,0 +1,187 @@
+"""End-to-end tests of the reproduction pipeline on tiny real MNIST."""
+
+import dataclasses
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from keras_defense import diagnostics
+from keras_defense import evaluation
+from keras_defense import experiment
+from keras_defense import logits_augmentation
+from keras_defense import pruning
+from keras_defense import statistics
+from keras_defense import training
+from keras_defense.errors import UserError
+
+_SMALL = dict(train_limit=4000, test_limit=1000, validation_size=500, verbose=0)
+
+
+def _config(run_dir, **eval_overrides):
+  eval_kwargs = dict(
+      attacks=("fgsm", "bim"), epsilons=(0.1, 0.3), eval_size=200, cw_attacks=("cw_l2",),
+      cw_eval_size=10, cw_options={"cw_l2": {"binary_search_steps": 2,
+                                             "max_iterations": 30}})
+  eval_kwargs.update(eval_overrides)
+  return experiment.ExperimentConfig(
+      run_dir=str(run_dir),
+      train=training.TrainConfig(epochs=2, lr_decay_epochs=(100,), **_SMALL),
+      prune=pruning.PruneConfig(finetune_epochs=1, pruning_end_epoch=0.5,
+                                pruning_frequency=5, dense_sparsity=0.5,
+                                conv_sparsity=0.5, **_SMALL),
+      # A huge epsilon, so that even this small model's softmax saturates.
+      augment=logits_augmentation.AugmentConfig(logits_epsilon=1000.0, test_limit=1000),
+      eval=evaluation.EvalConfig(**eval_kwargs), deterministic=True)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+  run_dir = tmp_path_factory.mktemp("exp") / "run"
+  config = _config(run_dir)
+  records = experiment.run(config)
+  return config, records, run_dir
+
+
+def _without_time(rows):
+  return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_pipeline_writes_the_report(pipeline):
+  config, records, run_dir = pipeline
+  assert set(records) == set(experiment.STAGES)
+  results = json.loads((run_dir / "results.json").read_text())
+  rows = results["rows"]
+  # 2 attacks x 2 eps x 2 modes: grey_box 3 + transfer 2 + adaptive 3 models;
+  # cw_l2 x 2 modes: grey_box 3 + transfer 2.
+  assert len(rows) == 2 * 2 * 2 * 8 + 2 * 5
+  required = {"model", "attack", "targeted", "epsilon", "threat_model", "n",
+              "success_rate", "ci_low", "ci_high"}
+  assert all(required <= set(r) for r in rows)
+  assert {r["threat_model"] for r in rows} == {"grey_box", "transfer", "adaptive"}
+  assert all(r["epsilon"] is None for r in rows if r["attack"] == "cw_l2")
+  assert results["versions"]["tensorflow"].startswith("2.")
+  assert results["config"]["eval"]["eval_size"] == 200
+  report = (run_dir / "report.md").read_text()
+  for threat in ("grey_box", "transfer", "adaptive"):
+    assert f"### {threat}" in report
+  assert (run_dir / "results.csv").read_text().count("\n") == len(rows) + 1
+  assert (run_dir / "plots" / "success_vs_epsilon.png").stat().st_size > 1000
+  assert (run_dir / "plots" / "adversarial_examples.png").stat().st_size > 1000
+  models = results["models"]
+  assert models["m1"]["compression"] > 1.5  # half the weights zeroed
+  assert models["m0"]["clean_accuracy"] > 0.8
+
+
+def test_gradient_masking_is_detected_and_the_adaptive_attacker_wins(pipeline):
+  _, records, run_dir = pipeline
+  results = json.loads((run_dir / "results.json").read_text())
+  m2 = results["models"]["m2"]
+  assert m2["zero_gradient_fraction"] > 0.5
+  assert results["models"]["m0"]["zero_gradient_fraction"] < 0.1
+  rows = {(r["model"], r["attack"], r["targeted"], r["epsilon"], r["threat_model"]): r
+          for r in results["rows"]}
+  grey = rows[("m2", "bim", False, 0.3, "grey_box")]
+  adaptive = rows[("m2", "bim", False, 0.3, "adaptive")]
+  assert adaptive["success_rate"] > grey["success_rate"] + 0.3
+  assert adaptive["success_rate"] > 0.9
+  warnings = records["report"]["warnings"]
+  assert any(w.startswith("m2:") and "exactly-zero" in w for w in warnings)
+  assert any(w.startswith("m2: the adaptive attacker beats") for w in warnings)
+  assert not any(w.startswith("m0:") and "exactly-zero" in w for w in warnings)
+  assert "Warnings" in (run_dir / "report.md").read_text()
+
+
+class _Crash(Exception):
+  pass
+
+
+def test_interrupted_attack_stage_resumes_to_the_same_results(pipeline, tmp_path):
+  config, _, run_dir = pipeline
+  resumed = tmp_path / "resumed"
+  resumed.mkdir()
+  for part in ("saved_models", "stages"):
+    shutil.copytree(run_dir / part, resumed / part)
+  for stage in ("attack", "report"):
+    (resumed / "stages" / f"{stage}.json").unlink()
+  # The copied stage records point at the first run's SavedModels: fine.
+  # A smaller grid (its cells are a subset of the first run's) keeps this fast.
+  small = dataclasses.replace(config.eval, attacks=("fgsm", "bim"), epsilons=(0.3,),
+                              cw_attacks=())
+  cfg = dataclasses.replace(config, run_dir=str(resumed), eval=small)
+
+  def crash_after_three(done, total, desc):
+    if done == 3:
+      raise _Crash(desc)
+  with pytest.raises(_Crash):
+    experiment.run(cfg, progress=crash_after_three)
+  cells = sorted((resumed / "attack" / "cells").glob("*.json"))
+  assert 0 < len(cells) < 32
+  before = {p.name: p.stat().st_mtime_ns for p in cells}
+  experiment.run(cfg)
+  after = {p.name: p.stat().st_mtime_ns for p in (resumed / "attack" / "cells").glob("*.json")}
+  assert all(after[name] == t for name, t in before.items())  # not recomputed
+  first = json.loads((run_dir / "results.json").read_text())["rows"]
+  second = json.loads((resumed / "results.json").read_text())["rows"]
+  assert len(second) == 32  # 2 attacks x 2 modes x 8 (threat model, model) cells
+  expected = [r for r in first if r["epsilon"] == 0.3]
+  key = lambda r: (r["model"], r["attack"], r["targeted"], r["threat_model"])
+  assert sorted(_without_time(second), key=key) == sorted(_without_time(expected), key=key)
+
+
+def test_reuse_saved_models_needs_them(tmp_path):
+  cfg = dataclasses.replace(_config(tmp_path / "run"), reuse_saved_models=True,
+                            saved_models_dir=str(tmp_path / "none"))
+  with pytest.raises(UserError, match="no SavedModel at"):
+    experiment.run(cfg)
+
+
+def test_attack_stage_without_models_is_a_clear_error(tmp_path):
+  cfg = dataclasses.replace(_config(tmp_path / "run"), stages=("attack",))
+  with pytest.raises(UserError, match="stage 'train' has not finished"):
+    experiment.run(cfg)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(epsilons=()), "`epsilons` must list at least one"),
+    (dict(epsilons=(-0.1,)), "`epsilons` must all be > 0"),
+    (dict(threat_models=("white_box",)), "`threat_models` must be from"),
+    (dict(attacks=("deepfool",)), "`attacks` must be from"),
+    (dict(bim_steps=0), "`bim_steps` must be >= 1"),
+])
+def test_bad_eval_config(overrides, match, tmp_path):
+  with pytest.raises(UserError, match=match):
+    _config(tmp_path, **overrides).validate()
+
+
+def test_wilson_interval_known_values():
+  # Wilson 95% for 8/10 (Newcombe 1998, Table I: 0.4902-0.9433).
+  low, high = statistics.wilson_interval(8, 10)
+  assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+  assert statistics.wilson_interval(0, 0) == (0.0, 1.0)
+  low, high = statistics.wilson_interval(0, 50)
+  assert low == 0.0 and 0.05 < high < 0.08
+  with pytest.raises(ValueError, match="successes <= n"):
+    statistics.wilson_interval(5, 3)
+
+
+def test_masking_warnings_rules():
+  def row(model, threat, rate, n=100, attack="bim", eps=0.3):
+    k = int(rate * n)
+    low, high = statistics.wilson_interval(k, n)
+    return {"model": model, "attack": attack, "targeted": False, "epsilon": eps,
+            "threat_model": threat, "n": n, "successes": k, "success_rate": k / n,
+            "ci_low": low, "ci_high": high}
+  models = {"m0": {"zero_gradient_fraction": 0.0}, "m2": {"zero_gradient_fraction": 0.9}}
+  rows = [row("m0", "grey_box", 0.95), row("m0", "adaptive", 0.96),
+          row("m2", "grey_box", 0.05), row("m2", "adaptive", 0.97),
+          row("m2", "transfer", 0.60),
+          row("m2", "grey_box", 1.0, attack="cw_l2", eps=None)]
+  warnings = diagnostics.masking_warnings(rows, models)
+  assert len(warnings) == 4, warnings
+  assert warnings[0].startswith("m2: 90.0% of the evaluated test images")
+  assert any("transfer attacker beats" in w for w in warnings)
+  assert any("adaptive attacker beats" in w for w in warnings)
+  assert any("CW_L2 untargeted succeeds on 100.0%" in w for w in warnings)
+  assert diagnostics.masking_warnings(rows[:2], models={"m0": models["m0"]}) == []
