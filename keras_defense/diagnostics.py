@@ -74,7 +74,8 @@ def masking_warnings(rows: Sequence[dict], models: dict[str, dict]) -> list[str]
     best_cw = max(cw, key=lambda r: r["success_rate"])
     best_grad = max(grad, key=lambda r: r["success_rate"])
     if (best_cw["success_rate"] >= CW_SUCCESS_THRESHOLD
-        and best_grad["success_rate"] < WEAK_GRADIENT_ATTACK):
+        and best_grad["success_rate"] < WEAK_GRADIENT_ATTACK
+        and best_cw["ci_low"] > best_grad["ci_high"]):
       warnings.append(
           f"{name}: {_label(best_cw)} succeeds on {100 * best_cw['success_rate']:.1f}% while "
           f"the best grey_box FGSM/BIM cell reaches only "
