@@ -51,12 +51,17 @@ def serving_signatures(model: keras.Model) -> dict:
   """Returns the two concrete serving functions for ``model``."""
   shape = [None] + [int(d) for d in model.input_shape[1:]]
 
+  # A loaded signature does not check shapes by itself (a rank-3 request
+  # aborted the whole process inside the MKL convolution): the EnsureShape op
+  # refuses a wrong shape at the boundary with an InvalidArgumentError.
   @tf.function(input_signature=[tf.TensorSpec(shape, tf.float32, name="images")])
   def serve_float(images):
+    images = tf.ensure_shape(images, shape)
     return _outputs(model(images, training=False))
 
   @tf.function(input_signature=[tf.TensorSpec(shape, tf.uint8, name="images")])
   def serve_uint8(images):
+    images = tf.ensure_shape(images, shape)
     return _outputs(model(tf.cast(images, tf.float32) / 255.0, training=False))
 
   return {SERVING_SIGNATURE: serve_float.get_concrete_function(),
