@@ -1,0 +1,235 @@
+"""Serving contract of every shipped SavedModel, checked as TF Serving would.
+
+Each model under ``saved_models/<name>/<version>/`` is loaded in a fresh
+Python that imports only ``tensorflow`` (no keras_defense, no tfmot, no
+tf_keras) and must give the same logits as the Keras model, consistent
+probabilities and classes, accept float32 and uint8 batches of 1 and 1000,
+and refuse a wrongly shaped or typed request. ``saved_model_cli`` must show
+and run it.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_defense import data
+from keras_defense import export
+from keras_defense.compat import keras
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SAVED_MODELS = sorted(p.parent for p in (REPO / "saved_models").glob("*/*/saved_model.pb"))
+CLI = pathlib.Path(sys.executable).with_name("saved_model_cli")
+# A serving host has neither our package nor our Keras choice.
+ENV = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+ENV["TF_CPP_MIN_LOG_LEVEL"] = "3"
+
+# Runs in a fresh interpreter: plain TensorFlow only, as a serving host would.
+_PLAIN_TF = r"""
+import json, sys
+import numpy as np
+import tensorflow as tf
+
+path, inputs, outputs = sys.argv[1:4]
+loaded = tf.saved_model.load(path)
+report = {"signatures": sorted(loaded.signatures.keys())}
+x = np.load(inputs)
+out = {}
+serve = loaded.signatures["serving_default"]
+serve8 = loaded.signatures["serving_uint8"]
+report["inputs"] = {k: [str(s.dtype.name), s.shape.as_list()] for k, s in
+                    serve.structured_input_signature[1].items()}
+report["inputs_uint8"] = {k: [str(s.dtype.name), s.shape.as_list()] for k, s in
+                          serve8.structured_input_signature[1].items()}
+for n in (1, len(x)):
+  for key, value in serve(images=tf.constant(x[:n])).items():
+    out[f"float{n}_{key}"] = value.numpy()
+x8 = np.round(x * 255).astype(np.uint8)
+for key, value in serve8(images=tf.constant(x8)).items():
+  out[f"uint8_{key}"] = value.numpy()
+for key, value in serve(images=tf.constant(x8.astype(np.float32) / 255)).items():
+  out[f"float8_{key}"] = value.numpy()
+
+refused = {}
+bad = {"wrong_channels": lambda: serve(images=tf.zeros([1, 28, 28, 3])),
+       "wrong_rank": lambda: serve(images=tf.zeros([28, 28, 1])),
+       "wrong_size": lambda: serve(images=tf.zeros([1, 32, 32, 1])),
+       "float64": lambda: serve(images=tf.zeros([1, 28, 28, 1], tf.float64)),
+       "int32_to_uint8": lambda: serve8(images=tf.zeros([1, 28, 28, 1], tf.int32)),
+       "float_to_uint8": lambda: serve8(images=tf.zeros([1, 28, 28, 1]))}
+shape = report["inputs"]["images"][1]
+for name, call in bad.items():
+  if name == "wrong_size" and shape[1:] != [28, 28, 1]:
+    continue
+  try:
+    call()
+    refused[name] = None
+  except Exception as e:  # what a serving host would see
+    refused[name] = type(e).__name__
+report["refused"] = refused
+
+# Weights straight from the checkpoint (no Keras): count exact zeros.
+reader = tf.train.load_checkpoint(path + "/variables/variables")
+zeros = total = 0
+for name in reader.get_variable_to_shape_map():
+  if "kernel" in name and "OPTIMIZER" not in name:
+    w = reader.get_tensor(name)
+    zeros += int(np.sum(w == 0))
+    total += int(w.size)
+report["kernel_zeros"], report["kernel_total"] = zeros, total
+report["modules"] = sorted(m for m in sys.modules
+                           if m.split(".")[0] in ("keras_defense", "tensorflow_model_optimization",
+                                                  "tf_keras"))
+np.savez(outputs, **out)
+print(json.dumps(report))
+"""
+
+
+def _tolerance(logits):
+  """1e-5, or 4 float32 ulps of the largest logit when that is larger.
+
+  M2's logits are M1's times 21 (|logit| ~ 500, one ulp = 3e-5), so a fixed
+  1e-5 would demand more than float32 holds; for M0/M1 (|logit| < 64) this is
+  exactly 1e-5.
+  """
+  return max(1e-5, 4 * float(np.spacing(np.float32(np.max(np.abs(logits))))))
+
+
+@pytest.fixture(scope="module")
+def test_images():
+  x, y = data.load_arrays("mnist", "test", limit=1000)
+  return x, y
+
+
+def _ids(paths):
+  return ["/".join(p.parts[-2:]) for p in paths]
+
+
+def test_shipped_models_exist():
+  assert any(p.parts[-2] == "mnist_m0" for p in SAVED_MODELS), SAVED_MODELS
+
+
+@pytest.fixture(scope="module", params=SAVED_MODELS, ids=_ids(SAVED_MODELS))
+def served(request, tmp_path_factory, test_images):
+  path = request.param
+  tmp = tmp_path_factory.mktemp(path.parts[-2])
+  x, _ = test_images
+  np.save(tmp / "x.npy", x)
+  proc = subprocess.run(
+      [sys.executable, "-c", _PLAIN_TF, str(path), str(tmp / "x.npy"), str(tmp / "out.npz")],
+      capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(proc.stdout.strip().splitlines()[-1])
+  with np.load(tmp / "out.npz") as f:
+    outputs = dict(f)
+  return path, report, outputs
+
+
+def test_loads_with_plain_tensorflow_only(served):
+  _, report, _ = served
+  assert report["modules"] == []
+  assert {export.SERVING_SIGNATURE, export.UINT8_SIGNATURE} <= set(report["signatures"])
+  dtype, shape = report["inputs"]["images"]
+  assert dtype == "float32" and shape[0] is None and None not in shape[1:]
+  assert report["inputs_uint8"]["images"] == ["uint8", shape]
+
+
+def test_logits_equal_the_keras_model(served, test_images):
+  path, _, out = served
+  x, y = test_images
+  model = export.load_model(path)
+  expected = model(x, training=False).numpy()
+  assert np.max(np.abs(out["float1000_logits"] - expected)) <= _tolerance(expected)
+  expected1 = model(x[:1], training=False).numpy()
+  assert np.max(np.abs(out["float1_logits"] - expected1)) <= _tolerance(expected1)
+  assert out["float1000_logits"].shape == (1000, model.output_shape[-1])
+  # A shipped model is a trained model, not random weights.
+  assert np.mean(out["float1000_classes"] == y) > 0.95
+
+
+@pytest.mark.parametrize("prefix", ["float1", "float1000", "uint8"])
+def test_probabilities_and_classes_follow_the_logits(served, prefix):
+  _, _, out = served
+  logits = out[f"{prefix}_logits"].astype(np.float64)
+  soft = np.exp(logits - logits.max(-1, keepdims=True))
+  soft /= soft.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out[f"{prefix}_probabilities"], soft, atol=1e-6)
+  np.testing.assert_allclose(out[f"{prefix}_probabilities"].sum(-1), 1.0, atol=1e-5)
+  np.testing.assert_array_equal(out[f"{prefix}_classes"], np.argmax(logits, -1))
+  assert out[f"{prefix}_classes"].dtype == np.int64
+
+
+def test_uint8_signature_is_float32_over_255(served):
+  _, _, out = served
+  # x/255 in the graph and in numpy may differ by one ulp.
+  logits = out["float8_logits"]
+  assert np.max(np.abs(out["uint8_logits"] - logits)) <= _tolerance(logits)
+  np.testing.assert_allclose(out["uint8_probabilities"], out["float8_probabilities"], atol=1e-5)
+  np.testing.assert_array_equal(out["uint8_classes"], out["float8_classes"])
+
+
+def test_wrong_shape_and_dtype_are_refused(served):
+  _, report, _ = served
+  accepted = [name for name, err in report["refused"].items() if err is None]
+  assert not accepted, f"served without complaint: {accepted}"
+  assert {"wrong_channels", "wrong_rank", "float64", "int32_to_uint8"} <= set(report["refused"])
+
+
+def test_pruned_zeros_survive_export(served):
+  path, report, _ = served
+  model = export.load_model(path)
+  keras_zeros = sum(int(np.sum(w == 0)) for layer in model.layers
+                    for w in layer.get_weights()[:1] if w.ndim > 1)
+  assert report["kernel_zeros"] == keras_zeros
+  if path.parts[-2][-1] in "12":  # m1/m2, c1/c2: pruned models
+    # Dense 90% / Conv 95% zeroed (flags/mnist_m1.flags); at least most kernels.
+    assert report["kernel_zeros"] > 0.8 * report["kernel_total"]
+
+
+def test_only_builtin_keras_layers(served):
+  path, _, _ = served
+  model = export.load_model(path)
+  for layer in model.layers:
+    cls = type(layer)
+    assert getattr(keras.layers, cls.__name__, None) is cls, (
+        f"{layer.name}: {cls.__module__}.{cls.__name__} is not a built-in Keras layer")
+    assert cls is not keras.layers.Lambda
+  metadata = (path / "keras_metadata.pb").read_bytes()
+  assert b"Lambda" not in metadata and b"Custom>" not in metadata
+
+
+def test_saved_model_cli_show_and_run(served, tmp_path):
+  path, _, out = served
+  show = subprocess.run([str(CLI), "show", "--all", "--dir", str(path)],
+                        capture_output=True, text=True, env=ENV, timeout=120)
+  assert show.returncode == 0, show.stderr[-2000:]
+  for text in ("signature_def['serving_default']", "signature_def['serving_uint8']",
+               "dtype: DT_FLOAT", "dtype: DT_UINT8", "outputs['probabilities']",
+               "outputs['classes']", "outputs['logits']"):
+    assert text in show.stdout, text
+  sample = np.zeros((3, *_input_shape(show.stdout)), np.float32)
+  sample[1] += 0.5
+  np.save(tmp_path / "in.npy", sample)
+  run = subprocess.run(
+      [str(CLI), "run", "--dir", str(path), "--tag_set", "serve",
+       "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'in.npy'}",
+       "--outdir", str(tmp_path / "cli")],
+      capture_output=True, text=True, env=ENV, timeout=120)
+  assert run.returncode == 0, run.stderr[-2000:]
+  logits = np.load(tmp_path / "cli" / "logits.npy")
+  expected = export.load_model(path)(sample, training=False).numpy()
+  assert np.max(np.abs(logits - expected)) <= _tolerance(expected)
+  np.testing.assert_array_equal(np.load(tmp_path / "cli" / "classes.npy"),
+                                np.argmax(expected, -1))
+
+
+def _input_shape(show_output):
+  """(H, W, C) of serving_default's images, parsed from `saved_model_cli show`."""
+  block = show_output.split("signature_def['serving_default']")[1]
+  line = next(l for l in block.splitlines() if "shape:" in l)
+  dims = [int(d) for d in line.split("(")[1].split(")")[0].split(",")]
+  return dims[1:]
