@@ -103,11 +103,75 @@ def export_saved_model(model: keras.Model, base: str | os.PathLike, *,
   return str(path)
 
 
+# Configs may name these besides layers: models, dtype policies, and the
+# tensor specs/shapes/tuples a SavedModel's keras_metadata stores as data.
+_MODEL_CLASSES = ("Functional", "Sequential", "Model", "Policy", "DTypePolicy",
+                  "TypeSpec", "TensorShape", "__tuple__", "__ellipsis__")
+
+
+def _class_names(obj):
+  """Every ``class_name`` in a Keras config (nested dicts and lists)."""
+  if isinstance(obj, dict):
+    if isinstance(obj.get("class_name"), str):
+      yield obj["class_name"]
+    for v in obj.values():
+      yield from _class_names(v)
+  elif isinstance(obj, list):
+    for v in obj:
+      yield from _class_names(v)
+
+
+def _saved_configs(p: pathlib.Path) -> list:
+  """The Keras configs stored at ``p`` (read as data, nothing deserialized)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  if p.is_dir():
+    meta = p / "keras_metadata.pb"
+    if not meta.is_file():
+      return []
+    from tf_keras.protobuf import saved_metadata_pb2  # pylint: disable=g-import-not-at-top
+    proto = saved_metadata_pb2.SavedMetadata()
+    proto.ParseFromString(meta.read_bytes())
+    return [json.loads(node.metadata) for node in proto.nodes if node.metadata]
+  if zipfile.is_zipfile(p):  # .keras
+    with zipfile.ZipFile(p) as z:
+      return [json.loads(z.read("config.json"))] if "config.json" in z.namelist() else []
+  import h5py  # pylint: disable=g-import-not-at-top
+  with h5py.File(p, "r") as f:
+    config = f.attrs.get("model_config")
+    if config is None:
+      return []
+    return [json.loads(config.decode() if isinstance(config, bytes) else config)]
+
+
+def _check_builtin_classes(p: pathlib.Path) -> None:
+  """Raises ModelLoadError if the saved config names a non-built-in class."""
+  try:
+    configs = _saved_configs(p)
+  except Exception as e:  # pylint: disable=broad-except  (corrupt: load reports it)
+    del e
+    return
+  namespaces = (keras.layers, keras.initializers, keras.regularizers,
+                keras.constraints, keras.metrics, keras.losses, keras.optimizers)
+  for name in {n for c in configs for n in _class_names(c)}:
+    builtin = name in _MODEL_CLASSES or any(
+        isinstance(getattr(ns, name, None), type) for ns in namespaces)
+    if name == "Lambda" or not builtin:
+      raise ModelLoadError(
+          f"model at {str(p)!r} contains a {name!r} layer or object, which is not a "
+          f"built-in Keras class; refusing to load it, since rebuilding it could run "
+          f"Python code from the file. Export models with built-in layers only.")
+
+
 def load_model(path: str | os.PathLike) -> keras.Model:
   """Loads a Keras model exported by ``export_saved_model`` (or a .keras/.h5 file).
 
   Loading runs no Python from the file: SavedModels hold graphs, and only the
   built-in Keras layers are accepted (no custom objects, ``safe_mode`` on).
+  The model's saved config is checked *before* Keras deserializes it, because
+  tf_keras applies ``safe_mode`` to .keras files only: a Lambda layer in an
+  .h5 file or a SavedModel's keras_metadata.pb would otherwise be rebuilt from
+  its marshalled Python bytecode (arbitrary code execution).
 
   Raises:
     ModelLoadError: missing path, not a model, or corrupt files.
@@ -119,6 +183,7 @@ def load_model(path: str | os.PathLike) -> keras.Model:
   if p.is_dir() and not (p / "saved_model.pb").is_file():
     raise ModelLoadError(f"model path {str(p)!r} is not a SavedModel (no "
                          f"saved_model.pb in it).")
+  _check_builtin_classes(p)
   try:
     kwargs = {} if p.is_dir() else {"safe_mode": True}
     model = keras.models.load_model(str(p), compile=False, **kwargs)
