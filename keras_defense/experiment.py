@@ -69,11 +69,7 @@ class ExperimentConfig:
         raise UserError(f"`stages` must be from {', '.join(STAGES)}; got {s!r}.")
     if not self.stages:
       raise UserError("`stages` must name at least one stage; got an empty list.")
-    if not self.run_dir:
-      raise UserError("`run_dir` must be a directory path; got an empty string.")
-    run = pathlib.Path(self.run_dir)
-    if run.exists() and not run.is_dir():
-      raise UserError(f"`run_dir` {self.run_dir!r} exists and is not a directory.")
+    training.check_output_dir("run_dir", self.run_dir)
     self.train.validate()
     self.prune.validate() if hasattr(self.prune, "validate") else None
     self.eval.validate()

@@ -33,6 +33,7 @@ import numpy as np
 
 from keras_defense import data
 from keras_defense import export
+from keras_defense import training
 from keras_defense.compat import keras
 from keras_defense.training import ConfigError
 
@@ -185,6 +186,7 @@ class AugmentConfig:
          f"`test_limit` must be >= 1; got {self.test_limit}.")
     need(self.export_version is None or int(self.export_version) >= 1,
          f"`export_version` must be >= 1; got {self.export_version}.")
+    training.check_output_dir("export_dir", self.export_dir)
     return self
 
 

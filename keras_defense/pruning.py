@@ -422,7 +422,8 @@ class PruneConfig:
       need(v is None or int(v) >= 1, f"`{name}` must be >= 1; got {v}.")
     need(self.export_version is None or int(self.export_version) >= 1,
          f"`export_version` must be >= 1; got {self.export_version}.")
-    need(bool(self.run_dir), "`run_dir` must be a directory path; got an empty string.")
+    training.check_output_dir("run_dir", self.run_dir)
+    training.check_output_dir("export_dir", self.export_dir)
     return self
 
 
@@ -495,8 +496,9 @@ def prune(config: PruneConfig) -> PruneResult:
   start = time.time()
   training.setup_determinism(config.seed, config.deterministic)
   run_dir = pathlib.Path(config.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
   base = training.to_float32(export.load_model(config.base_model_path))
+  training.claim_run_dir(run_dir, {"stage": "prune", "model": base.name,
+                                   "dataset": config.dataset})
 
   common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
                 validation_size=config.validation_size)

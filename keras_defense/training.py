@@ -38,6 +38,54 @@ class ConfigError(UserError):
   """A configuration value is out of range or inconsistent."""
 
 
+RUN_FILE = "run.json"  # what a run directory holds: stage, model, dataset
+
+
+def check_output_dir(name: str, path: str | os.PathLike | None) -> None:
+  """Raises ConfigError if ``path`` is empty or an existing non-directory.
+
+  Args:
+    name: the config field, for the message (``run_dir``, ``export_dir``).
+    path: a directory to create or reuse; None means "not used".
+  """
+  if path is None:
+    return
+  if not str(path):
+    raise ConfigError(f"`{name}` must be a directory path; got an empty string.")
+  p = pathlib.Path(path)
+  for parent in (p, *p.parents):
+    if parent.exists():
+      if not parent.is_dir():
+        raise ConfigError(f"`{name}` {str(path)!r} cannot be a directory: "
+                          f"{str(parent)!r} exists and is not a directory.")
+      break
+
+
+def claim_run_dir(run_dir: str | os.PathLike, identity: dict) -> None:
+  """Records what ``run_dir`` holds; refuses to mix in a different run.
+
+  Checkpoints (``BackupAndRestore``) of one architecture cannot be resumed by
+  another, and a finished run's results must not be overwritten by an
+  unrelated one, so a run directory is bound to its first ``identity``
+  (e.g. ``{"stage": "train", "model": "cw_mnist", "dataset": "mnist"}``).
+
+  Raises:
+    ConfigError: ``run_dir`` already holds a run with a different identity.
+  """
+  path = pathlib.Path(run_dir) / RUN_FILE
+  if path.is_file():
+    held = io_utils.read_json(path)
+    if held != identity:
+      theirs = ", ".join(f"{k}={held.get(k)!r}" for k in identity if held.get(k) != identity[k])
+      ours = ", ".join(f"{k}={identity[k]!r}" for k in identity if held.get(k) != identity[k])
+      raise ConfigError(
+          f"`run_dir` {str(run_dir)!r} holds another run ({theirs}); this one has "
+          f"{ours}. Its checkpoints cannot be resumed by a different run: pass a new "
+          f"`run_dir` or delete that one.")
+    return
+  io_utils.write_json(path, identity)
+
+
 @dataclasses.dataclass
 class TrainConfig:
   """What ``train`` needs. Field names match the flags that fill them."""
@@ -92,10 +140,8 @@ class TrainConfig:
          f"`compute_dtype` must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
     need(self.export_version is None or int(self.export_version) >= 1,
          f"`export_version` must be >= 1; got {self.export_version}.")
-    need(bool(self.run_dir), "`run_dir` must be a directory path; got an empty string.")
-    if pathlib.Path(self.run_dir).exists():
-      need(pathlib.Path(self.run_dir).is_dir(),
-           f"`run_dir` {self.run_dir!r} exists and is not a directory.")
+    check_output_dir("run_dir", self.run_dir)
+    check_output_dir("export_dir", self.export_dir)
     return self
 
   @property
@@ -197,7 +243,6 @@ def train(config: TrainConfig) -> TrainResult:
   start = time.time()
   setup_determinism(config.seed, config.deterministic)
   run_dir = pathlib.Path(config.run_dir)
-  run_dir.mkdir(parents=True, exist_ok=True)
   ds_info = data.info(config.dataset, data_dir=config.data_dir,
                       manual_dir=config.manual_dir,
                       validation_size=config.validation_size)
@@ -213,6 +258,8 @@ def train(config: TrainConfig) -> TrainResult:
   test_ds = data.load_split(config.dataset, "test", batch_size=1000,
                             limit=config.test_limit, **common)
 
+  claim_run_dir(run_dir, {"stage": "train", "model": config.model_name,
+                          "dataset": config.dataset})
   model = build_for_training(config.model_name, ds_info.image_shape,
                              ds_info.num_classes, dropout=config.dropout,
                              seed=config.seed, compute_dtype=config.compute_dtype)
