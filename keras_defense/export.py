@@ -90,13 +90,19 @@ def export_saved_model(model: keras.Model, base: str | os.PathLike, *,
     The path of the exported version.
 
   Raises:
-    UserError: ``version`` < 1.
+    UserError: ``version`` < 1, or ``base`` lies under an existing file.
   """
   if version is None:
     version = next_version(base)
   if int(version) < 1:
     raise UserError(f"`version` must be a positive integer; got {version!r}.")
   path = pathlib.Path(base) / str(int(version))
+  for parent in (path.parent, *path.parent.parents):
+    if parent.exists():
+      if not parent.is_dir():
+        raise UserError(f"`export_dir` {str(base)!r} cannot hold a SavedModel: "
+                        f"{str(parent)!r} exists and is not a directory.")
+      break
   with io_utils.atomic_path(path, directory=True) as tmp:
     model.save(tmp, save_format="tf", include_optimizer=False,
                signatures=serving_signatures(model))
