@@ -55,10 +55,14 @@ def parse_args(argv):
 
 
 def load_or_train(path: str | None, epochs: int) -> tuple[keras.Model, str]:
-  if path is None and os.path.isdir(DEFAULT_MODEL):
-    path = DEFAULT_MODEL
   if path is not None:
     return export.load_model(path), path
+  if os.path.isdir(DEFAULT_MODEL):
+    try:
+      return export.load_model(DEFAULT_MODEL), DEFAULT_MODEL
+    except export.ModelLoadError as e:
+      print(f"cannot load {DEFAULT_MODEL} ({e}); training a quick model",
+            file=sys.stderr)
   x, y = load_arrays("mnist", "train")
   model = build_model("cw_mnist", seed=0)
   model.compile(keras.optimizers.Adam(1e-3),
