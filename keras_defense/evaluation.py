@@ -27,6 +27,7 @@ from keras_defense import attacks
 from keras_defense import io_utils
 from keras_defense import statistics
 from keras_defense import threat_models as tm
+from keras_defense.attacks import validation
 from keras_defense.errors import UserError
 
 GRADIENT_ATTACKS = ("fgsm", "bim")
@@ -181,10 +182,14 @@ def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalC
 
   Raises:
     UserError: bad config, or ``source`` not in ``models``.
+    ValueError, TypeError: ``x`` or ``y`` of the wrong shape, type or range.
   """
   config.validate()
   if source not in models:
     raise UserError(f"`source` model {source!r} is not among {list(models)}.")
+  # Checked once up front, before any cell is computed or written.
+  x = validation.check_images(x, 0.0, 1.0)
+  y = validation.check_labels(y, len(x), num_classes)
   n_grad = len(x) if config.eval_size is None else min(len(x), int(config.eval_size))
   n_cw = min(len(x), int(config.cw_eval_size))
   cells = pathlib.Path(cells_dir) if cells_dir else None
