@@ -76,6 +76,18 @@ def _validate_sparsity(value: float, name: str) -> None:
 # --------------------------------------------------------------------------
 
 
+def kept_at_most(sparsity: float, layer) -> float:
+  """The sparsity to give tfmot so a kernel keeps at most ``(1 - sparsity)`` of its weights.
+
+  tfmot keeps ``round(n * (1 - s))`` weights of an ``n``-weight kernel, which can be
+  one more than the fraction asked for (461 of 9,216 = 5.002% for s = 0.95);
+  this returns ``s'`` with ``round(n * (1 - s')) = max(1, floor(n * (1 - s)))``.
+  """
+  n = int(np.prod(layer.kernel.shape))
+  keep = max(1, math.floor(n * (1.0 - float(sparsity)) + 1e-6))
+  return 1.0 - keep / n
+
+
 def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: float,
                 begin_step: int, end_step: int, frequency: int,
                 initial_sparsity: float = 0.0,
@@ -136,11 +148,11 @@ def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: flo
 
   def clone_layer(layer):
     if isinstance(layer, keras.layers.Conv2D):
-      return _sparsity.prune_low_magnitude(fresh(layer),
-                                           pruning_schedule=schedule(conv_sparsity))
+      return _sparsity.prune_low_magnitude(
+          fresh(layer), pruning_schedule=schedule(kept_at_most(conv_sparsity, layer)))
     if isinstance(layer, keras.layers.Dense) and (layer is not output_layer or prune_logits):
-      return _sparsity.prune_low_magnitude(fresh(layer),
-                                           pruning_schedule=schedule(dense_sparsity))
+      return _sparsity.prune_low_magnitude(
+          fresh(layer), pruning_schedule=schedule(kept_at_most(dense_sparsity, layer)))
     if isinstance(layer, keras.layers.Dropout) and dropout is not None:
       return layer.__class__.from_config({**layer.get_config(), "rate": float(dropout)})
     return fresh(layer)  # logits kept dense, or a layer without prunable weights

@@ -184,3 +184,16 @@ def test_prune_run_on_real_mnist_exports_a_plain_sparse_savedmodel(tmp_path):
   assert int(out[0]) == result.report.pruned["kernel_nonzero"]
   assert int(out[1]) == result.report.pruned["kernel_total"]
   assert out[2] == "2"
+
+
+def test_kept_at_most_never_keeps_more_than_asked():
+  from keras_defense.compat import keras
+  for n_in, n_out, s in [(32 * 9, 32, 0.95), (200, 10, 0.9), (7, 3, 0.5), (3, 1, 0.99)]:
+    layer = keras.layers.Dense(n_out)
+    layer.build((None, n_in))
+    n = n_in * n_out
+    s2 = pruning.kept_at_most(s, layer)
+    kept = round(n * (1 - s2))  # what tfmot keeps
+    assert kept <= max(1, n * (1 - s) + 1e-9), (n, s, kept)
+    assert kept >= min(n, max(1, int(n * (1 - s)))), (n, s, kept)
+    assert 0 <= s2 < 1
