@@ -330,7 +330,7 @@ def _setup(model, x, y, *, variant, targeted, confidence, clip_min, clip_max,
   validation.check_int("max_iterations", max_iterations, minimum=1)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   logits_fn = runtime.logits_function(model, compute_dtype)
-  inputs = runtime.prepare(model, x, y, clip_min, clip_max, logits_fn)
+  inputs = runtime.prepare(x, y, clip_min, clip_max, logits_fn)
   image_shape = tuple(inputs.x.shape[1:])
   key = (variant.__name__, image_shape, bool(targeted), confidence, clip_min,
          clip_max, compute_dtype)

@@ -131,7 +131,7 @@ def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
   if seed is not None:
     seed = validation.check_int("seed", seed, minimum=0)
   logits_fn = runtime.logits_function(model, compute_dtype)
-  inputs = runtime.prepare(model, x, y, clip_min, clip_max, logits_fn)
+  inputs = runtime.prepare(x, y, clip_min, clip_max, logits_fn)
   image_shape = tuple(inputs.x.shape[1:])
   key = ("iterative", image_shape, loss, norm, bool(targeted),
          bool(random_start), clip_min, clip_max, compute_dtype)

@@ -148,7 +148,7 @@ def zero_gradient_fraction(model: Any, x: Any, y: Any, *,
   clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   logits_fn = runtime.logits_function(model, compute_dtype)
-  inputs = runtime.prepare(model, x, y, clip_min, clip_max, logits_fn)
+  inputs = runtime.prepare(x, y, clip_min, clip_max, logits_fn)
 
   def build():
     @tf.function

@@ -122,13 +122,12 @@ class Inputs:
     return out if self.as_numpy else tf.convert_to_tensor(out)
 
 
-def prepare(model: Any, x: Any, y: Any, clip_min: float, clip_max: float,
+def prepare(x: Any, y: Any, clip_min: float, clip_max: float,
             logits_fn: Callable[[tf.Tensor], tf.Tensor],
             y_name: str = "y") -> Inputs:
   """Validates ``x``/``y`` and finds the number of classes from one image."""
   as_numpy = not isinstance(x, (tf.Tensor, tf.Variable))
   arr = validation.check_images(x, clip_min, clip_max)
-  del model
   num_classes = int(logits_fn(tf.constant(arr[:1], tf.float32)).shape[-1])
   labels = validation.check_labels(y, arr.shape[0], num_classes, name=y_name)
   return Inputs(arr.astype(np.float32, copy=False), labels, num_classes,

@@ -77,7 +77,7 @@ def check_images(x: Any, clip_min: float, clip_max: float,
                  name: str = "x") -> np.ndarray:
   """Checks rank 4, float dtype, finite values inside [clip_min, clip_max]."""
   arr = to_numpy(name, x)
-  if not np.issubdtype(arr.dtype, np.floating) and arr.dtype != tf.bfloat16.as_numpy_dtype:
+  if not np.issubdtype(arr.dtype, np.floating):
     raise TypeError(f"`{name}` must hold floating-point images (float32 NHWC); "
                     f"got dtype {arr.dtype}.")
   if arr.ndim != 4:
