@@ -96,12 +96,21 @@ class IterativeAttack:
       x_adv = tf.clip_by_value(random_start(x, epsilon, self._norm, seed),
                                *self._clip)
 
+    signed_step = self._sign * step_size
+    if self._norm == "linf":
+      # The ball and the pixel box intersect (x is inside both), so clipping
+      # to the intersection equals project-then-clip; computed once.
+      lower = tf.maximum(x - epsilon, self._clip[0])
+      upper = tf.minimum(x + epsilon, self._clip[1])
+
     def body(i, x_adv):
       with tf.GradientTape() as tape:
         tape.watch(x_adv)
         loss = tf.reduce_sum(self._loss(self._logits(x_adv), y))
       grad = tape.gradient(loss, x_adv)
-      x_adv = x_adv + normalized_step(self._sign * grad, step_size, self._norm)
+      x_adv = x_adv + normalized_step(grad, signed_step, self._norm)
+      if self._norm == "linf":
+        return i + 1, tf.clip_by_value(x_adv, lower, upper)
       x_adv = project(x_adv, x, epsilon, self._norm)
       return i + 1, tf.clip_by_value(x_adv, *self._clip)
 
