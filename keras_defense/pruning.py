@@ -336,9 +336,8 @@ class CompressionReport:
     lines += ["", f"Compression ratio (M0 weights / M1 nonzero weights): "
               f"**{self.compression_ratio:.2f}x** (kernels only: "
               f"{self.kernel_compression_ratio:.2f}x)."]
-    lines += ["", "Kept = nonzero / total kernel weights; tfmot keeps round(n * (1 - sparsity)) "
-              "weights per kernel, so a layer can hold one weight more than the exact "
-              "fraction."]
+    lines += ["", "Kept = nonzero / total kernel weights (biases are not pruned); each kernel "
+              "keeps at most floor(n * (1 - sparsity)) weights (`kept_at_most`)."]
     return "\n".join(lines) + "\n"
 
   @classmethod
