@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-import platform
 import sys
 import time
 from typing import Any
@@ -32,8 +31,8 @@ from keras_defense import diagnostics
 from keras_defense import evaluation
 from keras_defense import export
 from keras_defense import io_utils
+from keras_defense.provenance import versions
 from keras_defense import training
-from keras_defense.compat import tf
 from keras_defense.errors import UserError
 
 STAGES = ("train", "prune", "augment", "attack", "report")
@@ -74,19 +73,6 @@ class ExperimentConfig:
     self.prune.validate() if hasattr(self.prune, "validate") else None
     self.eval.validate()
     return self
-
-
-def versions() -> dict[str, str]:
-  """Versions of everything that can change the numbers."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  import tensorflow_model_optimization as tfmot  # pylint: disable=g-import-not-at-top
-  import tf_keras  # pylint: disable=g-import-not-at-top
-  import keras_defense  # pylint: disable=g-import-not-at-top
-  return {"python": platform.python_version(), "tensorflow": tf.__version__,
-          "tf_keras": tf_keras.__version__, "tfmot": tfmot.__version__,
-          "tensorflow_datasets": tfds.__version__, "numpy": np.__version__,
-          "keras_defense": keras_defense.__version__, "machine": platform.machine(),
-          "cpu_count": str(__import__("os").cpu_count())}
 
 
 class _Run:

@@ -26,6 +26,7 @@ from keras_defense import data
 from keras_defense import export
 from keras_defense import io_utils
 from keras_defense import models
+from keras_defense import provenance
 from keras_defense.compat import keras
 from keras_defense.compat import tf
 from keras_defense.errors import UserError
@@ -287,7 +288,8 @@ def train(config: TrainConfig) -> TrainResult:
                        epochs_run=epochs_done.count, wall_seconds=time.time() - start,
                        saved_model_path=saved)
   io_utils.write_json(run_dir / "train_result.json",
-                      {"config": dataclasses.asdict(config), **result.to_dict()})
+                      {"config": dataclasses.asdict(config), **result.to_dict(),
+                       "versions": provenance.versions()})
   return result
 
 
