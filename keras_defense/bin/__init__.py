@@ -16,6 +16,8 @@ def run(main: Callable[[list[str]], None]) -> None:
     try:
       main(argv)
     except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
+      # One line, even for messages that put their "Fix:" on a line of its own.
+      message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+      print(f"error: {message}", file=sys.stderr)
       sys.exit(2)
   app.run(wrapped)
