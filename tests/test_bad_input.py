@@ -309,6 +309,9 @@ def test_binaries_refuse_bad_input_without_traceback(tmp_path, a_file, trained_r
       "B6": ("train", [f"--run_dir={a_file}"], 2, "error: `run_dir`"),
       "B7": ("train", [f"--run_dir={trained_run}", "--model=cw_cifar10", "--epochs=1"], 2,
              "error: `run_dir` " + repr(str(trained_run)) + " holds another run"),
+      # A message with its own "Fix:" line still prints as one line.
+      "B8": ("train", [f"--data_dir={a_file}", f"--run_dir={tmp_path / 'r8'}"], 2,
+             "error: could not prepare dataset 'mnist'"),
   }
   procs = {}
   # Two at a time: each pays a TensorFlow import on a shared 2-core machine.
@@ -325,8 +328,11 @@ def test_binaries_refuse_bad_input_without_traceback(tmp_path, a_file, trained_r
     assert text in stderr, (k, stderr[-2000:])
     assert "Traceback" not in stderr, (k, stderr[-2000:])
     if code == 2:
-      assert sum(line.startswith("error: ") for line in stderr.splitlines()) == 1, k
+      errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+      assert len(errors) == 1 and text in errors[0], (k, stderr[-2000:])
+  assert "Fix:" in [l for l in procs["B8"][1].splitlines() if l.startswith("error: ")][0]
   # Nothing already written was touched, nothing new was half-written.
   assert a_file.read_text() == "keep me\n"
   assert _snapshot(trained_run) == trained_before
   assert not (tmp_path / "r4").exists() and not (tmp_path / "e5").exists()
+  assert not (tmp_path / "r8").exists()
