@@ -49,6 +49,7 @@ class EvalConfig:
   rel_step_size: float = 0.25  # BIM step = rel_step_size * epsilon
   cw_attacks: tuple[str, ...] = CW_ATTACKS
   cw_eval_size: int = 100
+  cw_targeted_modes: tuple[bool, ...] = (False,)
   cw_options: dict = dataclasses.field(default_factory=dict)  # per attack kwargs
   batch_size: int = 1000
   compute_dtype: str = "float32"
@@ -68,6 +69,8 @@ class EvalConfig:
     for e in self.epsilons:
       need(np.isfinite(e) and e > 0, f"`epsilons` must all be > 0; got {e!r}.")
     need(len(self.targeted_modes) > 0, "`targeted_modes` must not be empty.")
+    need(not self.cw_attacks or len(self.cw_targeted_modes) > 0,
+         "`cw_targeted_modes` must not be empty when `cw_attacks` are given.")
     need(self.target_selection in TARGET_SELECTIONS,
          f"`target_selection` must be one of {', '.join(TARGET_SELECTIONS)}; "
          f"got {self.target_selection!r}.")
@@ -104,7 +107,7 @@ def build_groups(model_names: Sequence[str], source: str, config: EvalConfig) ->
   """The attack grid as groups, in a stable order."""
   specs = [(a, t, e) for e in config.epsilons for a in config.attacks
            for t in config.targeted_modes]
-  specs += [(a, t, None) for a in config.cw_attacks for t in config.targeted_modes]
+  specs += [(a, t, None) for a in config.cw_attacks for t in config.cw_targeted_modes]
   groups = []
   for attack, targeted, eps in specs:
     by_craft: dict[tuple[str, str], list[tm.Plan]] = {}

@@ -197,6 +197,11 @@ flags.DEFINE_float("rel_step_size", 0.25, "BIM step size as a fraction of epsilo
 flags.DEFINE_list("cw_attacks", ["cw_l2", "cw_linf", "cw_l0"],
                   "Carlini-Wagner attacks of the grid (empty for none).")
 flags.DEFINE_integer("cw_eval_size", 100, "Test images for the C&W attacks.", lower_bound=1)
+flags.DEFINE_list("cw_targeted_modes", ["untargeted"],
+                  "C&W modes: untargeted, targeted or both (targeted doubles their cost).")
+flags.DEFINE_integer("cw_linf_max_iterations", None,
+                     "C&W L-inf/L0 iterations per round (default: --cw_max_iterations).",
+                     lower_bound=1)
 flags.DEFINE_integer("cw_binary_search_steps", 9, "C&W L2 binary-search steps (C&W: 9).",
                      lower_bound=1)
 flags.DEFINE_integer("cw_max_iterations", 1000, "C&W iterations per search step (C&W: 1000).",
@@ -246,6 +251,8 @@ flags.register_validator("cw_attacks", _check_choices("cw_attacks", _ev.CW_ATTAC
 flags.register_validator("threat_models", _check_choices("threat_models", _tm.THREAT_MODELS))
 flags.register_validator("targeted_modes",
                          _check_choices("targeted_modes", ("untargeted", "targeted")))
+flags.register_validator("cw_targeted_modes",
+                         _check_choices("cw_targeted_modes", ("untargeted", "targeted")))
 flags.register_validator("rel_step_size", lambda v: v > 0, "--rel_step_size must be > 0.")
 for _name in ("train_flagfile", "prune_flagfile", "augment_flagfile"):
   flags.register_validator(
@@ -270,8 +277,8 @@ def experiment_config(command: str | None = None):
   augment_fv = _sub_flags(FLAGS.augment_flagfile)
   cw = {"cw_l2": {"binary_search_steps": FLAGS.cw_binary_search_steps,
                   "max_iterations": FLAGS.cw_max_iterations},
-        "cw_linf": {"max_iterations": FLAGS.cw_max_iterations},
-        "cw_l0": {"max_iterations": FLAGS.cw_max_iterations}}
+        "cw_linf": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations},
+        "cw_l0": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations}}
   eval_config = _ev.EvalConfig(
       attacks=tuple(FLAGS.attacks), epsilons=tuple(_parse_epsilon(e) for e in FLAGS.epsilons),
       targeted_modes=tuple(m == "targeted" for m in FLAGS.targeted_modes),
@@ -279,6 +286,7 @@ def experiment_config(command: str | None = None):
       eval_size=FLAGS.eval_size, bim_steps=FLAGS.bim_steps,
       rel_step_size=FLAGS.rel_step_size, cw_attacks=tuple(FLAGS.cw_attacks),
       cw_eval_size=FLAGS.cw_eval_size, cw_options=cw,
+      cw_targeted_modes=tuple(m == "targeted" for m in FLAGS.cw_targeted_modes),
       batch_size=FLAGS.attack_batch_size, compute_dtype=FLAGS.attack_compute_dtype,
       seed=FLAGS.seed)
   del pruning

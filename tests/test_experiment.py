@@ -22,7 +22,8 @@ _SMALL = dict(train_limit=4000, test_limit=1000, validation_size=500, verbose=0)
 def _config(run_dir, **eval_overrides):
   eval_kwargs = dict(
       attacks=("fgsm", "bim"), epsilons=(0.1, 0.3), eval_size=200, cw_attacks=("cw_l2",),
-      cw_eval_size=10, cw_options={"cw_l2": {"binary_search_steps": 2,
+      cw_eval_size=10, cw_targeted_modes=(False, True),
+      cw_options={"cw_l2": {"binary_search_steps": 2,
                                              "max_iterations": 30}})
   eval_kwargs.update(eval_overrides)
   return experiment.ExperimentConfig(
