@@ -50,7 +50,8 @@ class EvalConfig:
   cw_attacks: tuple[str, ...] = CW_ATTACKS
   cw_eval_size: int = 100
   cw_targeted_modes: tuple[bool, ...] = (False,)
-  cw_options: dict = dataclasses.field(default_factory=dict)  # per attack kwargs
+  # Per C&W attack: keyword arguments, plus "eval_size" to override cw_eval_size.
+  cw_options: dict = dataclasses.field(default_factory=dict)
   batch_size: int = 1000
   compute_dtype: str = "float32"
   seed: int = 0
@@ -133,6 +134,7 @@ def _craft(model, x, y, group: Group, config: EvalConfig):
   fn = {"cw_l2": attacks.carlini_wagner_l2, "cw_linf": attacks.carlini_wagner_linf,
         "cw_l0": attacks.carlini_wagner_l0}[group.attack]
   opts = dict(config.cw_options.get(group.attack, {}))
+  opts.pop("eval_size", None)
   return fn(model, x, y, targeted=group.targeted, **opts)
 
 
@@ -211,7 +213,8 @@ def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalC
         rows.append(io_utils.read_json(cells / f"{k}.json"))
         examples.extend(load_example(cells, k))
       continue
-    n = n_cw if group.epsilon is None else n_grad
+    n = n_grad if group.epsilon is not None else min(
+        len(x), int(config.cw_options.get(group.attack, {}).get("eval_size", n_cw)))
     xs, ys = x[:n], y[:n]
     start = time.time()
     crafter = models[group.source]

@@ -199,6 +199,11 @@ flags.DEFINE_list("cw_attacks", ["cw_l2", "cw_linf", "cw_l0"],
 flags.DEFINE_integer("cw_eval_size", 100, "Test images for the C&W attacks.", lower_bound=1)
 flags.DEFINE_list("cw_targeted_modes", ["untargeted"],
                   "C&W modes: untargeted, targeted or both (targeted doubles their cost).")
+flags.DEFINE_integer("cw_linf_eval_size", None,
+                     "Test images for C&W L-inf (default: --cw_eval_size).", lower_bound=1)
+flags.DEFINE_integer("cw_l0_eval_size", None,
+                     "Test images for C&W L0, the slowest (default: --cw_eval_size).",
+                     lower_bound=1)
 flags.DEFINE_integer("cw_linf_max_iterations", None,
                      "C&W L-inf/L0 iterations per round (default: --cw_max_iterations).",
                      lower_bound=1)
@@ -277,8 +282,10 @@ def experiment_config(command: str | None = None):
   augment_fv = _sub_flags(FLAGS.augment_flagfile)
   cw = {"cw_l2": {"binary_search_steps": FLAGS.cw_binary_search_steps,
                   "max_iterations": FLAGS.cw_max_iterations},
-        "cw_linf": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations},
-        "cw_l0": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations}}
+        "cw_linf": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
+                    "eval_size": FLAGS.cw_linf_eval_size or FLAGS.cw_eval_size},
+        "cw_l0": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
+                  "eval_size": FLAGS.cw_l0_eval_size or FLAGS.cw_eval_size}}
   eval_config = _ev.EvalConfig(
       attacks=tuple(FLAGS.attacks), epsilons=tuple(_parse_epsilon(e) for e in FLAGS.epsilons),
       targeted_modes=tuple(m == "targeted" for m in FLAGS.targeted_modes),
