@@ -23,6 +23,7 @@ import pathlib
 import time
 
 from keras_defense import data
+from keras_defense import distribution
 from keras_defense import export
 from keras_defense import io_utils
 from keras_defense import models
@@ -60,6 +61,16 @@ def check_output_dir(name: str, path: str | os.PathLike | None) -> None:
         raise ConfigError(f"`{name}` {str(path)!r} cannot be a directory: "
                           f"{str(parent)!r} exists and is not a directory.")
       break
+
+
+def check_strategy(strategy: str, num_cpu_devices: int | None) -> None:
+  """Raises ConfigError unless ``strategy`` names a strategy and the device count fits."""
+  if strategy not in distribution.STRATEGIES:
+    raise ConfigError(f"`strategy` must be one of {', '.join(distribution.STRATEGIES)}; "
+                      f"got {strategy!r}.")
+  if num_cpu_devices is not None and (strategy != "mirrored" or int(num_cpu_devices) < 1):
+    raise ConfigError(f"`num_cpu_devices` must be >= 1 and only goes with strategy "
+                      f"'mirrored'; got {num_cpu_devices} with {strategy!r}.")
 
 
 def claim_run_dir(run_dir: str | os.PathLike, identity: dict) -> None:
@@ -112,6 +123,8 @@ class TrainConfig:
   export_version: int | None = None
   compute_dtype: str = "float32"
   deterministic: bool = False
+  strategy: str = "default"  # distribution.STRATEGIES; default: one device, as before
+  num_cpu_devices: int | None = None  # mirrored without GPUs: logical CPU devices
   verbose: int = 1
 
   def validate(self) -> "TrainConfig":
@@ -141,6 +154,7 @@ class TrainConfig:
          f"`compute_dtype` must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
     need(self.export_version is None or int(self.export_version) >= 1,
          f"`export_version` must be >= 1; got {self.export_version}.")
+    check_strategy(self.strategy, self.num_cpu_devices)
     check_output_dir("run_dir", self.run_dir)
     check_output_dir("export_dir", self.export_dir)
     return self
@@ -242,6 +256,10 @@ def train(config: TrainConfig) -> TrainResult:
   """
   config.validate()
   start = time.time()
+  # First: a mirrored strategy over logical CPUs must configure them before
+  # TensorFlow initialises its devices.
+  strategy = distribution.make_strategy(config.strategy,
+                                        num_cpu_devices=config.num_cpu_devices)
   setup_determinism(config.seed, config.deterministic)
   run_dir = pathlib.Path(config.run_dir)
   ds_info = data.info(config.dataset, data_dir=config.data_dir,
@@ -252,6 +270,7 @@ def train(config: TrainConfig) -> TrainResult:
   train_ds = data.load_split(config.dataset, "train", batch_size=config.batch_size,
                              shuffle=True, seed=config.seed,
                              limit=config.train_limit, **common)
+  train_ds = distribution.shard_by_data(train_ds, strategy)
   val_ds = None
   if config.validation_size > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
@@ -259,8 +278,34 @@ def train(config: TrainConfig) -> TrainResult:
   test_ds = data.load_split(config.dataset, "test", batch_size=1000,
                             limit=config.test_limit, **common)
 
-  claim_run_dir(run_dir, {"stage": "train", "model": config.model_name,
-                          "dataset": config.dataset})
+  if distribution.is_chief(strategy):
+    claim_run_dir(run_dir, {"stage": "train", "model": config.model_name,
+                            "dataset": config.dataset})
+  with strategy.scope():  # the default strategy's scope changes nothing
+    model, loss, acc, epochs_run = _fit(config, ds_info, run_dir,
+                                        train_ds, val_ds, test_ds)
+  # Multi-worker: every worker saves (SavedModel saving may use collectives),
+  # only the chief into the real paths; the others' copies are deleted.
+  saved = None
+  if config.export_dir:
+    saved = export.export_saved_model(
+        model, distribution.output_path(config.export_dir, strategy),
+        version=config.export_version)
+    distribution.remove_worker_output(config.export_dir, strategy)
+    saved = saved if distribution.is_chief(strategy) else None
+  result = TrainResult(model=model, test_accuracy=float(acc), test_loss=float(loss),
+                       epochs_run=epochs_run, wall_seconds=time.time() - start,
+                       saved_model_path=saved)
+  if distribution.is_chief(strategy):
+    io_utils.write_json(run_dir / "train_result.json",
+                        {"config": dataclasses.asdict(config), **result.to_dict(),
+                         "versions": provenance.versions()})
+  return result
+
+
+def _fit(config: TrainConfig, ds_info, run_dir: pathlib.Path,
+         train_ds, val_ds, test_ds):
+  """Builds, compiles, fits and evaluates; call under ``strategy.scope()``."""
   model = build_for_training(config.model_name, ds_info.image_shape,
                              ds_info.num_classes, dropout=config.dropout,
                              seed=config.seed, compute_dtype=config.compute_dtype)
@@ -280,17 +325,7 @@ def train(config: TrainConfig) -> TrainResult:
   model = to_float32(model)
   compile_classifier(model, "sgd")
   loss, acc = model.evaluate(test_ds, verbose=0)
-  saved = None
-  if config.export_dir:
-    saved = export.export_saved_model(model, config.export_dir,
-                                      version=config.export_version)
-  result = TrainResult(model=model, test_accuracy=float(acc), test_loss=float(loss),
-                       epochs_run=epochs_done.count, wall_seconds=time.time() - start,
-                       saved_model_path=saved)
-  io_utils.write_json(run_dir / "train_result.json",
-                      {"config": dataclasses.asdict(config), **result.to_dict(),
-                       "versions": provenance.versions()})
-  return result
+  return model, loss, acc, epochs_done.count
 
 
 class _EpochCounter(keras.callbacks.Callback):
