@@ -49,6 +49,7 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from keras_defense import data
+from keras_defense import distribution
 from keras_defense import export
 from keras_defense import io_utils
 from keras_defense import models
@@ -392,6 +393,8 @@ class PruneConfig:
   export_version: int | None = None
   report_path: str | None = None  # prefix: writes <prefix>.json and <prefix>.md
   deterministic: bool = False
+  strategy: str = "default"  # distribution.STRATEGIES; default: one device, as before
+  num_cpu_devices: int | None = None  # mirrored without GPUs: logical CPU devices
   verbose: int = 1
 
   def validate(self) -> "PruneConfig":
@@ -433,6 +436,7 @@ class PruneConfig:
       need(v is None or int(v) >= 1, f"`{name}` must be >= 1; got {v}.")
     need(self.export_version is None or int(self.export_version) >= 1,
          f"`export_version` must be >= 1; got {self.export_version}.")
+    training.check_strategy(self.strategy, self.num_cpu_devices)
     training.check_output_dir("run_dir", self.run_dir)
     training.check_output_dir("export_dir", self.export_dir)
     return self
@@ -505,11 +509,15 @@ def prune(config: PruneConfig) -> PruneResult:
   """
   config.validate()
   start = time.time()
+  strategy = distribution.make_strategy(config.strategy,
+                                        num_cpu_devices=config.num_cpu_devices)
+  chief = distribution.is_chief(strategy)
   training.setup_determinism(config.seed, config.deterministic)
   run_dir = pathlib.Path(config.run_dir)
   base = training.to_float32(export.load_model(config.base_model_path))
-  training.claim_run_dir(run_dir, {"stage": "prune", "model": base.name,
-                                   "dataset": config.dataset})
+  if chief:
+    training.claim_run_dir(run_dir, {"stage": "prune", "model": base.name,
+                                     "dataset": config.dataset})
 
   common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
                 validation_size=config.validation_size)
@@ -519,6 +527,7 @@ def prune(config: PruneConfig) -> PruneResult:
   train_ds = data.load_split(config.dataset, "train", batch_size=config.batch_size,
                              shuffle=True, seed=config.seed, limit=config.train_limit,
                              **common)
+  train_ds = distribution.shard_by_data(train_ds, strategy)
   val_ds = None
   if config.validation_size > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
@@ -539,29 +548,35 @@ def prune(config: PruneConfig) -> PruneResult:
         f"({config.pruning_frequency} steps); lower the frequency or widen the window.")
 
   base_accuracy = evaluate_accuracy(base, test_ds)
-  model = prune_model(base, dense_sparsity=config.dense_sparsity,
-                      conv_sparsity=config.conv_sparsity, begin_step=begin_step,
-                      end_step=end_step, frequency=config.pruning_frequency,
-                      initial_sparsity=config.initial_sparsity,
-                      prune_logits=config.prune_logits, dropout=config.finetune_dropout)
-  training.compile_classifier(model, training.make_optimizer(
-      config.optimizer, config.learning_rate, config.momentum, config.nesterov))
-  callbacks = [
-      keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
-      *pruning_callbacks(run_dir / "tensorboard"),
-      keras.callbacks.LearningRateScheduler(training.step_schedule(
-          config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor)),
-  ]
-  history = model.fit(train_ds, epochs=int(config.finetune_epochs), validation_data=val_ds,
-                      callbacks=callbacks, verbose=config.verbose)
+  # tfmot's wrappers update masks through merge_call, so pruning runs under
+  # MirroredStrategy and MultiWorkerMirroredStrategy (docs/DISTRIBUTED.md).
+  with strategy.scope():  # the default strategy's scope changes nothing
+    model = prune_model(base, dense_sparsity=config.dense_sparsity,
+                        conv_sparsity=config.conv_sparsity, begin_step=begin_step,
+                        end_step=end_step, frequency=config.pruning_frequency,
+                        initial_sparsity=config.initial_sparsity,
+                        prune_logits=config.prune_logits, dropout=config.finetune_dropout)
+    training.compile_classifier(model, training.make_optimizer(
+        config.optimizer, config.learning_rate, config.momentum, config.nesterov))
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        *pruning_callbacks(run_dir / "tensorboard"),  # TensorBoard: chief-only writes
+        keras.callbacks.LearningRateScheduler(training.step_schedule(
+            config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor)),
+    ]
+    history = model.fit(train_ds, epochs=int(config.finetune_epochs),
+                        validation_data=val_ds, callbacks=callbacks, verbose=config.verbose)
+    stripped = strip_pruning(model)
   val_acc = history.history.get("val_accuracy", [None])[-1] if history.history else None
 
-  stripped = strip_pruning(model)
   test_accuracy = evaluate_accuracy(stripped, test_ds)
   saved = None
-  if config.export_dir:
-    saved = export.export_saved_model(stripped, config.export_dir,
-                                      version=config.export_version)
+  if config.export_dir:  # every worker saves; only the chief's copy is kept
+    saved = export.export_saved_model(
+        stripped, distribution.output_path(config.export_dir, strategy),
+        version=config.export_version)
+    distribution.remove_worker_output(config.export_dir, strategy)
+    saved = saved if chief else None
   n_test = sum(int(y.shape[0]) for _, y in test_ds)
   base_path = pathlib.Path(config.base_model_path)
   report = CompressionReport(
@@ -573,12 +588,13 @@ def prune(config: PruneConfig) -> PruneResult:
       recipe={k: v for k, v in dataclasses.asdict(config).items()
               if k not in ("verbose", "data_dir", "manual_dir")}
       | {"begin_step": begin_step, "end_step": end_step, "steps_per_epoch": steps_per_epoch})
-  paths = report.write(config.report_path) if config.report_path else ()
+  paths = report.write(config.report_path) if config.report_path and chief else ()
   result = PruneResult(
       model=stripped, report=report, base_accuracy=base_accuracy,
       test_accuracy=test_accuracy,
       validation_accuracy=None if val_acc is None else float(val_acc),
       begin_step=begin_step, end_step=end_step, steps=total_steps,
       wall_seconds=time.time() - start, saved_model_path=saved, report_paths=tuple(paths))
-  io_utils.write_json(run_dir / "prune_result.json", result.to_dict())
+  if chief:
+    io_utils.write_json(run_dir / "prune_result.json", result.to_dict())
   return result
