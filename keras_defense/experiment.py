@@ -51,6 +51,8 @@ class ExperimentConfig:
   saved_models_dir: str = "saved_models"
   seed: int = 0
   deterministic: bool = True
+  strategy: str = "default"  # distribution.STRATEGIES, for train, prune and attack
+  num_cpu_devices: int | None = None  # mirrored without GPUs: logical CPU devices
   command: str | None = None
 
   @property
@@ -68,6 +70,7 @@ class ExperimentConfig:
         raise UserError(f"`stages` must be from {', '.join(STAGES)}; got {s!r}.")
     if not self.stages:
       raise UserError("`stages` must name at least one stage; got an empty list.")
+    training.check_strategy(self.strategy, self.num_cpu_devices)
     training.check_output_dir("run_dir", self.run_dir)
     self.train.validate()
     self.prune.validate() if hasattr(self.prune, "validate") else None
@@ -114,7 +117,8 @@ class _Run:
 def _stage_train(run: _Run) -> dict:
   c = run.config
   cfg = dataclasses.replace(c.train, run_dir=str(run.dir / c.names[0]),
-                            export_dir=run.export_dir(0), export_version=1)
+                            export_dir=run.export_dir(0), export_version=1,
+                            strategy=c.strategy, num_cpu_devices=c.num_cpu_devices)
   result = training.train(cfg)
   return {"saved_model": result.saved_model_path, **result.to_dict()}
 
@@ -125,7 +129,8 @@ def _stage_prune(run: _Run) -> dict:
   cfg = dataclasses.replace(
       c.prune, base_model_path=run.model_path(0), dataset=c.dataset,
       run_dir=str(run.dir / c.names[1]), export_dir=run.export_dir(1), export_version=1,
-      report_path=str(run.dir / "compression" / f"{c.dataset}_{c.names[1]}"))
+      report_path=str(run.dir / "compression" / f"{c.dataset}_{c.names[1]}"),
+      strategy=c.strategy, num_cpu_devices=c.num_cpu_devices)
   result = pruning.prune(cfg)
   return {"saved_model": result.saved_model_path,
           **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}

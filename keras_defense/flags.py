@@ -57,6 +57,21 @@ flags.DEFINE_string("export_dir", None,
                     "SavedModel base folder, e.g. saved_models/mnist_m0 (TF Serving layout <base>/<version>/).")
 flags.DEFINE_integer("export_version", None, "SavedModel version (default: next free).", lower_bound=1)
 
+# --- distribution (kd-train, kd-prune, kd-experiment) -----------------------
+from keras_defense import distribution as _dist  # noqa: E402  pylint: disable=g-import-not-at-top
+
+flags.DEFINE_enum("strategy", "default", list(_dist.STRATEGIES),
+                  "tf.distribute strategy: default (one device), mirrored (all local GPUs, "
+                  "or --num_cpu_devices logical CPUs), multi_worker (TF_CONFIG cluster). "
+                  "See docs/DISTRIBUTED.md.")
+flags.DEFINE_integer("num_cpu_devices", None,
+                     "With --strategy=mirrored and no GPU: logical CPU devices (default 2).",
+                     lower_bound=1)
+flags.register_multi_flags_validator(
+    ["strategy", "num_cpu_devices"],
+    lambda d: d["num_cpu_devices"] is None or d["strategy"] == "mirrored",
+    "--num_cpu_devices only goes with --strategy=mirrored.")
+
 flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0.")
 flags.register_validator("lr_decay_factor", lambda v: 0 < v <= 1,
                          "--lr_decay_factor must be in (0, 1].")
@@ -81,7 +96,8 @@ def train_config(fv=None) -> training.TrainConfig:
       validation_size=fv.validation_size, data_dir=fv.data_dir,
       manual_dir=fv.manual_dir, export_dir=fv.export_dir,
       export_version=fv.export_version, compute_dtype=fv.compute_dtype,
-      deterministic=fv.deterministic)
+      deterministic=fv.deterministic, strategy=fv.strategy,
+      num_cpu_devices=fv.num_cpu_devices)
 
 
 # --- pruning and logits augmentation ---------------------------------------
@@ -156,7 +172,8 @@ def prune_config(fv=None):
       validation_size=fv.validation_size, data_dir=fv.data_dir,
       manual_dir=fv.manual_dir, export_dir=fv.export_dir,
       export_version=fv.export_version, report_path=fv.report_path,
-      deterministic=fv.deterministic, verbose=2)  # one log line per epoch
+      deterministic=fv.deterministic, strategy=fv.strategy,
+      num_cpu_devices=fv.num_cpu_devices, verbose=2)  # one log line per epoch
 
 
 def augment_config(fv=None) -> _la.AugmentConfig:
@@ -303,4 +320,5 @@ def experiment_config(command: str | None = None):
       augment=augment_config(augment_fv), eval=eval_config,
       stages=tuple(FLAGS.stages), reuse_saved_models=FLAGS.reuse_saved_models,
       saved_models_dir=FLAGS.saved_models_dir, seed=FLAGS.seed,
-      deterministic=FLAGS.deterministic, command=command)
+      deterministic=FLAGS.deterministic, strategy=FLAGS.strategy,
+      num_cpu_devices=FLAGS.num_cpu_devices, command=command)
