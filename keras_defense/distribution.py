@@ -194,3 +194,14 @@ def shard_by_data(dataset: tf.data.Dataset, strategy: tf.distribute.Strategy
         tf.data.experimental.AutoShardPolicy.DATA)
     return dataset.with_options(options)
   return dataset
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+  """Waits until every replica of every worker gets here (an all-reduce of ones).
+
+  Used after the chief's exports, so a worker that next reads them (the
+  experiment's next stage) finds them renamed into place (shared filesystem).
+  """
+  if strategy.num_replicas_in_sync > 1:
+    strategy.reduce(tf.distribute.ReduceOp.SUM,
+                    strategy.run(lambda: tf.constant(1.0)), axis=None)

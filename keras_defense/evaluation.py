@@ -138,6 +138,19 @@ def _craft(model, x, y, group: Group, config: EvalConfig):
   return fn(model, x, y, targeted=group.targeted, **opts)
 
 
+def _craft_distributed(strategy, models, xs, ys, goal, group: Group, config: EvalConfig):
+  """FGSM/BIM crafted on the group's source and scored on its targets, data-parallel."""
+  from keras_defense import distributed_attack  # pylint: disable=g-import-not-at-top
+  bim = group.attack == "bim"
+  return distributed_attack.attack_and_score(
+      strategy, models[group.source], {p.target: models[p.target] for p in group.plans},
+      xs, ys, attack=group.attack, epsilon=group.epsilon,
+      step_size=config.rel_step_size * group.epsilon if bim else None,
+      steps=config.bim_steps if bim else 1, targeted=group.targeted, y_target=goal,
+      loss=group.loss, compute_dtype=config.compute_dtype,
+      batch_size=config.batch_size)
+
+
 def _targets(selection: str, model, x, y, num_classes: int, seed: int) -> np.ndarray:
   if selection == "random":
     return attacks.random_targets(y, num_classes, seed=seed)
@@ -158,7 +171,11 @@ def score(model, x, x_adv, y, *, targeted: bool, y_target=None,
   counted = result.initially_correct
   if targeted:
     counted = counted & (np.asarray(y_target) != np.asarray(y))
-  success = result.success & counted
+  return summarize(x, x_adv, result.success & counted, counted)
+
+
+def summarize(x, x_adv, success: np.ndarray, counted: np.ndarray) -> tuple[dict, np.ndarray]:
+  """``score``'s row statistics from its per-image masks (bool (N,) each)."""
   n, k = int(counted.sum()), int(success.sum())
   low, high = statistics.wilson_interval(k, n)
   norms = attacks.perturbation_norms(x, x_adv)
@@ -170,8 +187,8 @@ def score(model, x, x_adv, y, *, targeted: bool, y_target=None,
 
 def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalConfig, *,
              source: str, num_classes: int, cells_dir: str | os.PathLike | None = None,
-             progress: Callable[[int, int, str], None] | None = None
-             ) -> tuple[list[dict], list[dict]]:
+             progress: Callable[[int, int, str], None] | None = None,
+             strategy: Any = None) -> tuple[list[dict], list[dict]]:
   """Runs the grid; returns (rows, examples for image grids).
 
   Args:
@@ -184,6 +201,10 @@ def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalC
     num_classes: number of classes (for target selection).
     cells_dir: where finished cells are kept for resuming; None: nowhere.
     progress: called as progress(done_groups, total_groups, description).
+    strategy: a ``tf.distribute.Strategy`` (``distribution.make_strategy``):
+      FGSM/BIM groups are crafted and scored data-parallel under it
+      (``distributed_attack``), with the same counts as one device; C&W stays
+      on one device. None: everything on one device.
 
   Raises:
     UserError: bad config, or ``source`` not in ``models``.
@@ -220,12 +241,22 @@ def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalC
     crafter = models[group.source]
     goal = (_targets(config.target_selection, crafter, xs, ys, num_classes, config.seed)
             if group.targeted else None)
-    x_adv = _craft(crafter, xs, goal if group.targeted else ys, group, config)
+    scored = None
+    if strategy is not None and group.attack in GRADIENT_ATTACKS:
+      scored = _craft_distributed(strategy, models, xs, ys, goal, group, config)
+      x_adv = scored.x_adv
+    else:
+      x_adv = _craft(crafter, xs, goal if group.targeted else ys, group, config)
     craft_seconds = time.time() - start
     for plan, key in zip(group.plans, keys):
       t0 = time.time()
-      stats, success = score(models[plan.target], xs, x_adv, ys, targeted=group.targeted,
-                             y_target=goal, batch_size=config.batch_size)
+      if scored is not None:
+        stats, success = summarize(xs, x_adv, scored.success[plan.target],
+                                   scored.counted[plan.target])
+      else:
+        stats, success = score(models[plan.target], xs, x_adv, ys,
+                               targeted=group.targeted, y_target=goal,
+                               batch_size=config.batch_size)
       row = {"model": plan.target, "attack": group.attack, "targeted": group.targeted,
              "epsilon": group.epsilon, "threat_model": plan.threat_model,
              "source_model": plan.source, "loss": plan.loss, **stats,

@@ -28,6 +28,7 @@ import numpy as np
 
 from keras_defense import data
 from keras_defense import diagnostics
+from keras_defense import distribution
 from keras_defense import evaluation
 from keras_defense import export
 from keras_defense import io_utils
@@ -196,7 +197,10 @@ def _stage_attack(run: _Run, progress=None) -> dict:
     io_utils.write_json(facts_path, facts)
   rows, _ = evaluation.evaluate(models, x, y, c.eval, source=c.names[0],
                                 num_classes=info.num_classes,
-                                cells_dir=run.dir / "attack" / "cells", progress=progress)
+                                cells_dir=run.dir / "attack" / "cells", progress=progress,
+                                strategy=None if c.strategy == "default" else
+                                distribution.make_strategy(
+                                    c.strategy, num_cpu_devices=c.num_cpu_devices))
   return {"rows": len(rows)}
 
 
@@ -250,6 +254,11 @@ def run(config: ExperimentConfig, *, progress=None) -> dict:
     UserError: bad config, missing models or data.
   """
   config.validate()
+  # Before any TF op: logical CPU devices for a mirrored strategy.
+  strategy = distribution.make_strategy(config.strategy, num_cpu_devices=config.num_cpu_devices)
+  if not distribution.is_chief(strategy):  # a non-chief worker keeps its own copy
+    config = dataclasses.replace(
+        config, run_dir=distribution.output_path(config.run_dir, strategy))
   run_ = _Run(config)
   run_.dir.mkdir(parents=True, exist_ok=True)
   training.setup_determinism(config.seed, config.deterministic)

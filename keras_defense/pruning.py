@@ -576,7 +576,9 @@ def prune(config: PruneConfig) -> PruneResult:
         stripped, distribution.output_path(config.export_dir, strategy),
         version=config.export_version)
     distribution.remove_worker_output(config.export_dir, strategy)
-    saved = saved if chief else None
+    # Every worker reports the chief's path (same version: same starting state).
+    saved = str(pathlib.Path(config.export_dir) / pathlib.Path(saved).name)
+    distribution.barrier(strategy)
   n_test = sum(int(y.shape[0]) for _, y in test_ds)
   base_path = pathlib.Path(config.base_model_path)
   report = CompressionReport(

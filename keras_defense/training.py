@@ -292,7 +292,9 @@ def train(config: TrainConfig) -> TrainResult:
         model, distribution.output_path(config.export_dir, strategy),
         version=config.export_version)
     distribution.remove_worker_output(config.export_dir, strategy)
-    saved = saved if distribution.is_chief(strategy) else None
+    # Every worker reports the chief's path (same version: same starting state).
+    saved = str(pathlib.Path(config.export_dir) / pathlib.Path(saved).name)
+    distribution.barrier(strategy)
   result = TrainResult(model=model, test_accuracy=float(acc), test_loss=float(loss),
                        epochs_run=epochs_run, wall_seconds=time.time() - start,
                        saved_model_path=saved)
