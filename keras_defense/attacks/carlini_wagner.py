@@ -29,6 +29,7 @@ from keras_defense.compat import tf
 DEFAULT_BATCH_SIZE = 1000
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8   # tf.train.AdamOptimizer defaults
 _TANH_SHRINK = 0.999999                          # C&W: arctanh(x * 1.999999)
+_COMPACT_EVERY = 10   # L-inf/L0: drop finished images from the batch this often
 
 
 def _expand(v: tf.Tensor) -> tf.Tensor:
@@ -38,6 +39,52 @@ def _expand(v: tf.Tensor) -> tf.Tensor:
 
 def _sum_per_image(t: tf.Tensor) -> tf.Tensor:
   return tf.reduce_sum(t, axis=[1, 2, 3])
+
+
+def _on_subset(mask: tf.Tensor, tensors: dict, fn: Callable[[dict], dict]) -> dict:
+  """Applies ``fn`` to the images where ``mask`` holds; scatters the result back.
+
+  ``tensors`` maps names to per-image tensors (leading axis N); ``fn`` gets the
+  same dict restricted to the masked images and returns the entries it
+  changed. Images outside ``mask`` are left untouched and cost nothing; with
+  no image in ``mask`` nothing runs.
+  """
+  def apply():
+    idx = tf.where(mask)
+    out = fn({k: tf.gather_nd(v, idx) for k, v in tensors.items()})
+    return {k: tf.tensor_scatter_nd_update(v, idx, out[k]) if k in out else v
+            for k, v in tensors.items()}
+  # Never call the model on an empty batch (oneDNN convolutions reject it).
+  return tf.cond(tf.reduce_any(mask), apply, lambda: dict(tensors))
+
+
+def _compacting_loop(iterations, chunk, carry: dict, consts: dict, step):
+  """``carry = step(i, carry, consts)`` for i < iterations, only on live images.
+
+  ``carry["live"]`` (bool (N,)) says which images still take part; ``step``
+  may clear it. Every ``chunk`` iterations the images that are no longer live
+  are dropped from the batch (gather, run, scatter back), so images that
+  finished early stop costing forward/backward passes; within a chunk ``step``
+  must itself leave non-live images unchanged. Stops early once no image is
+  live. Each image sees exactly the iterations it would see unbatched.
+  """
+  def chunk_body(i0, carry):
+    def run(sub):
+      c = {k: sub[k] for k in carry}
+      k = {n: sub["const/" + n] for n in consts}
+      n = tf.minimum(chunk, iterations - i0)
+      _, c = tf.while_loop(
+          lambda j, c: (j < n) & tf.reduce_any(c["live"]),
+          lambda j, c: (j + 1, step(i0 + j, c, k)), (0, c))
+      return c
+    both = dict(carry, **{"const/" + n: v for n, v in consts.items()})
+    out = _on_subset(carry["live"], both, run)
+    return i0 + chunk, {k: out[k] for k in carry}
+
+  _, carry = tf.while_loop(
+      lambda i0, c: (i0 < iterations) & tf.reduce_any(c["live"]),
+      chunk_body, (0, carry))
+  return carry
 
 
 class _Machinery:
@@ -82,48 +129,53 @@ class _Machinery:
     """The round loop shared by L-inf and L0.
 
     ``state`` is a dict of per-image tensors holding at least ``const``,
-    ``prev`` (last success, initially x), ``active`` and ``found``. Each round
-    runs Adam from ``to_tanh(prev)`` until every active image reaches its goal
-    (``objective`` says which) or ``max_iterations``; ``after_round(state,
-    ok, result)`` then updates the per-image state. Adam state carries over
-    a failed round (C&W keep optimising while they double c) and restarts
-    after a success.
+    ``prev`` (last success, initially x), ``active`` and ``found``; ``x`` and
+    ``y`` are added to it, and ``make_image(state, w)``, ``objective(state,
+    x_new, logits)`` read them from there (they may see only a subset of the
+    images). Each round runs Adam from ``to_tanh(prev)`` until every active
+    image reaches its goal (``objective`` says which) or ``max_iterations``;
+    images that reached it, or are no longer active, leave the batch every
+    ``_COMPACT_EVERY`` iterations instead of being carried along.
+    ``after_round(state, ok, result)`` then updates the per-image state. Adam
+    state carries over a failed round (C&W keep optimising while they double
+    c) and restarts after a success.
     """
     zeros = tf.zeros_like(x)
     b = tf.shape(x)[0]
+    state = dict(state, x=x, y=y)
+    per_round = ("prev", "found", "active")
 
-    def inner(state, w_start, mod, m, v, t):
-      def body(i, mod, m, v, t, worked, result):
-        with tf.GradientTape() as tape:
-          tape.watch(mod)
-          x_new = make_image(state, w_start + mod)
-          logits = self.logits(x_new)
-          loss_i, works = objective(state, x_new, logits)
-          loss = tf.reduce_sum(loss_i)
-        grad = tape.gradient(loss, mod)
-        allowed = abort_early | (i == max_iterations - 1)
-        new = works & allowed & state["active"] & ~worked
-        result = tf.where(_expand(new), x_new, result)
-        t = t + 1
-        mod, m, v = self.adam(mod, grad, m, v, t, lr)
-        return i + 1, mod, m, v, t, worked | new, result
-
-      def cond(i, mod, m, v, t, worked, result):
-        return (i < max_iterations) & tf.reduce_any(state["active"] & ~worked)
-
-      _, mod, m, v, t, worked, result = tf.while_loop(
-          cond, body, (0, mod, m, v, t, tf.zeros([b], tf.bool), x))
-      return mod, m, v, t, worked & state["active"], result
+    def step(i, c, k):
+      with tf.GradientTape() as tape:
+        tape.watch(c["mod"])
+        x_new = make_image(k, k["w_start"] + c["mod"])
+        logits = self.logits(x_new)
+        loss_i, works = objective(k, x_new, logits)
+        loss = tf.reduce_sum(loss_i)
+      grad = tape.gradient(loss, c["mod"])
+      allowed = abort_early | (i == max_iterations - 1)
+      new = works & allowed & c["live"]
+      t = c["t"] + 1
+      mod, m, v = self.adam(c["mod"], grad, c["m"], c["v"], t, lr)
+      return {"mod": mod, "m": m, "v": v, "t": t, "live": c["live"] & ~new,
+              "worked": c["worked"] | new,
+              "result": tf.where(_expand(new), x_new, c["result"])}
 
     def body(r, state, w_start, mod, m, v, t):
-      mod, m, v, t, ok, result = inner(state, w_start, mod, m, v, t)
+      carry = {"mod": mod, "m": m, "v": v, "t": t, "live": state["active"],
+               "worked": tf.zeros([b], tf.bool), "result": x}
+      consts = {k: v for k, v in state.items() if k not in per_round}
+      carry = _compacting_loop(max_iterations, _COMPACT_EVERY, carry,
+                               dict(consts, w_start=w_start), step)
+      ok, result = carry["worked"] & state["active"], carry["result"]
       state = after_round(dict(state), ok, result)
       state["prev"] = tf.where(_expand(ok), result, state["prev"])
       state["found"] = state["found"] | ok
       keep = _expand(~ok)
       w_start = tf.where(keep, w_start, self.to_tanh(result))
-      mod, m, v = (tf.where(keep, a, zeros) for a in (mod, m, v))
-      t = tf.where(ok, tf.zeros_like(t), t)
+      mod, m, v = (tf.where(keep, a, zeros) for a in
+                   (carry["mod"], carry["m"], carry["v"]))
+      t = tf.where(ok, tf.zeros_like(t), carry["t"])
       return r + 1, state, w_start, mod, m, v, t
 
     def cond(r, state, *_):
@@ -152,39 +204,56 @@ class _CarliniWagnerL2(_Machinery):
   def _run(self, x, y, initial_const, search_steps, max_iterations, lr,
            abort_early):
     b = tf.shape(x)[0]
-    w0 = self.to_tanh(x)
     zeros = tf.zeros_like(x)
+    # C&W check for an early abort every max_iterations // 10 iterations.
     check_every = tf.maximum(max_iterations // 10, 1)
+    consts = {"x": x, "y": y, "w0": self.to_tanh(x)}
+
+    def step(i, c, k):
+      """One Adam step of every live image, with C&W's bookkeeping per image."""
+      with tf.GradientTape() as tape:
+        tape.watch(c["mod"])
+        x_new = self.from_tanh(k["w0"] + c["mod"])
+        logits = self.logits(x_new)
+        l2 = _sum_per_image(tf.square(x_new - k["x"]))
+        loss = l2 + k["const"] * self.f(logits, k["y"])
+        total = tf.reduce_sum(loss)
+      grad = tape.gradient(total, c["mod"])
+      # Per image (C&W's reference runs one image per batch): every
+      # check_every iterations, stop if the loss fell by less than 0.01%.
+      # The reference breaks before its bookkeeping of this iteration.
+      check = abort_early & (i % check_every == 0)
+      live = c["live"] & ~(check & (loss > c["prev_loss"] * 0.9999))
+      prev_loss = tf.where(check, loss, c["prev_loss"])
+      # Success is judged on the logits of the mapped image actually returned;
+      # the best (smallest-L2) success of *any* iteration is kept.
+      ok = live & self.reached(logits, k["y"])
+      better = ok & (l2 < c["best_l2"])
+      mod, m, v = self.adam(c["mod"], grad, c["m"], c["v"],
+                            tf.fill(tf.shape(loss), i + 1), lr)
+      frozen = _expand(~live)
+      mod, m, v = (tf.where(frozen, old, new) for old, new in
+                   ((c["mod"], mod), (c["m"], m), (c["v"], v)))
+      return {"mod": mod, "m": m, "v": v, "live": live, "prev_loss": prev_loss,
+              "ok_any": c["ok_any"] | ok,
+              "best_l2": tf.where(better, l2, c["best_l2"]),
+              "best_adv": tf.where(_expand(better), x_new, c["best_adv"])}
 
     def search(s, const, lower, upper, best_l2, best_adv):
-      def body(i, mod, m, v, ok_any, best_l2, best_adv, prev_loss, stop):
-        with tf.GradientTape() as tape:
-          tape.watch(mod)
-          x_new = self.from_tanh(w0 + mod)
-          logits = self.logits(x_new)
-          l2 = _sum_per_image(tf.square(x_new - x))
-          loss = tf.reduce_sum(l2 + const * self.f(logits, y))
-        grad = tape.gradient(loss, mod)
-        ok = self.reached(logits, y)
-        better = ok & (l2 < best_l2)
-        best_l2 = tf.where(better, l2, best_l2)
-        best_adv = tf.where(_expand(better), x_new, best_adv)
-        mod, m, v = self.adam(mod, grad, m, v, tf.fill([b], i + 1), lr)
-        # C&W: every max_iterations // 10 steps, stop if the loss fell < 0.01%.
-        check = abort_early & (i % check_every == 0)
-        stop = check & (loss > prev_loss * 0.9999)
-        prev_loss = tf.where(check, loss, prev_loss)
-        return i + 1, mod, m, v, ok_any | ok, best_l2, best_adv, prev_loss, stop
-
-      _, _, _, _, ok_any, best_l2, best_adv, _, _ = tf.while_loop(
-          lambda i, *a: (i < max_iterations) & ~a[-1], body,
-          (0, zeros, zeros, zeros, tf.zeros([b], tf.bool), best_l2, best_adv,
-           tf.constant(np.inf, tf.float32), False))
+      # Adam and the modifier restart from zero at every search step (C&W).
+      carry = {"mod": zeros, "m": zeros, "v": zeros,
+               "live": tf.ones([b], tf.bool),
+               "prev_loss": tf.fill([b], tf.constant(np.inf, tf.float32)),
+               "ok_any": tf.zeros([b], tf.bool), "best_l2": best_l2,
+               "best_adv": best_adv}
+      carry = _compacting_loop(max_iterations, check_every, carry,
+                               dict(consts, const=const), step)
+      ok_any = carry["ok_any"]
       # Per-image binary search (C&W): bisect once bounded, else c *= 10.
       upper = tf.where(ok_any, tf.minimum(upper, const), upper)
       lower = tf.where(ok_any, lower, tf.maximum(lower, const))
       const = tf.where(upper < 1e9, (lower + upper) / 2.0, const * 10.0)
-      return s + 1, const, lower, upper, best_l2, best_adv
+      return s + 1, const, lower, upper, carry["best_l2"], carry["best_adv"]
 
     _, _, _, _, _, best_adv = tf.while_loop(
         lambda s, *_: s < search_steps, search,
@@ -218,10 +287,12 @@ class _CarliniWagnerLinf(_Machinery):
     tau_min = self._range / 256.0   # C&W: stop once tau < 1/256 of the range
 
     def objective(state, x_new, logits):
-      excess = _sum_per_image(tf.nn.relu(tf.abs(x_new - x) - _expand(state["tau"])))
-      loss = state["const"] * self.f(logits, y) + excess
+      excess = _sum_per_image(tf.nn.relu(tf.abs(x_new - state["x"])
+                                         - _expand(state["tau"])))
+      loss = state["const"] * self.f(logits, state["y"]) + excess
       # C&W: "works" when the whole loss is below 1e-4 * c and the goal holds.
-      return loss, (loss < 1e-4 * state["const"]) & self.reached(logits, y)
+      return loss, ((loss < 1e-4 * state["const"])
+                    & self.reached(logits, state["y"]))
 
     def after_round(state, ok, result):
       actual = tf.reduce_max(tf.abs(result - x), axis=[1, 2, 3])
@@ -267,22 +338,29 @@ class _CarliniWagnerL0(_Machinery):
 
     def make_image(state, w):
       valid = state["valid"]   # (N, H, W, 1): 1 where the pixel may change
-      return valid * self.from_tanh(w) + (1.0 - valid) * x
+      return valid * self.from_tanh(w) + (1.0 - valid) * state["x"]
 
     def objective(state, x_new, logits):
-      f = self.f(logits, y)
-      loss = state["const"] * f + _sum_per_image(tf.square(x_new - x))
-      return loss, (f < 1e-4) & self.reached(logits, y)
+      f = self.f(logits, state["y"])
+      loss = state["const"] * f + _sum_per_image(tf.square(x_new - state["x"]))
+      return loss, (f < 1e-4) & self.reached(logits, state["y"])
 
     def after_round(state, ok, result):
       # C&W: rank the allowed pixels by |change| x |gradient of the loss| and
       # drop the least useful ones: stop after a pixel with total change > .01
       # or after 0.3 * sqrt(#unchanged values) pixels.
-      with tf.GradientTape() as tape:
-        tape.watch(result)
-        loss = tf.reduce_sum(state["const"] * self.f(self.logits(result), y)
-                             + _sum_per_image(tf.square(result - x)))
-      grad = tape.gradient(loss, result)
+      def loss_gradient(sub):
+        with tf.GradientTape() as tape:
+          tape.watch(sub["result"])
+          loss = tf.reduce_sum(
+              sub["const"] * self.f(self.logits(sub["result"]), sub["y"])
+              + _sum_per_image(tf.square(sub["result"] - sub["x"])))
+        return {"grad": tape.gradient(loss, sub["result"])}
+
+      # Only the images that succeeded this round lose pixels: only theirs.
+      grad = _on_subset(ok, {"result": result, "const": state["const"],
+                             "y": y, "x": x, "grad": tf.zeros_like(x)},
+                        loss_gradient)["grad"]
       change = tf.reshape(tf.reduce_sum(tf.abs(result - x) * tf.abs(grad), -1),
                           [b, pixels])
       valid = tf.reshape(state["valid"], [b, pixels]) > 0.5
