@@ -527,13 +527,15 @@ def prune(config: PruneConfig) -> PruneResult:
   train_ds = data.load_split(config.dataset, "train", batch_size=config.batch_size,
                              shuffle=True, seed=config.seed, limit=config.train_limit,
                              **common)
-  train_ds = distribution.shard_by_data(train_ds, strategy)
   val_ds = None
   if config.validation_size > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
                              limit=config.test_limit, **common)
   test_ds = data.load_split(config.dataset, "test", batch_size=1000,
                             limit=config.test_limit, **common)
+  # Multi-worker: element-wise sharding for fit (no-op for one process).
+  train_ds, val_ds = (None if d is None else distribution.shard_by_data(d, strategy)
+                      for d in (train_ds, val_ds))
 
   steps_per_epoch = math.ceil(n_train / config.batch_size)
   total_steps = steps_per_epoch * int(config.finetune_epochs)

@@ -270,13 +270,15 @@ def train(config: TrainConfig) -> TrainResult:
   train_ds = data.load_split(config.dataset, "train", batch_size=config.batch_size,
                              shuffle=True, seed=config.seed,
                              limit=config.train_limit, **common)
-  train_ds = distribution.shard_by_data(train_ds, strategy)
   val_ds = None
   if config.validation_size > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
                              limit=config.test_limit, **common)
   test_ds = data.load_split(config.dataset, "test", batch_size=1000,
                             limit=config.test_limit, **common)
+  # Multi-worker: element-wise sharding (no-op for one process).
+  train_ds, val_ds, test_ds = (None if d is None else distribution.shard_by_data(d, strategy)
+                               for d in (train_ds, val_ds, test_ds))
 
   if distribution.is_chief(strategy):
     claim_run_dir(run_dir, {"stage": "train", "model": config.model_name,
