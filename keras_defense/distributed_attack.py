@@ -109,33 +109,15 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
       targeted=bool(targeted), random_start=False, clip_min=clip_min,
       clip_max=clip_max))
   names = list(targets)
-  scorers = [runtime.logits_function(targets[k], compute_dtype) for k in names]
+  # Built once per (strategy, crafter, targets, options), like the core's steps;
+  # epsilon, step size and steps are tensors, so a new epsilon does not retrace.
+  step = runtime.cached(
+      crafter, ("distributed", id(strategy), key, tuple(id(targets[k]) for k in names)),
+      lambda: _distributed_step(strategy, crafted, [
+          runtime.logits_function(targets[k], compute_dtype) for k in names],
+          bool(targeted)))
   constants = (tf.constant(epsilon, tf.float32), tf.constant(step_size, tf.float32),
-               tf.constant(steps, tf.int32), tf.constant([0, 0], tf.int64))
-
-  def replica_step(index, xb, yb, gb):
-    x_adv = crafted.run(xb, gb, *constants)
-    success, counted = [], []
-    for logits in scorers:
-      correct = tf.argmax(logits(xb), -1) == yb
-      pred = tf.argmax(logits(x_adv), -1)
-      c = correct & (gb != yb) if targeted else correct
-      reached = pred == gb if targeted else pred != yb
-      success.append(reached & c)
-      counted.append(c)
-    success, counted = tf.stack(success, 1), tf.stack(counted, 1)  # (b, T)
-    counts = tf.stack([tf.reduce_sum(tf.cast(counted, tf.int64), 0),
-                       tf.reduce_sum(tf.cast(success, tf.int64), 0)], 0)  # (2, T)
-    # (all-gather takes numbers, not bools)
-    return index, x_adv, tf.cast(success, tf.int32), tf.cast(counted, tf.int32), counts
-
-  @tf.function
-  def step(batch):
-    per_replica = strategy.run(replica_step, args=batch)
-    index, x_adv, success, counted, counts = per_replica
-    return (strategy.gather(index, 0), strategy.gather(x_adv, 0),
-            strategy.gather(success, 0), strategy.gather(counted, 0),
-            strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None))
+               tf.constant(steps, tf.int32))
 
   n = len(inputs.x)
   dataset = tf.data.Dataset.from_tensor_slices(
@@ -151,7 +133,7 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
   counted = np.zeros((n, len(names)), bool)
   totals = np.zeros((2, len(names)), np.int64)
   for batch in dist:
-    index, xa, s, c, counts = (t.numpy() for t in step(batch))
+    index, xa, s, c, counts = (t.numpy() for t in step(batch, *constants))
     x_adv[index], success[index], counted[index] = xa, s, c
     totals += counts
   for j, name in enumerate(names):  # the reduced counts must equal the gathered masks
@@ -164,3 +146,34 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
       counted={k: counted[:, j] for j, k in enumerate(names)},
       n={k: int(totals[0, j]) for j, k in enumerate(names)},
       successes={k: int(totals[1, j]) for j, k in enumerate(names)})
+
+
+def _distributed_step(strategy, crafted, scorers, targeted: bool):
+  """A tf.function: global batch -> all-gathered per-image results and summed counts."""
+  seed = tf.constant([0, 0], tf.int64)  # FGSM/BIM have no random start
+
+  def replica_step(index, xb, yb, gb, epsilon, step_size, steps):
+    x_adv = crafted.run(xb, gb, epsilon, step_size, steps, seed)
+    success, counted = [], []
+    for logits in scorers:
+      correct = tf.argmax(logits(xb), -1) == yb
+      pred = tf.argmax(logits(x_adv), -1)
+      c = correct & (gb != yb) if targeted else correct
+      reached = pred == gb if targeted else pred != yb
+      success.append(reached & c)
+      counted.append(c)
+    success, counted = tf.stack(success, 1), tf.stack(counted, 1)  # (b, T)
+    counts = tf.stack([tf.reduce_sum(tf.cast(counted, tf.int64), 0),
+                       tf.reduce_sum(tf.cast(success, tf.int64), 0)], 0)  # (2, T)
+    # (all-gather takes numbers, not bools)
+    return index, x_adv, tf.cast(success, tf.int32), tf.cast(counted, tf.int32), counts
+
+  @tf.function
+  def step(batch, epsilon, step_size, steps):
+    index, x_adv, success, counted, counts = strategy.run(
+        replica_step, args=(*batch, epsilon, step_size, steps))
+    return (strategy.gather(index, 0), strategy.gather(x_adv, 0),
+            strategy.gather(success, 0), strategy.gather(counted, 0),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None))
+
+  return step
