@@ -92,8 +92,11 @@ class _Machinery:
 
   def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
                targeted: bool, confidence: float, clip_min: float,
-               clip_max: float):
+               clip_max: float,
+               exact_logits: Callable[[tf.Tensor], tf.Tensor] | None = None):
     self.logits = logits_fn
+    # bfloat16: the float32 model, which decides success and ranks pixels.
+    self.exact_logits = exact_logits
     self.targeted = targeted
     self.confidence = confidence
     self._half = (clip_max - clip_min) / 2.0
@@ -123,6 +126,21 @@ class _Machinery:
   def reached(self, logits, y):
     return losses.reached(logits, y, targeted=self.targeted,
                           confidence=self.confidence)
+
+  def confirm(self, mask, images, y):
+    """``mask`` where the goal also holds on the float32 model.
+
+    Under bfloat16 the optimisation runs on coarse logits (8-bit mantissa),
+    and C&W examples sit right at the decision boundary, so a bfloat16
+    "success" is often not one in float32 (C&W-L0: 65% vs 100%). Candidates
+    are therefore confirmed with one float32 forward pass of just the masked
+    images; in float32 this is ``mask`` itself.
+    """
+    if self.exact_logits is None:
+      return mask
+    out = _on_subset(mask, {"x": images, "y": y, "ok": mask}, lambda sub: {
+        "ok": self.reached(self.exact_logits(sub["x"]), sub["y"])})
+    return mask & out["ok"]
 
   def rounds(self, x, y, state, *, make_image, objective, after_round,
              max_iterations, lr, abort_early, max_rounds):
@@ -154,7 +172,7 @@ class _Machinery:
         loss = tf.reduce_sum(loss_i)
       grad = tape.gradient(loss, c["mod"])
       allowed = abort_early | (i == max_iterations - 1)
-      new = works & allowed & c["live"]
+      new = self.confirm(works & allowed & c["live"], x_new, k["y"])
       t = c["t"] + 1
       mod, m, v = self.adam(c["mod"], grad, c["m"], c["v"], t, lr)
       return {"mod": mod, "m": m, "v": v, "t": t, "live": c["live"] & ~new,
@@ -228,32 +246,36 @@ class _CarliniWagnerL2(_Machinery):
       # Success is judged on the logits of the mapped image actually returned;
       # the best (smallest-L2) success of *any* iteration is kept.
       ok = live & self.reached(logits, k["y"])
-      better = ok & (l2 < c["best_l2"])
+      better = ok & (l2 < c["step_l2"])
       mod, m, v = self.adam(c["mod"], grad, c["m"], c["v"],
                             tf.fill(tf.shape(loss), i + 1), lr)
       frozen = _expand(~live)
       mod, m, v = (tf.where(frozen, old, new) for old, new in
                    ((c["mod"], mod), (c["m"], m), (c["v"], v)))
       return {"mod": mod, "m": m, "v": v, "live": live, "prev_loss": prev_loss,
-              "ok_any": c["ok_any"] | ok,
-              "best_l2": tf.where(better, l2, c["best_l2"]),
-              "best_adv": tf.where(_expand(better), x_new, c["best_adv"])}
+              "step_l2": tf.where(better, l2, c["step_l2"]),
+              "step_adv": tf.where(_expand(better), x_new, c["step_adv"])}
 
     def search(s, const, lower, upper, best_l2, best_adv):
       # Adam and the modifier restart from zero at every search step (C&W).
       carry = {"mod": zeros, "m": zeros, "v": zeros,
                "live": tf.ones([b], tf.bool),
                "prev_loss": tf.fill([b], tf.constant(np.inf, tf.float32)),
-               "ok_any": tf.zeros([b], tf.bool), "best_l2": best_l2,
-               "best_adv": best_adv}
+               "step_l2": tf.fill([b], tf.constant(np.inf, tf.float32)),
+               "step_adv": x}
       carry = _compacting_loop(max_iterations, check_every, carry,
                                dict(consts, const=const), step)
-      ok_any = carry["ok_any"]
+      # This step's smallest-L2 success (bfloat16: confirmed in float32)
+      # joins the best over all steps, as C&W's o_bestl2 / o_bestattack.
+      ok_any = self.confirm(carry["step_l2"] < np.inf, carry["step_adv"], y)
+      better = ok_any & (carry["step_l2"] < best_l2)
+      best_l2 = tf.where(better, carry["step_l2"], best_l2)
+      best_adv = tf.where(_expand(better), carry["step_adv"], best_adv)
       # Per-image binary search (C&W): bisect once bounded, else c *= 10.
       upper = tf.where(ok_any, tf.minimum(upper, const), upper)
       lower = tf.where(ok_any, lower, tf.maximum(lower, const))
       const = tf.where(upper < 1e9, (lower + upper) / 2.0, const * 10.0)
-      return s + 1, const, lower, upper, carry["best_l2"], carry["best_adv"]
+      return s + 1, const, lower, upper, best_l2, best_adv
 
     _, _, _, _, _, best_adv = tf.while_loop(
         lambda s, *_: s < search_steps, search,
@@ -352,8 +374,9 @@ class _CarliniWagnerL0(_Machinery):
       def loss_gradient(sub):
         with tf.GradientTape() as tape:
           tape.watch(sub["result"])
+          logits = (self.exact_logits or self.logits)(sub["result"])
           loss = tf.reduce_sum(
-              sub["const"] * self.f(self.logits(sub["result"]), sub["y"])
+              sub["const"] * self.f(logits, sub["y"])
               + _sum_per_image(tf.square(sub["result"] - sub["x"])))
         return {"grad": tape.gradient(loss, sub["result"])}
 
@@ -412,9 +435,12 @@ def _setup(model, x, y, *, variant, targeted, confidence, clip_min, clip_max,
   image_shape = tuple(inputs.x.shape[1:])
   key = (variant.__name__, image_shape, bool(targeted), confidence, clip_min,
          clip_max, compute_dtype)
+  exact = (runtime.logits_function(model, "float32")
+           if compute_dtype == "bfloat16" else None)
   attack = runtime.cached(model, key, lambda: variant(
       logits_fn, image_shape=image_shape, targeted=bool(targeted),
-      confidence=confidence, clip_min=clip_min, clip_max=clip_max))
+      confidence=confidence, clip_min=clip_min, clip_max=clip_max,
+      exact_logits=exact))
   return attack, inputs, batch_size
 
 
