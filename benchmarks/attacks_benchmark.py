@@ -47,6 +47,16 @@ def parse_args(argv):
   p.add_argument("--cw_other_images", type=int, default=20,
                  help="images for C&W-L-inf and C&W-L0 (they run many rounds).")
   p.add_argument("--cw_other_iterations", type=int, default=50)
+  p.add_argument("--targeted_steps", type=int, default=100,
+                 help="targeted BIM (random targets, eps --epsilon): steps of "
+                 "0.01.")
+  p.add_argument("--budget_images", type=int, default=200,
+                 help="the issue's fixed-budget C&W-L2 check (1 search step, "
+                 "100 iterations, c=1, lr 0.01) on this many images, timed "
+                 "against 100 ceiling gradient steps of the same images.")
+  p.add_argument("--strength_images", type=int, default=100,
+                 help="untargeted C&W-L2 5x200 vs BIM (eps 0.1, 20 x 0.01) on "
+                 "this many images; 0 skips.")
   p.add_argument("--ceiling_repeats", type=int, default=3)
   p.add_argument("--timing_repeats", type=int, default=2,
                  help="best-of repeats for the gradient attacks and C&W-L2.")
@@ -100,6 +110,7 @@ def run(args) -> list[dict]:
   print(f"model: {source}; {len(x)} test images; batch {args.batch_size}",
         flush=True)
   n_small = min(args.cw_other_images, len(x))
+  targets = attacks.random_targets(y, 10, seed=0)
   rows = []
   for dtype in args.dtypes.split(","):
     grad = ceiling_fn(runtime.logits_function(model, dtype))
@@ -118,6 +129,10 @@ def run(args) -> list[dict]:
              model, xs, ys, binary_search_steps=1,
              max_iterations=args.cw_iterations, initial_const=1.0,
              abort_early=False, **common), args.cw_iterations),
+        (f"BIM targeted, random targets ({args.targeted_steps} x 0.01)",
+         lambda xs, ys: attacks.bim(
+             model, xs, targets[:len(xs)], args.epsilon, step_size=0.01,
+             steps=args.targeted_steps, targeted=True, **common), None),
         (f"C&W-Linf ({args.cw_other_iterations} it/round)",
          lambda xs, ys: attacks.carlini_wagner_linf(
              model, xs[:n_small], ys[:n_small],
@@ -139,7 +154,10 @@ def run(args) -> list[dict]:
         x_adv = fn(x, y)
         seconds = min(seconds, time.perf_counter() - start)
       n = len(x_adv)
-      ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n])
+      targeted = name.startswith("BIM targeted")
+      ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n],
+                                  targeted=targeted,
+                                  y_target=targets[:n] if targeted else None)
       norms = attacks.perturbation_norms(x[:n], x_adv)
       row = {"dtype": dtype, "attack": name, "images": n,
              "images_per_s": n / seconds, "ceiling": ceiling,
@@ -151,7 +169,64 @@ def run(args) -> list[dict]:
         row["ratio"] = row["grads_per_s"] / ceiling
       rows.append(row)
       print(format_row(row), flush=True)
+    rows.extend(budget_and_strength(model, x, y, dtype, grad, args))
   return rows
+
+
+def budget_and_strength(model, x, y, dtype, grad, args) -> list[dict]:
+  """The issue's fixed-budget C&W-L2 check and the 5x200 strength check."""
+  rows = []
+  nb = min(args.budget_images, len(x))
+  xb, yb = x[:nb], y[:nb]
+  run = lambda: attacks.carlini_wagner_l2(  # noqa: E731
+      model, xb, yb, binary_search_steps=1, max_iterations=100,
+      initial_const=1.0, learning_rate=0.01, compute_dtype=dtype,
+      batch_size=nb)
+  run()   # trace
+  ceiling, seconds = 0.0, float("inf")
+  for _ in range(args.timing_repeats):
+    ceiling = max(ceiling, measure_ceiling(grad, xb, yb, nb, args.ceiling_repeats))
+    start = time.perf_counter()
+    x_adv = run()
+    seconds = min(seconds, time.perf_counter() - start)
+  rows.append(scored(model, x, y, x_adv, dtype,
+                     "C&W-L2 budget (1x100 it, c=1, lr 0.01)", seconds,
+                     ceiling=ceiling,
+                     time_over_ceiling=seconds / (100 * nb / ceiling)))
+  if args.strength_images:
+    ns = min(args.strength_images, len(x))
+    xs, ys = x[:ns], y[:ns]
+    start = time.perf_counter()
+    x_cw = attacks.carlini_wagner_l2(model, xs, ys, binary_search_steps=5,
+                                     max_iterations=200, compute_dtype=dtype)
+    cw = scored(model, x, y, x_cw, dtype, "C&W-L2 untargeted (5x200 it)",
+                time.perf_counter() - start)
+    start = time.perf_counter()
+    x_bim = attacks.bim(model, xs, ys, 0.1, step_size=0.01, steps=20,
+                        compute_dtype=dtype)
+    bim = scored(model, x, y, x_bim, dtype, "BIM eps 0.1 (20 x 0.01)",
+                 time.perf_counter() - start)
+    both = cw.pop("_success") & bim.pop("_success")
+    l2 = lambda a: attacks.perturbation_norms(xs, a).l2[both].mean()  # noqa: E731
+    cw["note"] = f"on the {both.sum()} images both fooled: L2 {l2(x_cw):.2f}"
+    bim["note"] = f"on the {both.sum()} images both fooled: L2 {l2(x_bim):.2f}"
+    rows += [cw, bim]
+  for r in rows:
+    r.pop("_success", None)
+    print(format_row(r), r.get("note", ""), flush=True)
+  return rows
+
+
+def scored(model, x, y, x_adv, dtype, name, seconds, **extra) -> dict:
+  n = len(x_adv)
+  ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n])
+  norms = attacks.perturbation_norms(x[:n], x_adv)
+  return {"dtype": dtype, "attack": name, "images": n,
+          "images_per_s": n / seconds, "ceiling": extra.get("ceiling", float("nan")),
+          "success": ok.rate, "l2": float(norms.l2[ok.success].mean()),
+          "linf": float(norms.linf[ok.success].mean()),
+          "l0": float(norms.l0[ok.success].mean()), "_success": ok.success,
+          **extra}
 
 
 HEADER = ("| dtype | attack | images | images/s | gradient steps·images/s | "
@@ -162,8 +237,11 @@ HEADER = ("| dtype | attack | images | images/s | gradient steps·images/s | "
 def format_row(r: dict) -> str:
   grads = f"{r['grads_per_s']:.0f}" if "grads_per_s" in r else "—"
   ratio = f"{r['ratio']:.2f}" if "ratio" in r else "—"
+  ceiling = "—" if np.isnan(r["ceiling"]) else f"{r['ceiling']:.0f}"
+  if "time_over_ceiling" in r:
+    ratio = f"time {r['time_over_ceiling']:.2f}x ceiling"
   return (f"| {r['dtype']} | {r['attack']} | {r['images']} | "
-          f"{r['images_per_s']:.1f} | {grads} | {r['ceiling']:.0f} | {ratio} | "
+          f"{r['images_per_s']:.1f} | {grads} | {ceiling} | {ratio} | "
           f"{100 * r['success']:.1f}% | {r['l2']:.2f} | {r['linf']:.3f} | "
           f"{r['l0']:.1f} |")
 
@@ -173,7 +251,7 @@ def main(argv=None) -> int:
   rows = run(args)
   print("\n" + HEADER)
   for r in rows:
-    print(format_row(r))
+    print(format_row(r), r.get("note", ""))
   by = {(r["dtype"], r["attack"]): r for r in rows}
   for name in {r["attack"] for r in rows}:
     if ("float32", name) in by and ("bfloat16", name) in by:
