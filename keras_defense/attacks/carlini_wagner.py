@@ -12,6 +12,10 @@ cleverhans #1205 whose constant had the image's shape. L-inf and L0 also share
 the "round" loop: an inner Adam run until each image reaches its goal, then a
 per-image update (shrink tau / remove pixels on success, double c on failure).
 Where an attack finds nothing for an image, that image is returned unchanged.
+Images that are finished (L2: aborted early; L-inf/L0: goal reached this
+round, or out of the search) leave the batch at the next compaction point, so
+they stop costing forward/backward passes; per image, the iterations are
+those it would see alone. Under bfloat16, successes are confirmed in float32.
 """
 
 from __future__ import annotations
@@ -470,10 +474,14 @@ def carlini_wagner_l2(model: Any, x: Any, y: Any, *, targeted: bool = False,
     max_iterations: Adam steps per round, >= 1.
     learning_rate: Adam step size > 0.
     initial_const: first c > 0.
-    abort_early: stop a round when the loss stops falling.
+    abort_early: per image, end its search step when its loss fell by less
+      than 0.01% since the check max_iterations // 10 iterations earlier (C&W's
+      test; their reference runs one image per batch, so it is per image).
     clip_min: lowest pixel value.
     clip_max: highest pixel value.
-    compute_dtype: "float32" or "bfloat16" (Keras models only).
+    compute_dtype: "float32" or "bfloat16" (Keras models only: Adam runs on
+      a mixed_bfloat16 clone; each search step's best example is confirmed
+      on the float32 model before it counts).
     batch_size: images optimised together.
 
   Returns:
@@ -534,8 +542,9 @@ def carlini_wagner_linf(model: Any, x: Any, y: Any, *, targeted: bool = False,
       iteration is checked).
     clip_min: lowest pixel value.
     clip_max: highest pixel value.
-    compute_dtype: "float32" or "bfloat16".
-    batch_size: images optimised together.
+    compute_dtype: "float32" or "bfloat16" (successes are confirmed on the
+      float32 model; L0 ranks pixels by the float32 gradient).
+    batch_size: images optimised together (finished ones leave the batch).
 
   Returns:
     Adversarial images, same shape/dtype/kind as ``x``; unchanged where
@@ -599,8 +608,9 @@ def carlini_wagner_l0(model: Any, x: Any, y: Any, *, targeted: bool = False,
     abort_early: end a round as soon as the goal holds.
     clip_min: lowest pixel value.
     clip_max: highest pixel value.
-    compute_dtype: "float32" or "bfloat16".
-    batch_size: images optimised together.
+    compute_dtype: "float32" or "bfloat16" (successes are confirmed on the
+      float32 model; L0 ranks pixels by the float32 gradient).
+    batch_size: images optimised together (finished ones leave the batch).
 
   Returns:
     Adversarial images, same shape/dtype/kind as ``x``; unchanged where
