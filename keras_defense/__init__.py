@@ -8,6 +8,8 @@ from keras_defense import compat  # noqa: F401  (must stay first)
 from keras_defense import attacks  # noqa: F401
 from keras_defense.data import load_arrays
 from keras_defense.data import load_split
+from keras_defense.distribution import make_strategy
+from keras_defense.distribution import STRATEGIES
 from keras_defense.errors import UserError
 from keras_defense.experiment import ExperimentConfig
 from keras_defense.experiment import run as run_experiment
