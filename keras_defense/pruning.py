@@ -552,7 +552,7 @@ def prune(config: PruneConfig) -> PruneResult:
   base_accuracy = evaluate_accuracy(base, test_ds)
   # tfmot's wrappers update masks through merge_call, so pruning runs under
   # MirroredStrategy and MultiWorkerMirroredStrategy (docs/DISTRIBUTED.md).
-  with strategy.scope():  # the default strategy's scope changes nothing
+  with distribution.scope(strategy):  # default: no scope, numbers as before
     model = prune_model(base, dense_sparsity=config.dense_sparsity,
                         conv_sparsity=config.conv_sparsity, begin_step=begin_step,
                         end_step=end_step, frequency=config.pruning_frequency,

@@ -283,7 +283,7 @@ def train(config: TrainConfig) -> TrainResult:
   if distribution.is_chief(strategy):
     claim_run_dir(run_dir, {"stage": "train", "model": config.model_name,
                             "dataset": config.dataset})
-  with strategy.scope():  # the default strategy's scope changes nothing
+  with distribution.scope(strategy):  # default: no scope, numbers as before
     model, loss, acc, epochs_run = _fit(config, ds_info, run_dir,
                                         train_ds, val_ds, test_ds)
   # Multi-worker: every worker saves (SavedModel saving may use collectives),
