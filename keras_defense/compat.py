@@ -15,3 +15,8 @@ import tensorflow as tf  # noqa: E402  pylint: disable=g-import-not-at-top
 import tf_keras as keras  # noqa: E402  pylint: disable=g-import-not-at-top
 
 __all__ = ["tf", "keras"]
+
+# Dropout and other random layers draw from a tf.random.Generator whose state is
+# a variable: it is saved in every epoch checkpoint, so a run resumed after a
+# crash continues the same random stream (the legacy stateful ops restart it).
+keras.backend.experimental.enable_tf_random_generator()

@@ -247,6 +247,60 @@ def load_split(name: str, split: str, *, batch_size: int = 128,
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def load_epochs(name: str, split: str, *, batch_size: int, seed: int, epochs: int,
+                first_epoch: int = 0, limit: int | None = None,
+                data_dir: str | None = None, manual_dir: str | None = None,
+                validation_size: int = DEFAULT_VALIDATION_SIZE
+                ) -> tuple[tf.data.Dataset, int]:
+  """Epochs ``first_epoch .. epochs-1`` back to back, each shuffled by (seed, epoch) only.
+
+  Epoch ``e`` is the split shuffled with a seed that is a pure function of
+  ``seed`` and ``e``, cut into batches (the last one may be smaller), so a run
+  resumed at epoch ``e`` after a crash sees exactly the batches an
+  uninterrupted run would have seen. Pass ``steps_per_epoch`` (returned) to
+  ``Model.fit``.
+
+  Args:
+    name, split, batch_size, limit, data_dir, manual_dir, validation_size: as
+      ``load_split``.
+    seed: shuffle seed.
+    epochs: one past the last epoch (the ``epochs`` given to ``fit``).
+    first_epoch: the epoch the stream starts with, in [0, epochs].
+
+  Returns:
+    (dataset of (float32 images, int64 labels) batches, steps per epoch).
+
+  Raises:
+    DataError: as ``load_split``, or ``first_epoch`` outside [0, epochs].
+  """
+  if not 0 <= int(first_epoch) <= int(epochs):
+    raise DataError(f"`first_epoch` must be in [0, {epochs}]; got {first_epoch}.")
+  if int(batch_size) < 1:
+    raise DataError(f"`batch_size` must be >= 1; got {batch_size}.")
+  builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir)
+  n_train = builder.info.splits["train"].num_examples
+  ds = builder.as_dataset(split=_tfds_split(split, validation_size, n_train),
+                          as_supervised=True, shuffle_files=False)
+  if limit is not None:
+    ds = ds.take(int(limit))
+  ds = ds.cache()
+  n = int(ds.reduce(0, lambda count, _: count + 1))
+  buffer = min(n, 60000)
+
+  def epoch(e: int) -> tf.data.Dataset:
+    epoch_seed = (int(seed) * 1_000_003 + e) % (2**31 - 1)
+    return ds.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False).batch(
+        int(batch_size))
+
+  stream = None
+  for e in range(int(first_epoch), int(epochs)):
+    stream = epoch(e) if stream is None else stream.concatenate(epoch(e))
+  if stream is None:  # nothing left to train: an empty stream of the right type
+    stream = ds.take(0).batch(int(batch_size))
+  stream = stream.map(_to_float, num_parallel_calls=tf.data.AUTOTUNE)
+  return stream.prefetch(tf.data.AUTOTUNE), -(-n // int(batch_size))
+
+
 def load_arrays(name: str, split: str, *, limit: int | None = None,
                 data_dir: str | None = None, manual_dir: str | None = None,
                 validation_size: int = DEFAULT_VALIDATION_SIZE

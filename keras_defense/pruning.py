@@ -524,9 +524,13 @@ def prune(config: PruneConfig) -> PruneResult:
   ds_info = data.info(config.dataset, **common)
   n_train = ds_info.num_train if config.train_limit is None else min(
       config.train_limit, ds_info.num_train)
-  train_ds = data.load_split(config.dataset, "train", batch_size=config.batch_size,
-                             shuffle=True, seed=config.seed, limit=config.train_limit,
-                             **common)
+  # Epoch e's batch order depends only on (seed, e), so a resumed run matches.
+  train_ds, _ = data.load_epochs(
+      config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
+      epochs=int(config.finetune_epochs),
+      first_epoch=min(training.resume_epoch(run_dir / "backup"), int(config.finetune_epochs)),
+      limit=config.train_limit,
+      **common)
   val_ds = None
   if config.validation_size > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
@@ -562,12 +566,14 @@ def prune(config: PruneConfig) -> PruneResult:
         config.optimizer, config.learning_rate, config.momentum, config.nesterov))
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        training.EpochSeeder(config.seed),
         *pruning_callbacks(run_dir / "tensorboard"),  # TensorBoard: chief-only writes
         keras.callbacks.LearningRateScheduler(training.step_schedule(
             config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor)),
     ]
     history = model.fit(train_ds, epochs=int(config.finetune_epochs),
-                        validation_data=val_ds, callbacks=callbacks, verbose=config.verbose)
+                        steps_per_epoch=steps_per_epoch, validation_data=val_ds,
+                        callbacks=callbacks, verbose=config.verbose)
     stripped = strip_pruning(model)
   val_acc = history.history.get("val_accuracy", [None])[-1] if history.history else None
 

@@ -267,9 +267,12 @@ def train(config: TrainConfig) -> TrainResult:
                       validation_size=config.validation_size)
   common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
                 validation_size=config.validation_size)
-  train_ds = data.load_split(config.dataset, "train", batch_size=config.batch_size,
-                             shuffle=True, seed=config.seed,
-                             limit=config.train_limit, **common)
+  # Epoch e's batch order depends only on (seed, e): a run resumed from its
+  # last epoch checkpoint sees the batches an uninterrupted run would have.
+  train_ds, steps_per_epoch = data.load_epochs(
+      config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
+      epochs=config.epochs, first_epoch=min(resume_epoch(run_dir / "backup"), config.epochs),
+      limit=config.train_limit, **common)
   val_ds = None
   if config.validation_size > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
@@ -285,7 +288,7 @@ def train(config: TrainConfig) -> TrainResult:
                             "dataset": config.dataset})
   with distribution.scope(strategy):  # default: no scope, numbers as before
     model, loss, acc, epochs_run = _fit(config, ds_info, run_dir,
-                                        train_ds, val_ds, test_ds)
+                                        train_ds, val_ds, test_ds, steps_per_epoch)
   # Multi-worker: every worker saves (SavedModel saving may use collectives),
   # only the chief into the real paths; the others' copies are deleted.
   saved = None
@@ -307,8 +310,25 @@ def train(config: TrainConfig) -> TrainResult:
   return result
 
 
+def resume_epoch(backup_dir: str | os.PathLike) -> int:
+  """The epoch ``BackupAndRestore`` will resume at: 0, or the last saved epoch + 1."""
+  backup = pathlib.Path(backup_dir)
+  if not backup.is_dir():
+    return 0
+  dirs = sorted({p.parent for p in backup.rglob("checkpoint")},
+                key=lambda d: d.name != "chief")
+  for d in dirs:
+    path = tf.train.latest_checkpoint(str(d))
+    if not path:
+      continue
+    for name, _ in tf.train.list_variables(path):
+      if name.startswith("ckpt_saved_epoch"):
+        return max(0, int(tf.train.load_variable(path, name)) + 1)
+  return 0
+
+
 def _fit(config: TrainConfig, ds_info, run_dir: pathlib.Path,
-         train_ds, val_ds, test_ds):
+         train_ds, val_ds, test_ds, steps_per_epoch: int):
   """Builds, compiles, fits and evaluates; call under ``strategy.scope()``."""
   model = build_for_training(config.model_name, ds_info.image_shape,
                              ds_info.num_classes, dropout=config.dropout,
@@ -318,18 +338,44 @@ def _fit(config: TrainConfig, ds_info, run_dir: pathlib.Path,
   epochs_done = _EpochCounter()
   callbacks = [
       keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+      EpochSeeder(config.seed),
       keras.callbacks.LearningRateScheduler(step_schedule(
           config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor)),
       keras.callbacks.TensorBoard(str(run_dir / "tensorboard"), update_freq="epoch",
                                   write_graph=False, profile_batch=0),
       epochs_done,
   ]
-  model.fit(train_ds, epochs=config.epochs, validation_data=val_ds,
-            callbacks=callbacks, verbose=config.verbose)
+  model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+            validation_data=val_ds, callbacks=callbacks, verbose=config.verbose)
   model = to_float32(model)
   compile_classifier(model, "sgd")
   loss, acc = model.evaluate(test_ds, verbose=0)
   return model, loss, acc, epochs_done.count
+
+
+class EpochSeeder(keras.callbacks.Callback):
+  """Re-seeds every random layer (Dropout) at the start of each epoch from (seed, epoch).
+
+  Together with ``data.load_epochs`` this makes epoch ``e`` depend only on the
+  weights it starts from, so a run resumed from a checkpoint after a crash
+  matches an uninterrupted one: the generators' state is not in Keras
+  checkpoints. Uses tf_keras's ``RandomGenerator`` internals (stateful
+  ``tf.random.Generator`` mode, enabled in ``compat``).
+  """
+
+  def __init__(self, seed: int):
+    super().__init__()
+    self.seed = int(seed)
+
+  def on_epoch_begin(self, epoch, logs=None):
+    for module in self.model.submodules:
+      rng = getattr(module, "_random_generator", None)
+      if rng is None or not hasattr(rng, "_maybe_init"):
+        continue
+      rng._maybe_init()  # pylint: disable=protected-access
+      generator = getattr(rng, "_generator", None)
+      if isinstance(generator, tf.random.Generator):
+        generator.reset_from_seed(self.seed * 1_000_003 + int(epoch) + 1)
 
 
 class _EpochCounter(keras.callbacks.Callback):

@@ -80,37 +80,46 @@ def _train_cmd(run_dir, export_dir, epochs):
           f"--flagfile={REPO / 'flags' / 'mnist_m0.flags'}",
           f"--run_dir={run_dir}", f"--export_dir={export_dir}",
           f"--epochs={epochs}", "--train_limit=3000", "--test_limit=500",
-          "--validation_size=500", "--lr_decay_epochs=100"]
+          "--validation_size=500", "--lr_decay_epochs=3", "--deterministic"]
 
 
-def test_sigkill_then_rerun_resumes_from_last_epoch(tmp_path):
-  run_dir, export_dir = tmp_path / "run", tmp_path / "sm"
+def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.Popen(_train_cmd(run_dir, export_dir, 40), cwd=REPO, env=env,
+  run_dir, export_dir = tmp_path / "run", tmp_path / "sm"
+  proc = subprocess.Popen(_train_cmd(run_dir, export_dir, 6), cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   backup = run_dir / "backup"
   deadline = time.time() + 180
   try:
-    # Kill -9 once at least two epochs have been checkpointed.
+    # Kill -9 once two epochs have been checkpointed, four before the end.
     while time.time() < deadline:
-      ckpts = list(backup.rglob("ckpt-*.index"))
-      if any(int(p.name.split("-")[1].split(".")[0]) >= 2 for p in ckpts):
+      if training.resume_epoch(backup) >= 2:
         break
       assert proc.poll() is None, "training ended before it could be killed"
-      time.sleep(0.2)
+      time.sleep(0.1)
     else:
       pytest.fail("no checkpoint within 180 s")
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
   assert not (run_dir / "train_result.json").exists()
-  # Rerun with fewer total epochs than were already done + 1: it resumes.
-  done = subprocess.run(_train_cmd(run_dir, export_dir, 3), cwd=REPO, env=env,
+  resumed_at = training.resume_epoch(backup)
+  assert 2 <= resumed_at < 6
+  done = subprocess.run(_train_cmd(run_dir, export_dir, 6), cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-2000:]
-  result = json.loads((run_dir / "train_result.json").read_text())
-  assert result["epochs_run"] < 3  # the killed run's epochs were not redone
+  resumed = json.loads((run_dir / "train_result.json").read_text())
+  assert resumed["epochs_run"] == 6 - resumed_at  # the killed run's epochs were not redone
   assert (export_dir / "1" / "saved_model.pb").is_file()
+  # The same seed and flags without the kill: the same numbers (epoch-seeded
+  # batch order, checkpointed weights/optimizer/RNG, op determinism).
+  ref_dir = tmp_path / "reference"
+  ref = subprocess.run(_train_cmd(ref_dir, tmp_path / "ref_sm", 6), cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  reference = json.loads((ref_dir / "train_result.json").read_text())
+  assert resumed["test_loss"] == reference["test_loss"]
+  assert resumed["test_accuracy"] == reference["test_accuracy"]
 
 
 def test_binary_bad_flag_is_one_line_no_traceback(tmp_path):
