@@ -16,6 +16,9 @@ from keras_defense import threat_models as tm
 ZERO_GRADIENT_THRESHOLD = 0.10  # fraction of images with an all-zero input gradient
 CW_SUCCESS_THRESHOLD = 0.90
 WEAK_GRADIENT_ATTACK = 0.50
+# A margin-loss attack is somewhat stronger than cross-entropy on any confident
+# model (mild softmax saturation); only a large gap says the gradients are masked.
+ADAPTIVE_GAP = 0.25
 
 
 def _label(row: dict) -> str:
@@ -51,7 +54,9 @@ def masking_warnings(rows: Sequence[dict], models: dict[str, dict]) -> list[str]
         if r["model"] != name or r["threat_model"] != threat:
           continue
         g = grey.get((r["model"], r["attack"], r["targeted"], r["epsilon"]))
-        if g is not None and r["n"] and g["n"] and r["ci_low"] > g["ci_high"]:
+        min_gap = ADAPTIVE_GAP if threat == tm.ADAPTIVE else 0.0
+        if (g is not None and r["n"] and g["n"] and r["ci_low"] > g["ci_high"]
+            and r["success_rate"] - g["success_rate"] >= min_gap):
           beats.append((r["success_rate"] - g["success_rate"], r, g))
       if beats:
         gap, r, g = max(beats, key=lambda b: b[0])
@@ -59,7 +64,9 @@ def masking_warnings(rows: Sequence[dict], models: dict[str, dict]) -> list[str]
         warnings.append(
             f"{name}: the {threat} attacker beats the grey_box attacker in {len(beats)} of "
             f"{total} cells (largest gap: {_label(r)}, {100 * r['success_rate']:.1f}% vs "
-            f"{100 * g['success_rate']:.1f}%, 95% intervals disjoint). "
+            f"{100 * g['success_rate']:.1f}%, 95% intervals disjoint"
+            + ("" if threat == tm.TRANSFER else
+               f", gap >= {100 * ADAPTIVE_GAP:.0f} points") + "). "
             + ("A weaker attacker should never win: the grey_box gradients are masked."
                if threat == tm.TRANSFER else
                "The grey_box number measures masked gradients, not robustness; "

@@ -227,9 +227,13 @@ def _stage_report(run: _Run, start_time: float) -> dict:
   wall = sum(v for v in stage_seconds.values() if v) + (time.time() - start_time)
   config_dict = _config_dict(c)
   config_dict["stage_seconds"] = stage_seconds
+  # The command that made the run: the first stage's (a report re-rendered
+  # later by `--stages=report` keeps it).
+  commands = [(run.done(s) or {}).get("command") for s in STAGES[:-1]]
+  command = next((cmd for cmd in commands if cmd), c.command)
   paths = reporting.write_report(
       str(run.dir), rows=rows, models=facts, warnings=warnings, config=config_dict,
-      versions=versions(), examples=examples, wall_seconds=wall, command=c.command,
+      versions=versions(), examples=examples, wall_seconds=wall, command=command,
       title=c.dataset.upper())
   return {"artifacts": paths, "warnings": warnings}
 
@@ -286,5 +290,6 @@ def run(config: ExperimentConfig, *, progress=None) -> dict:
     else:
       record = _stage_report(run_, start)
     record["stage_seconds"] = time.time() - start
+    record["command"] = config.command
     records[stage] = run_.finish(stage, record)
   return records
