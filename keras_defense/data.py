@@ -204,6 +204,23 @@ def _to_float(image, label):
   return tf.cast(image, tf.float32) / 255.0, label
 
 
+def _cached_split(name: str, split: str, *, batch_size: int, limit: int | None,
+                  data_dir: str | None, manual_dir: str | None,
+                  validation_size: int) -> tf.data.Dataset:
+  """The split's (uint8 image, label) examples, first ``limit`` only, cached."""
+  if int(batch_size) < 1:
+    raise DataError(f"`batch_size` must be >= 1; got {batch_size}.")
+  if limit is not None and int(limit) < 1:
+    raise DataError(f"`limit` must be >= 1 or None; got {limit}.")
+  builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir)
+  n_train = builder.info.splits["train"].num_examples
+  ds = builder.as_dataset(split=_tfds_split(split, validation_size, n_train),
+                          as_supervised=True, shuffle_files=False)
+  if limit is not None:
+    ds = ds.take(int(limit))
+  return ds.cache()
+
+
 def load_split(name: str, split: str, *, batch_size: int = 128,
                shuffle: bool = False, seed: int = 0, limit: int | None = None,
                data_dir: str | None = None, manual_dir: str | None = None,
@@ -228,17 +245,8 @@ def load_split(name: str, split: str, *, batch_size: int = 128,
   Raises:
     DataError: bad split, batch size or limit, or the data cannot be prepared.
   """
-  if int(batch_size) < 1:
-    raise DataError(f"`batch_size` must be >= 1; got {batch_size}.")
-  if limit is not None and int(limit) < 1:
-    raise DataError(f"`limit` must be >= 1 or None; got {limit}.")
-  builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir)
-  n_train = builder.info.splits["train"].num_examples
-  ds = builder.as_dataset(split=_tfds_split(split, validation_size, n_train),
-                          as_supervised=True, shuffle_files=False)
-  if limit is not None:
-    ds = ds.take(int(limit))
-  ds = ds.cache()
+  ds = _cached_split(name, split, batch_size=batch_size, limit=limit, data_dir=data_dir,
+                     manual_dir=manual_dir, validation_size=validation_size)
   if shuffle:
     ds = ds.shuffle(10000, seed=seed, reshuffle_each_iteration=True)
   if repeat:
@@ -275,15 +283,8 @@ def load_epochs(name: str, split: str, *, batch_size: int, seed: int, epochs: in
   """
   if not 0 <= int(first_epoch) <= int(epochs):
     raise DataError(f"`first_epoch` must be in [0, {epochs}]; got {first_epoch}.")
-  if int(batch_size) < 1:
-    raise DataError(f"`batch_size` must be >= 1; got {batch_size}.")
-  builder = prepare(name, data_dir=data_dir, manual_dir=manual_dir)
-  n_train = builder.info.splits["train"].num_examples
-  ds = builder.as_dataset(split=_tfds_split(split, validation_size, n_train),
-                          as_supervised=True, shuffle_files=False)
-  if limit is not None:
-    ds = ds.take(int(limit))
-  ds = ds.cache()
+  ds = _cached_split(name, split, batch_size=batch_size, limit=limit, data_dir=data_dir,
+                     manual_dir=manual_dir, validation_size=validation_size)
   n = int(ds.reduce(0, lambda count, _: count + 1))
   buffer = min(n, 60000)
 
