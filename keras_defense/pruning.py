@@ -422,23 +422,7 @@ class PruneConfig:
          f"({self.pruning_begin_epoch}, {self.finetune_epochs}]; got {self.pruning_end_epoch}.")
     need(int(self.pruning_frequency) >= 1,
          f"`pruning_frequency` must be >= 1 step; got {self.pruning_frequency}.")
-    need(int(self.batch_size) >= 1, f"`batch_size` must be >= 1; got {self.batch_size}.")
-    need(self.optimizer in training.OPTIMIZERS,
-         f"`optimizer` must be one of {', '.join(training.OPTIMIZERS)}; got {self.optimizer!r}.")
-    need(self.learning_rate > 0, f"`learning_rate` must be > 0; got {self.learning_rate}.")
-    need(0 <= self.momentum < 1, f"`momentum` must be in [0, 1); got {self.momentum}.")
-    need(0 < self.lr_decay_factor <= 1,
-         f"`lr_decay_factor` must be in (0, 1]; got {self.lr_decay_factor}.")
-    need(all(int(e) >= 1 for e in self.lr_decay_epochs),
-         f"`lr_decay_epochs` must be epochs >= 1; got {list(self.lr_decay_epochs)}.")
-    for name in ("train_limit", "test_limit"):
-      v = getattr(self, name)
-      need(v is None or int(v) >= 1, f"`{name}` must be >= 1; got {v}.")
-    need(self.export_version is None or int(self.export_version) >= 1,
-         f"`export_version` must be >= 1; got {self.export_version}.")
-    training.check_strategy(self.strategy, self.num_cpu_devices)
-    training.check_output_dir("run_dir", self.run_dir)
-    training.check_output_dir("export_dir", self.export_dir)
+    training.check_fit_fields(self)
     return self
 
 

@@ -137,31 +137,46 @@ class TrainConfig:
     need(self.model is not None or self.dataset in models.DEFAULT_MODEL_FOR_DATASET,
          f"no default model for `dataset` {self.dataset!r}; pass `model`.")
     need(int(self.epochs) >= 1, f"`epochs` must be >= 1; got {self.epochs}.")
-    need(int(self.batch_size) >= 1, f"`batch_size` must be >= 1; got {self.batch_size}.")
-    need(self.optimizer in OPTIMIZERS,
-         f"`optimizer` must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}.")
-    need(self.learning_rate > 0, f"`learning_rate` must be > 0; got {self.learning_rate}.")
-    need(0 <= self.momentum < 1, f"`momentum` must be in [0, 1); got {self.momentum}.")
-    need(all(int(e) >= 1 for e in self.lr_decay_epochs),
-         f"`lr_decay_epochs` must be epochs >= 1; got {list(self.lr_decay_epochs)}.")
-    need(0 < self.lr_decay_factor <= 1,
-         f"`lr_decay_factor` must be in (0, 1]; got {self.lr_decay_factor}.")
     need(0 <= self.dropout < 1, f"`dropout` must be in [0, 1); got {self.dropout}.")
-    for name in ("train_limit", "test_limit"):
-      v = getattr(self, name)
-      need(v is None or int(v) >= 1, f"`{name}` must be >= 1; got {v}.")
     need(self.compute_dtype in COMPUTE_DTYPES,
          f"`compute_dtype` must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
-    need(self.export_version is None or int(self.export_version) >= 1,
-         f"`export_version` must be >= 1; got {self.export_version}.")
-    check_strategy(self.strategy, self.num_cpu_devices)
-    check_output_dir("run_dir", self.run_dir)
-    check_output_dir("export_dir", self.export_dir)
+    check_fit_fields(self)
     return self
 
   @property
   def model_name(self) -> str:
     return self.model or models.DEFAULT_MODEL_FOR_DATASET[self.dataset]
+
+
+def check_fit_fields(config) -> None:
+  """Checks the fields training and pruning share (optimizer, schedule, data, output).
+
+  Args:
+    config: a ``TrainConfig`` or ``pruning.PruneConfig``.
+
+  Raises:
+    ConfigError: naming the first bad field.
+  """
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(msg)
+  need(int(config.batch_size) >= 1, f"`batch_size` must be >= 1; got {config.batch_size}.")
+  need(config.optimizer in OPTIMIZERS,
+       f"`optimizer` must be one of {', '.join(OPTIMIZERS)}; got {config.optimizer!r}.")
+  need(config.learning_rate > 0, f"`learning_rate` must be > 0; got {config.learning_rate}.")
+  need(0 <= config.momentum < 1, f"`momentum` must be in [0, 1); got {config.momentum}.")
+  need(all(int(e) >= 1 for e in config.lr_decay_epochs),
+       f"`lr_decay_epochs` must be epochs >= 1; got {list(config.lr_decay_epochs)}.")
+  need(0 < config.lr_decay_factor <= 1,
+       f"`lr_decay_factor` must be in (0, 1]; got {config.lr_decay_factor}.")
+  for name in ("train_limit", "test_limit"):
+    v = getattr(config, name)
+    need(v is None or int(v) >= 1, f"`{name}` must be >= 1; got {v}.")
+  need(config.export_version is None or int(config.export_version) >= 1,
+       f"`export_version` must be >= 1; got {config.export_version}.")
+  check_strategy(config.strategy, config.num_cpu_devices)
+  check_output_dir("run_dir", config.run_dir)
+  check_output_dir("export_dir", config.export_dir)
 
 
 @dataclasses.dataclass
