@@ -39,10 +39,7 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     else:
       os.replace(target, path)
   finally:
-    if directory:
-      shutil.rmtree(tmp, ignore_errors=True)
-    else:
-      shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
