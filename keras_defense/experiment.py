@@ -74,7 +74,8 @@ class ExperimentConfig:
     training.check_strategy(self.strategy, self.num_cpu_devices)
     training.check_output_dir("run_dir", self.run_dir)
     self.train.validate()
-    self.prune.validate() if hasattr(self.prune, "validate") else None
+    self.prune.validate()
+    self.augment.validate()
     self.eval.validate()
     return self
 
