@@ -208,7 +208,11 @@ def _stage_attack(run: _Run, progress=None) -> dict:
 def _stage_report(run: _Run, start_time: float) -> dict:
   from keras_defense import reporting  # pylint: disable=g-import-not-at-top
   c = run.config
-  facts = io_utils.read_json(run.dir / "attack" / "models.json")
+  facts_path = run.dir / "attack" / "models.json"
+  if not facts_path.is_file():
+    raise UserError(f"no attack results in {str(run.dir)!r} ({facts_path} is missing); "
+                    f"run the 'attack' stage first.")
+  facts = io_utils.read_json(facts_path)
   names = list(c.names)
   cells = run.dir / "attack" / "cells"
   groups = evaluation.build_groups(names, names[0], c.eval)

@@ -138,6 +138,13 @@ def test_reuse_saved_models_needs_them(tmp_path):
     experiment.run(cfg)
 
 
+def test_report_stage_without_attack_results_is_a_clear_error(tmp_path):
+  cfg = dataclasses.replace(_config(tmp_path / "run"), stages=("report",))
+  with pytest.raises(UserError, match="run the 'attack' stage first"):
+    experiment.run(cfg)
+  assert not (tmp_path / "run" / "report.md").exists()
+
+
 def test_attack_stage_without_models_is_a_clear_error(tmp_path):
   cfg = dataclasses.replace(_config(tmp_path / "run"), stages=("attack",))
   with pytest.raises(UserError, match="stage 'train' has not finished"):
