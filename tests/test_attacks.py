@@ -57,6 +57,21 @@ def test_targeted_fgsm_descends(model, data):
   assert np.mean(x_adv == expected) > 0.9999
 
 
+@pytest.mark.parametrize("steps", [1, 2, 8, 9, 10, 17])
+def test_bim_equals_a_plain_eager_loop(model, data, steps):
+  """The compiled core runs exactly `steps` steps: 1 + chunks of 8 + the rest."""
+  x, y = data[0][:40], data[1][:40]
+  eps, step_size = 0.3, 0.01  # the ball is never reached: every step shows
+  lower, upper = np.maximum(x - eps, 0.0), np.minimum(x + eps, 1.0)
+  expected = x
+  for _ in range(steps):
+    expected = np.clip(expected + step_size * np.sign(
+        _ce_gradient(model, expected, y)), lower, upper)
+  x_adv = attacks.bim(model, x, y, eps, step_size=step_size, steps=steps)
+  # One step too many or too few moves most pixels by 0.01.
+  assert np.mean(np.abs(x_adv - expected) > 1e-5) < 1e-3
+
+
 @pytest.mark.parametrize("attack", ["fgsm", "bim", "pgd_linf", "pgd_l2"])
 def test_zero_epsilon_returns_input(model, data, attack):
   x, y = data
