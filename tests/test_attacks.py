@@ -144,6 +144,22 @@ def test_carlini_wagner_l2_smaller_than_bim_at_higher_success(model, data):
   assert x_cw.min() >= 0.0 and x_cw.max() <= 1.0
 
 
+def test_carlini_wagner_l2_warm_start_lets_short_steps_add_up(model, data):
+  """At lr 1e-2 a restarted 50-iteration step cannot move tanh-saturated
+  pixels; warm-started steps continue (seen: 34 vs 9 of 36 images)."""
+  x, y = data[0][:40], data[1][:40]
+  kw = dict(binary_search_steps=5, max_iterations=50, initial_const=1.0)
+  warm = attacks.carlini_wagner_l2(model, x, y, **kw)
+  cold = attacks.carlini_wagner_l2(model, x, y, warm_start=False, **kw)
+  warm_bf16 = attacks.carlini_wagner_l2(model, x, y, compute_dtype="bfloat16", **kw)
+  ok_warm, ok_cold, ok_bf16 = (attacks.attack_success(model, a, y, x_clean=x)
+                               for a in (warm, cold, warm_bf16))
+  assert ok_warm.success.sum() >= ok_cold.success.sum() + 10
+  # bfloat16 aims past the boundary by its logit error: its successes are
+  # nearly as many, and all hold in float32 (attack_success is float32).
+  assert ok_bf16.success.sum() >= ok_warm.success.sum() - 2
+
+
 def test_carlini_wagner_l2_targeted_and_unchanged_where_nothing_found(model, data):
   x, y = data
   t = attacks.random_targets(y[:20], 10, seed=0)
