@@ -66,8 +66,14 @@ def _on_subset(mask: tf.Tensor, tensors: dict, fn: Callable[[dict], dict]) -> di
     out = fn({k: tf.gather_nd(v, idx) for k, v in tensors.items()})
     return {k: tf.tensor_scatter_nd_update(v, idx, out[k]) if k in out else v
             for k, v in tensors.items()}
+
+  def apply_all():   # every image: no gather or scatter
+    out = fn(dict(tensors))
+    return {k: out.get(k, v) for k, v in tensors.items()}
+
   # Never call the model on an empty batch (oneDNN convolutions reject it).
-  return tf.cond(tf.reduce_any(mask), apply, lambda: dict(tensors))
+  return tf.cond(tf.reduce_any(mask), lambda: tf.cond(
+      tf.reduce_all(mask), apply_all, apply), lambda: dict(tensors))
 
 
 def _compacting_loop(iterations, chunk, carry: dict, consts: dict, step):
