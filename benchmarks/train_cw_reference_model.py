@@ -66,7 +66,10 @@ def main(argv=None) -> int:
   model.fit(x, y, batch_size=128, epochs=args.epochs, shuffle=True,
             validation_data=(x_val, y_val), verbose=2)
   acc = model.evaluate(x_test, y_test, verbose=0)[1]
-  model.save(args.out)
+  # Saved uncompiled (no optimizer or schedule objects): kd.load_model accepts it.
+  inference = build()
+  inference.set_weights(model.get_weights())
+  inference.save(args.out)
   print(f"test accuracy {100 * acc:.2f}% after {args.epochs} epochs, "
         f"{time.perf_counter() - start:.0f} s; saved {args.out}")
   return 0
