@@ -83,12 +83,8 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
   """
   validation.check_choice("attack", attack, ATTACKS)
   clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
-  epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
-  if attack == "fgsm":
-    step_size, steps = epsilon, 1
-  else:
-    step_size = validation.check_number("step_size", step_size, strictly_positive=True)
-    steps = validation.check_int("steps", steps, minimum=1)
+  epsilon, step_size, steps = core.check_step_args(
+      epsilon, None if attack == "fgsm" else step_size, steps)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   validation.check_choice("loss", loss, validation.LOSSES)
   logits_fn = runtime.logits_function(crafter, compute_dtype)

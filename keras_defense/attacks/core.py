@@ -140,6 +140,17 @@ class IterativeAttack:
     return x_adv
 
 
+def check_step_args(epsilon: Any, step_size: Any, steps: Any
+                    ) -> tuple[float, float, int]:
+  """Validated ``(epsilon, step_size, steps)``; ``step_size=None``: FGSM's one step of epsilon."""
+  epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
+  if step_size is None:
+    return epsilon, epsilon, 1
+  return (epsilon,
+          validation.check_number("step_size", step_size, strictly_positive=True),
+          validation.check_int("steps", steps, minimum=1))
+
+
 def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
                      step_size: float | None, steps: int, norm: str, random_start: bool,
                      targeted: bool, clip_min: float, clip_max: float, loss: str,
@@ -149,13 +160,7 @@ def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
   ``step_size=None`` means one step of exactly ``epsilon`` (FGSM).
   """
   clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
-  epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
-  if step_size is None:
-    step_size = epsilon
-  else:
-    step_size = validation.check_number("step_size", step_size,
-                                        strictly_positive=True)
-  steps = validation.check_int("steps", steps, minimum=1)
+  epsilon, step_size, steps = check_step_args(epsilon, step_size, steps)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   validation.check_choice("norm", norm, validation.NORMS)
   validation.check_choice("loss", loss, validation.LOSSES)
