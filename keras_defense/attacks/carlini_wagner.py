@@ -2,7 +2,8 @@
 
 Carlini & Wagner, "Towards Evaluating the Robustness of Neural Networks",
 IEEE S&P 2017, https://arxiv.org/abs/1608.04644 (reference code:
-https://github.com/carlini/nn_robust_attacks). Defaults are theirs and say so.
+https://github.com/carlini/nn_robust_attacks). Defaults are theirs and say so,
+except C&W-L2's ``warm_start`` (ours; ``warm_start=False`` is theirs).
 
 All three share one machinery: images are re-parametrised in tanh space,
 ``x' = tanh(w) * (clip_max - clip_min) / 2 + (clip_max + clip_min) / 2``, and
