@@ -28,6 +28,7 @@ import os
 import pathlib
 import shutil
 
+from keras_defense import export
 from keras_defense.compat import tf
 from keras_defense.errors import UserError
 
@@ -190,6 +191,26 @@ def remove_worker_output(path: str | os.PathLike | None,
   if path is None or is_chief(strategy):
     return
   shutil.rmtree(pathlib.Path(output_path(path, strategy)).parent, ignore_errors=True)
+
+
+def export_saved_model(model, export_dir: str | os.PathLike,
+                       strategy: tf.distribute.Strategy, *,
+                       version: int | None = None) -> str:
+  """``export.export_saved_model`` from every worker; only the chief's copy is kept.
+
+  Every worker saves (SavedModel saving may use collectives), the others into
+  ``output_path``'s temporary location, which is deleted; all then wait for
+  each other (``barrier``).
+
+  Returns:
+    The chief's exported path (every worker reports it: same version, same
+    starting state).
+  """
+  saved = export.export_saved_model(model, output_path(export_dir, strategy),
+                                    version=version)
+  remove_worker_output(export_dir, strategy)
+  barrier(strategy)
+  return str(pathlib.Path(export_dir) / pathlib.Path(saved).name)
 
 
 def shard_by_data(dataset: tf.data.Dataset, strategy: tf.distribute.Strategy

@@ -563,14 +563,9 @@ def prune(config: PruneConfig) -> PruneResult:
 
   test_accuracy = evaluate_accuracy(stripped, test_ds)
   saved = None
-  if config.export_dir:  # every worker saves; only the chief's copy is kept
-    saved = export.export_saved_model(
-        stripped, distribution.output_path(config.export_dir, strategy),
-        version=config.export_version)
-    distribution.remove_worker_output(config.export_dir, strategy)
-    # Every worker reports the chief's path (same version: same starting state).
-    saved = str(pathlib.Path(config.export_dir) / pathlib.Path(saved).name)
-    distribution.barrier(strategy)
+  if config.export_dir:  # multi-worker: only the chief's copy is kept
+    saved = distribution.export_saved_model(stripped, config.export_dir, strategy,
+                                            version=config.export_version)
   n_test = sum(int(y.shape[0]) for _, y in test_ds)
   base_path = pathlib.Path(config.base_model_path)
   report = CompressionReport(

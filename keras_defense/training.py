@@ -24,7 +24,6 @@ import time
 
 from keras_defense import data
 from keras_defense import distribution
-from keras_defense import export
 from keras_defense import io_utils
 from keras_defense import models
 from keras_defense import provenance
@@ -304,17 +303,10 @@ def train(config: TrainConfig) -> TrainResult:
   with distribution.scope(strategy):  # default: no scope, numbers as before
     model, loss, acc, epochs_run = _fit(config, ds_info, run_dir,
                                         train_ds, val_ds, test_ds, steps_per_epoch)
-  # Multi-worker: every worker saves (SavedModel saving may use collectives),
-  # only the chief into the real paths; the others' copies are deleted.
   saved = None
-  if config.export_dir:
-    saved = export.export_saved_model(
-        model, distribution.output_path(config.export_dir, strategy),
-        version=config.export_version)
-    distribution.remove_worker_output(config.export_dir, strategy)
-    # Every worker reports the chief's path (same version: same starting state).
-    saved = str(pathlib.Path(config.export_dir) / pathlib.Path(saved).name)
-    distribution.barrier(strategy)
+  if config.export_dir:  # multi-worker: only the chief's copy is kept
+    saved = distribution.export_saved_model(model, config.export_dir, strategy,
+                                            version=config.export_version)
   result = TrainResult(model=model, test_accuracy=float(acc), test_loss=float(loss),
                        epochs_run=epochs_run, wall_seconds=time.time() - start,
                        saved_model_path=saved)
