@@ -505,11 +505,8 @@ def prune(config: PruneConfig) -> PruneResult:
 
   common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
                 validation_size=config.validation_size)
-  ds_info = data.info(config.dataset, **common)
-  n_train = ds_info.num_train if config.train_limit is None else min(
-      config.train_limit, ds_info.num_train)
   # Epoch e's batch order depends only on (seed, e), so a resumed run matches.
-  train_ds, _ = data.load_epochs(
+  train_ds, steps_per_epoch = data.load_epochs(
       config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
       epochs=int(config.finetune_epochs),
       first_epoch=min(training.resume_epoch(run_dir / "backup"), int(config.finetune_epochs)),
@@ -525,7 +522,6 @@ def prune(config: PruneConfig) -> PruneResult:
   train_ds, val_ds = (None if d is None else distribution.shard_by_data(d, strategy)
                       for d in (train_ds, val_ds))
 
-  steps_per_epoch = math.ceil(n_train / config.batch_size)
   total_steps = steps_per_epoch * int(config.finetune_epochs)
   begin_step = int(round(config.pruning_begin_epoch * steps_per_epoch))
   end_step = aligned_end_step(
