@@ -97,12 +97,10 @@ def export_saved_model(model: keras.Model, base: str | os.PathLike, *,
   if int(version) < 1:
     raise UserError(f"`version` must be a positive integer; got {version!r}.")
   path = pathlib.Path(base) / str(int(version))
-  for parent in (path.parent, *path.parent.parents):
-    if parent.exists():
-      if not parent.is_dir():
-        raise UserError(f"`export_dir` {str(base)!r} cannot hold a SavedModel: "
-                        f"{str(parent)!r} exists and is not a directory.")
-      break
+  blocker = io_utils.file_in_the_way(path.parent)
+  if blocker is not None:
+    raise UserError(f"`export_dir` {str(base)!r} cannot hold a SavedModel: "
+                    f"{str(blocker)!r} exists and is not a directory.")
   with io_utils.atomic_path(path, directory=True) as tmp:
     model.save(tmp, save_format="tf", include_optimizer=False,
                signatures=serving_signatures(model))

@@ -11,6 +11,18 @@ import tempfile
 from typing import Any, Iterator
 
 
+def file_in_the_way(path: str | os.PathLike) -> pathlib.Path | None:
+  """The nearest existing ancestor of ``path`` (or itself) if it is not a directory.
+
+  None when ``path`` can be created or reused as a directory.
+  """
+  p = pathlib.Path(path)
+  for parent in (p, *p.parents):
+    if parent.exists():
+      return None if parent.is_dir() else parent
+  return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator[str]:
   """Yields a temporary sibling of ``path``; renames it onto ``path`` on success.

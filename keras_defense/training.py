@@ -53,13 +53,10 @@ def check_output_dir(name: str, path: str | os.PathLike | None) -> None:
     return
   if not str(path):
     raise ConfigError(f"`{name}` must be a directory path; got an empty string.")
-  p = pathlib.Path(path)
-  for parent in (p, *p.parents):
-    if parent.exists():
-      if not parent.is_dir():
-        raise ConfigError(f"`{name}` {str(path)!r} cannot be a directory: "
-                          f"{str(parent)!r} exists and is not a directory.")
-      break
+  blocker = io_utils.file_in_the_way(path)
+  if blocker is not None:
+    raise ConfigError(f"`{name}` {str(path)!r} cannot be a directory: "
+                      f"{str(blocker)!r} exists and is not a directory.")
 
 
 def check_strategy(strategy: str, num_cpu_devices: int | None) -> None:
