@@ -137,24 +137,27 @@ class _Machinery:
     rate = lr * tf.sqrt(1.0 - _BETA2**t) / (1.0 - _BETA1**t)
     return w - rate * m / (tf.sqrt(v) + _ADAM_EPS), m, v
 
-  def _kappa(self, logits):
-    """Per-image margin to aim for: kappa, plus the bfloat16 slack (see top)."""
+  def _kappa(self, logits, exact):
+    """Per-image margin to aim for: kappa, plus the slack on bfloat16 logits (see top).
+
+    ``exact``: the logits are the float32 model's, which need no slack.
+    """
     kappa = tf.fill(tf.shape(logits)[:1], tf.constant(self.confidence, tf.float32))
-    if self.exact_logits is None:
+    if self.exact_logits is None or exact:
       return kappa
     return kappa + _BF16_SLACK * tf.stop_gradient(
         tf.reduce_max(tf.abs(logits), axis=-1))
 
-  def f(self, logits, y):
+  def f(self, logits, y, exact=False):
     """C&W f6 shifted to be >= 0: ``max(margin + kappa, 0)`` per image."""
-    kappa = self._kappa(logits)
+    kappa = self._kappa(logits, exact)
     return losses.carlini_wagner_f(logits, y, targeted=self.targeted,
                                    confidence=kappa) + kappa
 
-  def reached(self, logits, y):
-    """The goal holds on these (compute-dtype) logits, with the bf16 slack."""
+  def reached(self, logits, y, exact=False):
+    """The goal holds on these logits (compute-dtype ones with the bf16 slack)."""
     return losses.reached(logits, y, targeted=self.targeted,
-                          confidence=self._kappa(logits)[:, None])
+                          confidence=self._kappa(logits, exact)[:, None])
 
   def confirm(self, mask, images, y):
     """``mask`` where the goal also holds on the float32 model.
@@ -168,8 +171,7 @@ class _Machinery:
     if self.exact_logits is None:
       return mask
     out = _on_subset(mask, {"x": images, "y": y, "ok": mask}, lambda sub: {
-        "ok": losses.reached(self.exact_logits(sub["x"]), sub["y"],
-                             targeted=self.targeted, confidence=self.confidence)})
+        "ok": self.reached(self.exact_logits(sub["x"]), sub["y"], exact=True)})
     return mask & out["ok"]
 
   def rounds(self, x, y, state, *, make_image, objective, after_round,
@@ -274,7 +276,7 @@ class _CarliniWagnerL2(_Machinery):
       # bfloat16, c * f is only known to c * slack: a rise within that is no
       # evidence that the loss stopped falling.
       check = abort_early & (i % check_every == 0)
-      noise = k["const"] * (self._kappa(logits) - self.confidence)
+      noise = k["const"] * (self._kappa(logits, False) - self.confidence)
       live = c["live"] & ~(check & (loss > c["prev_loss"] * 0.9999 + noise))
       prev_loss = tf.where(check, loss, c["prev_loss"])
       # Success is judged on the logits of the mapped image actually returned;
@@ -411,11 +413,12 @@ class _CarliniWagnerL0(_Machinery):
       # drop the least useful ones: stop after a pixel with total change > .01
       # or after 0.3 * sqrt(#unchanged values) pixels.
       def loss_gradient(sub):
+        exact = self.exact_logits is not None
         with tf.GradientTape() as tape:
           tape.watch(sub["result"])
-          logits = (self.exact_logits or self.logits)(sub["result"])
+          logits = (self.exact_logits if exact else self.logits)(sub["result"])
           loss = tf.reduce_sum(
-              sub["const"] * self.f(logits, sub["y"])
+              sub["const"] * self.f(logits, sub["y"], exact=exact)
               + _sum_per_image(tf.square(sub["result"] - sub["x"])))
         return {"grad": tape.gradient(loss, sub["result"])}
 
