@@ -162,15 +162,9 @@ def run(args) -> list[dict]:
         seconds = min(seconds, time.perf_counter() - start)
       n = len(x_adv)
       targeted = name.startswith("BIM targeted")
-      ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n],
-                                  targeted=targeted,
-                                  y_target=targets[:n] if targeted else None)
-      norms = attacks.perturbation_norms(x[:n], x_adv)
-      row = {"dtype": dtype, "attack": name, "images": n,
-             "images_per_s": n / seconds, "ceiling": ceiling,
-             "success": ok.rate, "l2": float(norms.l2[ok.success].mean()),
-             "linf": float(norms.linf[ok.success].mean()),
-             "l0": float(norms.l0[ok.success].mean())}
+      row = scored(model, x, y, x_adv, dtype, name, seconds, ceiling=ceiling,
+                   y_target=targets[:n] if targeted else None)
+      row.pop("_success")
       if grads_per_image:
         row["grads_per_s"] = n * grads_per_image / seconds
         row["ratio"] = row["grads_per_s"] / ceiling
@@ -239,9 +233,11 @@ def budget_and_strength(model, x, y, dtype, grad, args) -> list[dict]:
   return rows
 
 
-def scored(model, x, y, x_adv, dtype, name, seconds, **extra) -> dict:
+def scored(model, x, y, x_adv, dtype, name, seconds, *, y_target=None, **extra) -> dict:
+  """A table row for ``x_adv`` (the first len(x_adv) images); targeted if ``y_target``."""
   n = len(x_adv)
-  ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n])
+  ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n],
+                              targeted=y_target is not None, y_target=y_target)
   norms = attacks.perturbation_norms(x[:n], x_adv)
   return {"dtype": dtype, "attack": name, "images": n,
           "images_per_s": n / seconds, "ceiling": extra.get("ceiling", float("nan")),
