@@ -17,6 +17,7 @@ from keras_defense.attacks.metrics import perturbation_norms
 from keras_defense.attacks.metrics import PerturbationNorms
 from keras_defense.attacks.metrics import predict_classes
 from keras_defense.attacks.metrics import zero_gradient_fraction
+from keras_defense.attacks.square import square
 from keras_defense.attacks.targets import least_likely_targets
 from keras_defense.attacks.targets import next_class_targets
 from keras_defense.attacks.targets import random_targets

@@ -54,29 +54,6 @@ def _sum_per_image(t: tf.Tensor) -> tf.Tensor:
   return tf.reduce_sum(t, axis=[1, 2, 3])
 
 
-def _on_subset(mask: tf.Tensor, tensors: dict, fn: Callable[[dict], dict]) -> dict:
-  """Applies ``fn`` to the images where ``mask`` holds; scatters the result back.
-
-  ``tensors`` maps names to per-image tensors (leading axis N); ``fn`` gets the
-  same dict restricted to the masked images and returns the entries it
-  changed. Images outside ``mask`` are left untouched and cost nothing; with
-  no image in ``mask`` nothing runs.
-  """
-  def apply():
-    idx = tf.where(mask)
-    out = fn({k: tf.gather_nd(v, idx) for k, v in tensors.items()})
-    return {k: tf.tensor_scatter_nd_update(v, idx, out[k]) if k in out else v
-            for k, v in tensors.items()}
-
-  def apply_all():   # every image: no gather or scatter
-    out = fn(dict(tensors))
-    return {k: out.get(k, v) for k, v in tensors.items()}
-
-  # Never call the model on an empty batch (oneDNN convolutions reject it).
-  return tf.cond(tf.reduce_any(mask), lambda: tf.cond(
-      tf.reduce_all(mask), apply_all, apply), lambda: dict(tensors))
-
-
 def _compacting_loop(iterations, chunk, carry: dict, consts: dict, step):
   """``carry = step(i, carry, consts)`` for i < iterations, only on live images.
 
@@ -97,7 +74,7 @@ def _compacting_loop(iterations, chunk, carry: dict, consts: dict, step):
           lambda j, c: (j + 1, step(i0 + j, c, k)), (0, c))
       return c
     both = dict(carry, **{"const/" + n: v for n, v in consts.items()})
-    out = _on_subset(carry["live"], both, run)
+    out = runtime.on_subset(carry["live"], both, run)
     return i0 + chunk, {k: out[k] for k in carry}
 
   _, carry = tf.while_loop(
@@ -170,7 +147,7 @@ class _Machinery:
     """
     if self.exact_logits is None:
       return mask
-    out = _on_subset(mask, {"x": images, "y": y, "ok": mask}, lambda sub: {
+    out = runtime.on_subset(mask, {"x": images, "y": y, "ok": mask}, lambda sub: {
         "ok": self.reached(self.exact_logits(sub["x"]), sub["y"], exact=True)})
     return mask & out["ok"]
 
@@ -423,7 +400,7 @@ class _CarliniWagnerL0(_Machinery):
         return {"grad": tape.gradient(loss, sub["result"])}
 
       # Only the images that succeeded this round lose pixels: only theirs.
-      grad = _on_subset(ok, {"result": result, "const": state["const"],
+      grad = runtime.on_subset(ok, {"result": result, "const": state["const"],
                              "y": y, "x": x, "grad": tf.zeros_like(x)},
                         loss_gradient)["grad"]
       change = tf.reshape(tf.reduce_sum(tf.abs(result - x) * tf.abs(grad), -1),

@@ -48,6 +48,30 @@ def cached(model: Any, key: Hashable, build: Callable[[], Any]) -> Any:
   return cache[key]
 
 
+def on_subset(mask: tf.Tensor, tensors: dict, fn: Callable[[dict], dict]) -> dict:
+  """Applies ``fn`` to the images where ``mask`` holds; scatters the result back.
+
+  ``tensors`` maps names to per-image tensors (leading axis N); ``fn`` gets the
+  same dict restricted to the masked images and returns the entries it
+  changed. Images outside ``mask`` are left untouched and cost nothing; with
+  no image in ``mask`` nothing runs. This is how attacks drop finished images
+  from a batch (compaction) inside a compiled loop.
+  """
+  def apply():
+    idx = tf.where(mask)
+    out = fn({k: tf.gather_nd(v, idx) for k, v in tensors.items()})
+    return {k: tf.tensor_scatter_nd_update(v, idx, out[k]) if k in out else v
+            for k, v in tensors.items()}
+
+  def apply_all():   # every image: no gather or scatter
+    out = fn(dict(tensors))
+    return {k: out.get(k, v) for k, v in tensors.items()}
+
+  # Never call the model on an empty batch (oneDNN convolutions reject it).
+  return tf.cond(tf.reduce_any(mask), lambda: tf.cond(
+      tf.reduce_all(mask), apply_all, apply), lambda: dict(tensors))
+
+
 def _bfloat16_clone(model: keras.Model) -> keras.Model:
   """Clones ``model`` under the ``mixed_bfloat16`` policy (variables stay fp32).
 
