@@ -41,6 +41,32 @@ def margin(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
   return best_other - label_logit
 
 
+def dlr(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+  """Difference of Logits Ratio (Croce & Hein 2020, https://arxiv.org/abs/2003.01690).
+
+  ``-(Z_y - max_{i != y} Z_i) / (Z_pi1 - Z_pi3 + 1e-12)`` per image, with
+  ``Z_pi1 >= Z_pi2 >= ...`` the sorted logits: invariant to shifting and
+  (positive) scaling of the logits, so a model whose logits are multiplied
+  up cannot saturate it as it saturates the cross-entropy. Needs K >= 3.
+  """
+  label_logit, best_other = label_and_best_other(logits, labels)
+  top = tf.math.top_k(logits, k=3).values
+  return -(label_logit - best_other) / (top[:, 0] - top[:, 2] + 1e-12)
+
+
+def targeted_dlr(logits: tf.Tensor, labels: tf.Tensor,
+                 targets: tf.Tensor) -> tf.Tensor:
+  """Targeted DLR of APGD-T: ``-(Z_y - Z_t) / (Z_pi1 - (Z_pi3 + Z_pi4) / 2 + 1e-12)``.
+
+  Ascended by the attacker (it grows as ``Z_t`` overtakes ``Z_y``); needs K >= 4.
+  """
+  label_logit = tf.gather(logits, labels, axis=1, batch_dims=1)
+  target_logit = tf.gather(logits, targets, axis=1, batch_dims=1)
+  top = tf.math.top_k(logits, k=4).values
+  return -(label_logit - target_logit) / (
+      top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+
 def carlini_wagner_f(logits: tf.Tensor, labels: tf.Tensor, *, targeted: bool,
                      confidence: float) -> tf.Tensor:
   """C&W f6 as their attacks minimise it, clamped at ``-confidence``.

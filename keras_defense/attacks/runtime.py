@@ -10,9 +10,11 @@ reference, so the cache never keeps a model alive.
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 from typing import Any, Callable, Hashable
 
+from absl import logging
 import numpy as np
 
 from keras_defense.attacks import validation
@@ -129,6 +131,81 @@ def logits_function(model: Any, compute_dtype: str) -> Callable[[tf.Tensor], tf.
     return tf.cast(out, tf.float32)
 
   return logits
+
+
+# "auto" picks bfloat16 only if its input-gradient step took under this
+# fraction of float32's: a near tie is not worth bfloat16's coarser logits.
+_BF16_WINS_BELOW = 0.9
+
+
+def _gradient_step_seconds(model: Any, image_shape: tuple[int, ...],
+                           batch: int = 128, repeats: int = 5) -> dict:
+  """Best-of-``repeats`` seconds of one compiled CE input-gradient step per dtype."""
+  x = tf.random.stateless_uniform([batch, *image_shape], [0, 0])
+  seconds = {}
+  for dtype in validation.COMPUTE_DTYPES:
+    logits_fn = logits_function(model, dtype)
+    @tf.function
+    def grad(xb, logits_fn=logits_fn):
+      with tf.GradientTape() as tape:
+        tape.watch(xb)
+        logits = logits_fn(xb)
+        loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.argmax(logits, -1), logits=logits))
+      return tape.gradient(loss, xb)
+    grad(x).numpy()   # trace and warm up outside the timing
+    best = float("inf")
+    for _ in range(repeats):
+      start = time.perf_counter()
+      grad(x).numpy()
+      best = min(best, time.perf_counter() - start)
+    seconds[dtype] = best
+  return seconds
+
+
+def resolve_compute_dtype(model: Any, compute_dtype: str,
+                          image_shape: tuple[int, ...]) -> str:
+  """Turns ``"auto"`` into the faster of float32/bfloat16 for this model here.
+
+  The first call for a Keras model times one compiled input-gradient step
+  (batch 128, best of 5) in both dtypes and caches the timings with the
+  model's compiled steps (once per process and model); bfloat16 is chosen if
+  it took under ``_BF16_WINS_BELOW`` of float32's time. On a CPU without
+  native bfloat16 it is several times slower (issue 13: BIM 6.8x), on one
+  with AVX-512-BF16/AMX faster. Non-Keras callables resolve to float32 (there
+  is no bfloat16 clone of them). A forced ``"bfloat16"`` is kept, with an
+  absl warning if it measured slower than float32.
+
+  Args:
+    model: Keras model or callable, images -> logits.
+    compute_dtype: "auto", "float32" or "bfloat16".
+    image_shape: (H, W, C) of the images to be attacked.
+
+  Returns:
+    "float32" or "bfloat16".
+
+  Raises:
+    ValueError: an unknown ``compute_dtype``.
+  """
+  validation.check_choice("compute_dtype", compute_dtype,
+                          validation.COMPUTE_DTYPES_AUTO)
+  if compute_dtype == "float32" or not isinstance(model, keras.Model):
+    # A forced bfloat16 on a non-Keras callable is left for logits_function
+    # to reject with its TypeError.
+    return "float32" if compute_dtype == "auto" else compute_dtype
+  shape = tuple(int(d) for d in image_shape)
+  seconds = cached(model, ("dtype_timings", shape),
+                   lambda: _gradient_step_seconds(model, shape))
+  bf16_faster = seconds["bfloat16"] < _BF16_WINS_BELOW * seconds["float32"]
+  if compute_dtype == "auto":
+    return "bfloat16" if bf16_faster else "float32"
+  if seconds["bfloat16"] > seconds["float32"]:
+    logging.warning(
+        "compute_dtype='bfloat16' is slower than float32 for this model on "
+        "this machine (input-gradient step %.2f ms vs %.2f ms): this CPU has "
+        "no native bfloat16; compute_dtype='auto' would pick float32.",
+        1e3 * seconds["bfloat16"], 1e3 * seconds["float32"])
+  return "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,9 @@ from keras_defense.compat import tf
 LOSSES = ("cross_entropy", "margin")
 NORMS = ("linf", "l2")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# The attacks that resolve "auto" by runtime.resolve_compute_dtype (APGD,
+# FAB, AutoAttack) accept it; the others take a concrete dtype.
+COMPUTE_DTYPES_AUTO = COMPUTE_DTYPES + ("auto",)
 
 
 def check_number(name: str, value: Any, *, minimum: float | None = None,
