@@ -5,6 +5,9 @@ mapping float32 NHWC images to logits), compiled once per model and options,
 batched, and run inside ``tf.function`` loops.
 """
 
+from keras_defense.attacks.apgd import apgd
+from keras_defense.attacks.autoattack import auto_attack
+from keras_defense.attacks.autoattack import AutoAttackResult
 from keras_defense.attacks.carlini_wagner import carlini_wagner_l0
 from keras_defense.attacks.carlini_wagner import carlini_wagner_l2
 from keras_defense.attacks.carlini_wagner import carlini_wagner_linf
