@@ -11,6 +11,7 @@ from keras_defense.attacks.autoattack import AutoAttackResult
 from keras_defense.attacks.carlini_wagner import carlini_wagner_l0
 from keras_defense.attacks.carlini_wagner import carlini_wagner_l2
 from keras_defense.attacks.carlini_wagner import carlini_wagner_linf
+from keras_defense.attacks.fab import fab
 from keras_defense.attacks.gradient_attacks import bim
 from keras_defense.attacks.gradient_attacks import fgsm
 from keras_defense.attacks.gradient_attacks import pgd
