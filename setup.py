@@ -31,6 +31,7 @@ setuptools.setup(
             "kd-prune=keras_defense.bin.prune:run_main",
             "kd-augment=keras_defense.bin.augment:run_main",
             "kd-experiment=keras_defense.bin.experiment:run_main",
+            "kd-evaluate=keras_defense.bin.evaluate:run_main",
         ],
     },
 )

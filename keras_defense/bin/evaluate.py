@@ -1,0 +1,58 @@
+"""Worst-case robust accuracy of a model you bring (the AutoAttack protocol), resumable.
+
+  kd-evaluate --model=saved_models/mnist_m0/1 --output_key=logits --dataset=mnist \
+      --norm=linf --epsilons=0.3 --n_examples=1000 --run_dir=runs/evaluate_m0
+
+--model is a SavedModel directory (--signature, --output_key) or a .keras/.h5
+file. A rerun with the same --run_dir resumes after the last finished
+(ε, attack). Results: <run_dir>/results.json, report.md,
+worst_case_adversarials.png and tensorboard/.
+"""
+
+import sys
+
+from absl import flags
+import tqdm
+
+from keras_defense import bin as kd_bin
+from keras_defense import flags as kd_flags
+from keras_defense import robustness
+from keras_defense import robustness_report
+from keras_defense.compat import tf
+
+
+class _Progress:
+  """A progress bar over the (ε, attack) steps, showing the running robust accuracy."""
+
+  def __init__(self):
+    self.bar = None
+
+  def __call__(self, done, total, desc):
+    if self.bar is None:
+      self.bar = tqdm.tqdm(total=total, unit="attack", desc="kd-evaluate", dynamic_ncols=True,
+                           file=sys.stderr, bar_format="{l_bar}{bar}| {n:.2f}/{total} "
+                           "[{elapsed}<{remaining}{postfix}]")
+    self.bar.n = done
+    self.bar.set_postfix_str(desc)
+    self.bar.refresh()
+    if done >= total:
+      self.bar.close()
+
+
+def main(argv):
+  del argv
+  if flags.FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  config = kd_flags.evaluate_config(robustness_report.portable_command(sys.argv))
+  result = robustness.run(config, progress=_Progress())
+  print(result.summary())
+  print(f"report: {config.run_dir}/report.md")
+
+
+def run_main():
+  kd_flags.evaluate_flags()
+  kd_bin.run(main)
+
+
+if __name__ == "__main__":
+  run_main()

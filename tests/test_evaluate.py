@@ -1,0 +1,339 @@
+"""kd-evaluate: any model a user brings, worst-case robust accuracy, resumable.
+
+The models come from a separate program that imports only TensorFlow and
+tf_keras (``_SAVE_MODELS``, run once in a subprocess): a plain tf_keras model
+saved with ``tf.saved_model.save``, the same as a ``.keras`` file, and a
+SavedModel of hand-written signatures: softmax output, uint8 images, 32x32x3
+images. The
+attack ensemble is a cheap stand-in (FGSM then PGD-5 from
+``keras_defense.attacks``) handed to ``robustness.run`` as ``attack_plan``,
+so these tests check kd-evaluate's bookkeeping, not the strength of the
+ensemble (tests/test_autoattack*.py do that).
+"""
+
+import copy
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from keras_defense import attacks
+from keras_defense import classifier
+from keras_defense import data
+from keras_defense import flags as kd_flags
+from keras_defense import robustness
+from keras_defense import robustness_report
+from keras_defense.errors import UserError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+M0 = REPO / "saved_models" / "mnist_m0" / "1"
+_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+N = 200
+
+# Run with `python - OUT_DIR MNIST_DIR`: no keras_defense anywhere in it.
+_SAVE_MODELS = textwrap.dedent("""
+    import gzip, os, sys
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    import numpy as np
+    import tensorflow as tf
+    import tf_keras as keras
+    out, mnist = sys.argv[1], sys.argv[2]
+    with gzip.open(os.path.join(mnist, "train-images-idx3-ubyte.gz")) as f:
+      x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:2000]
+    with gzip.open(os.path.join(mnist, "train-labels-idx1-ubyte.gz")) as f:
+      y = np.frombuffer(f.read(), np.uint8, offset=8)[:2000].astype(np.int64)
+    x = (x / 255.0).astype(np.float32)
+    keras.utils.set_random_seed(0)
+    logits = keras.Sequential([keras.layers.Input((28, 28, 1)),
+                               keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+                               keras.layers.Flatten(), keras.layers.Dense(10)])
+    logits.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    logits.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    tf.saved_model.save(logits, os.path.join(out, "plain_logits"))
+    logits.save(os.path.join(out, "plain.keras"))
+    # One more SavedModel, of signatures written by hand: softmax output, and
+    # inputs kd-evaluate must refuse (uint8 images; 32x32x3 images).
+    module = tf.Module()
+    module.model = logits
+    f32 = tf.TensorSpec([None, 28, 28, 1], tf.float32)
+    module.probs = tf.function(lambda images: {"probabilities": tf.nn.softmax(logits(images))},
+                               input_signature=[f32])
+    module.uint8 = tf.function(lambda images: {"logits": logits(tf.cast(images, tf.float32) / 255)},
+                               input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.uint8)])
+    module.rgb = tf.function(lambda images: {"logits": logits(tf.image.rgb_to_grayscale(
+        images[:, 2:30, 2:30, :]))}, input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+    tf.saved_model.save(module, os.path.join(out, "signatures"), signatures={
+        "serving_default": module.uint8, "rgb": module.rgb, "probs": module.probs})
+    assert not [m for m in sys.modules if m.startswith("keras_defense")]
+    print("saved")
+""")
+
+
+def _stand_in_plan(version, norm, names):
+  """FGSM, then PGD-5: the attack interface of autoattack.plan, cheaply."""
+  del version, names
+  assert norm == "linf"
+
+  def fgsm(model, x, y, eps, *, seed, batch_size, compute_dtype):
+    del seed  # FGSM has no randomness
+    return attacks.fgsm(model, x, y, eps, batch_size=batch_size, compute_dtype=compute_dtype)
+
+  def pgd(model, x, y, eps, *, seed, batch_size, compute_dtype):
+    return attacks.pgd(model, x, y, eps, step_size=eps / 4, steps=5, seed=seed,
+                       batch_size=batch_size, compute_dtype=compute_dtype)
+
+  return [("fgsm", fgsm), ("pgd", pgd)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  data.info("mnist")  # build the hermetic tfds copy once, before any child runs
+  out = tmp_path_factory.mktemp("models")
+  done = subprocess.run([sys.executable, "-", str(out), str(data.SHIPPED_DIR / "mnist")],
+                        input=_SAVE_MODELS, env=_ENV, capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0 and "saved" in done.stdout, done.stderr[-3000:]
+  return out
+
+
+def _config(model, run_dir, **kw):
+  kw.setdefault("epsilons", (0.1, 0.05))
+  kw.setdefault("n_examples", N)
+  return robustness.RobustnessConfig(model=str(model), run_dir=str(run_dir), batch_size=64,
+                                     **kw)
+
+
+def _without_timing(obj):
+  """results.json minus its timing fields: exactly the keys ending in "seconds"."""
+  if isinstance(obj, dict):
+    return {k: _without_timing(v) for k, v in obj.items() if not k.endswith("seconds")}
+  if isinstance(obj, list):
+    return [_without_timing(v) for v in obj]
+  return obj
+
+
+def _check_invariants(res: dict):
+  assert res["threat_model"] == "Linf"
+  assert res["eps"] == sorted(res["eps"])
+  previous_final = res["clean_acc"]
+  for p in res["per_eps"]:
+    accs = [res["clean_acc"]] + [s["robust_acc"] for s in p["attacks"]]
+    assert all(b <= a for a, b in zip(accs, accs[1:])), accs  # never rises
+    assert p["robust_acc"] == accs[-1] <= res["clean_acc"]
+    assert p["robust_acc"] <= previous_final  # a larger ball never helps
+    previous_final = p["robust_acc"]
+    lo, hi = p["robust_acc_ci95"]
+    assert lo <= p["robust_acc"] <= hi
+  assert res["robust_acc"] == [p["robust_acc"] for p in res["per_eps"]]
+
+
+def test_plain_saved_model_evaluates(models, tmp_path):
+  run_dir = tmp_path / "run"
+  result = robustness.run(_config(models / "plain_logits", run_dir),
+                          attack_plan=_stand_in_plan)
+  res = json.loads((run_dir / "results.json").read_text())
+  _check_invariants(res)
+  assert res["output"] == "logits" and res["model_kind"] == "saved_model"
+  assert res["signature"] == "serving_default" and res["attacks"] == ["fgsm", "pgd"]
+  assert res["eps"] == [0.05, 0.1]
+  assert res["clean_acc"] > 0.7  # a real model, really trained
+  assert res["robust_acc"][-1] < res["clean_acc"]  # the attacks really ran
+  assert res["versions"]["tensorflow"] and res["seed"] == 0
+  assert result.to_dict()["robust_acc"] == res["robust_acc"]
+  report = (run_dir / "report.md").read_text()
+  assert "## ε = 0.1" in report and "after pgd" in report and "broken at a smaller ε" in report
+  assert (run_dir / robustness_report.GRID).stat().st_size > 1000
+  assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+  # Every broken image's adversarial is on disk, inside the ball, and misclassified.
+  st = np.load(run_dir / "state" / "eps_0.05" / "00_fgsm.npz")
+  assert len(st["broken_idx"]) == res["per_eps"][0]["attacks"][0]["broken"] > 0
+
+
+def test_keras_file_evaluates(models, tmp_path):
+  res = robustness.run(_config(models / "plain.keras", tmp_path / "run", epsilons=(0.1,)),
+                       attack_plan=_stand_in_plan).to_dict()
+  _check_invariants(res)
+  assert res["model_kind"] == "keras" and res["signature"] is None
+  assert res["output"] == "logits" and res["robust_acc"][0] < res["clean_acc"]
+
+
+def test_probability_output_is_attacked_as_log(models, tmp_path):
+  clf = classifier.load_classifier(models / "signatures", signature="probs")
+  x, _ = data.load_arrays("mnist", "test", limit=64)
+  assert classifier.detect_output(clf, x, num_classes=10) == classifier.PROBABILITIES
+  probs = clf.scores(x).numpy()
+  logits = clf.use_output(classifier.PROBABILITIES)(x).numpy()
+  np.testing.assert_allclose(logits, np.log(np.maximum(probs, 1e-38)), rtol=1e-5, atol=1e-5)
+  run_dir = tmp_path / "run"
+  res = robustness.run(_config(models / "signatures", run_dir, epsilons=(0.1,),
+                               signature="probs"),
+                       attack_plan=_stand_in_plan).to_dict()
+  _check_invariants(res)
+  assert res["output"] == "probabilities (attacked as log)"
+  assert res["robust_acc"][0] < res["clean_acc"] - 0.1  # log(p) gives real gradients
+  assert "attacks differentiate log(p)" in (run_dir / "report.md").read_text()
+  # The logits model's output is not mistaken for probabilities.
+  assert classifier.detect_output(classifier.load_classifier(models / "plain_logits"), x,
+                                  num_classes=10) == classifier.LOGITS
+
+
+def test_wrong_input_is_one_line_error_exit_2(models, tmp_path):
+  run_dir = tmp_path / "run"
+  done = subprocess.run(
+      [sys.executable, "-m", "keras_defense.bin.evaluate",
+       f"--model={models / 'signatures'}", "--output_key=logits", f"--run_dir={run_dir}",
+       "--epsilons=0.3", "--n_examples=10"],
+      cwd=REPO, env=_ENV, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  lines = [l for l in done.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, done.stderr[-3000:]
+  assert str(models / "signatures") in lines[0]
+  assert "takes input 'images' as uint8 [?, 28, 28, 1]" in lines[0]
+  assert "float32 [?, 28, 28, 1]" in lines[0]
+  assert not run_dir.exists()  # refused before any work
+  # A wrong shape (the other signature), in-process.
+  with pytest.raises(UserError, match=r"float32 \[\?, 32, 32, 3\].*float32 \[\?, 28, 28, 1\]"):
+    robustness.run(_config(models / "signatures", run_dir, signature="rgb",
+                           output_key="logits"), attack_plan=_stand_in_plan)
+  assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(signature="nope"), r"has no signature 'nope'; its signatures: 'serving_default'"),
+    (dict(output_key=None), r"has 3 outputs \('classes', 'logits', 'probabilities'\); pass"),
+    (dict(output_key="classes"), r"output 'classes' .* is int64; kd-evaluate needs float"),
+    (dict(output_key="logit"), r"has no output 'logit'; its outputs are 'classes', 'logits'"),
+    (dict(epsilons=()), r"`epsilons` must list at least one epsilon"),
+    (dict(epsilons=(2.0,)), r"L-inf `epsilons` must be <= 1"),
+    (dict(version="custom"), r"version 'custom' needs `attacks`"),
+    (dict(attacks=("fgsm",)), r"`attacks` only goes with version 'custom'"),
+    (dict(n_examples=20000), r"`n_examples` must be at most the 10000 test images"),
+])
+def test_bad_input_is_a_user_error(tmp_path, kw, match):
+  kw = dict(dict(output_key="logits", epsilons=(0.3,)), **kw)
+  n = kw.pop("n_examples", N)
+  config = robustness.RobustnessConfig(model=str(M0), run_dir=str(tmp_path / "run"),
+                                       n_examples=n, **kw)
+  with pytest.raises(UserError, match=match):
+    robustness.run(config, attack_plan=_stand_in_plan)
+  assert not (tmp_path / "run").exists()
+
+
+def test_adversarials_outside_the_ball_do_not_count(models, tmp_path):
+  def cheat(version, norm, names):
+    return [("cheat", lambda model, x, y, eps, **kw: np.clip(x + 2 * eps, 0, 1))]
+  res = robustness.run(_config(models / "plain_logits", tmp_path / "run", epsilons=(0.1,)),
+                       attack_plan=cheat).to_dict()
+  step, = res["per_eps"][0]["attacks"]
+  assert step["outside_threat_model"] == step["attacked"] == res["n_clean_correct"]
+  assert step["broken"] == 0 and res["robust_acc"] == [res["clean_acc"]]
+  assert "outside the threat model: not counted" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_same_numbers_as_auto_attack(models, tmp_path):
+  autoattack = pytest.importorskip("keras_defense.attacks.autoattack")
+  run_dir = tmp_path / "run"
+  res = robustness.run(_config(models / "plain_logits", run_dir, epsilons=(0.1,),
+                               n_examples=100, version="custom", attacks=("apgd-ce",),
+                               compute_dtype="float32")).to_dict()
+  _check_invariants(res)
+  assert res["attacks"] == ["apgd-ce"] and res["robust_acc"][0] < res["clean_acc"]
+  x, y = data.load_arrays("mnist", "test", limit=100)
+  ref = autoattack.auto_attack(classifier.load_classifier(models / "plain_logits"), x, y, 0.1,
+                               version="custom", attacks=["apgd-ce"], batch_size=64,
+                               compute_dtype="float32", seed=0)
+  assert [s["robust_acc"] for s in res["per_eps"][0]["attacks"]] == [
+      a["robust_accuracy"] for a in ref.per_attack]
+  state = np.load(run_dir / "state" / "eps_0.1" / "00_apgd-ce.npz")
+  np.testing.assert_array_equal(state["robust"], ref.robust)
+
+
+def test_no_attack_keeps_clean_accuracy_and_run_dir_is_bound(models, tmp_path):
+  def identity(version, norm, names):
+    return [("none", lambda model, x, y, eps, **kw: np.array(x))]
+  run_dir = tmp_path / "run"
+  res = robustness.run(_config(models / "plain_logits", run_dir), attack_plan=identity).to_dict()
+  assert res["robust_acc"] == [res["clean_acc"]] * 2
+  before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+  with pytest.raises(UserError, match=r"holds another evaluation \(epsilons=\[0.05, 0.1\] -> "
+                     r"\[0.3\]\).*pass a new `run_dir`"):
+    robustness.run(_config(models / "plain_logits", run_dir, epsilons=(0.3,)),
+                   attack_plan=identity)
+  assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+_KILLABLE = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[3])
+    from keras_defense import robustness
+    import test_evaluate as t
+    config = t._config(sys.argv[1], sys.argv[2], epsilons=(0.05, 0.1, 0.2), n_examples=100)
+    robustness.run(config, attack_plan=t._stand_in_plan)
+""")
+
+
+def test_kill_9_then_rerun_gives_the_same_results(models, tmp_path):
+  model = models / "plain_logits"
+  config = _config(model, tmp_path / "whole", epsilons=(0.05, 0.1, 0.2), n_examples=100)
+  whole = robustness.run(config, attack_plan=_stand_in_plan).to_dict()
+  run_dir = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, "-", str(model), str(run_dir),
+                           str(pathlib.Path(__file__).parent)],
+                          stdin=subprocess.PIPE, env=_ENV, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc.stdin.write(_KILLABLE)
+  proc.stdin.close()
+  deadline = time.time() + 240
+  while not list(run_dir.glob("state/eps_*/*.npz")):
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (run_dir / "results.json").exists()  # killed mid-run
+  finished = {p: p.stat().st_mtime_ns for p in run_dir.glob("state/eps_*/*.npz")}
+  assert 1 <= len(finished) < 6
+  resumed = robustness.run(_config(model, run_dir, epsilons=(0.05, 0.1, 0.2), n_examples=100),
+                           attack_plan=_stand_in_plan).to_dict()
+  on_disk = json.loads((run_dir / "results.json").read_text())
+  assert _without_timing(on_disk) == _without_timing(resumed)
+  _check_invariants(on_disk)
+  assert _without_timing(resumed) == _without_timing(whole)
+  # The finished steps were loaded, not recomputed: their files are unchanged.
+  assert {p: p.stat().st_mtime_ns for p in finished} == finished
+  assert len(list(run_dir.glob("state/eps_*/*.npz"))) == 6
+
+
+def test_flags_make_the_config():
+  fv = copy.deepcopy(kd_flags.FLAGS)
+  fv.unparse_flags()
+  kd_flags.evaluate_flags(fv)
+  fv(["kd-evaluate", "--model=saved_models/mnist_m0/1", "--output_key=logits",
+      "--epsilons=0.1,8/255", "--n_examples=1000", "--version=custom",
+      "--attacks=apgd-ce,square", "--norm=l2", "--run_dir=/tmp/x", "--batch_size=250"])
+  config = kd_flags.evaluate_config("kd-evaluate ...", fv).validate()
+  assert config.model == "saved_models/mnist_m0/1" and config.output_key == "logits"
+  assert config.epsilons == (0.1, 8 / 255) and config.norm == "l2"
+  assert config.attacks == ("apgd-ce", "square") and config.version == "custom"
+  assert (config.n_examples, config.batch_size, config.compute_dtype) == (1000, 250, "auto")
+  # The other binaries' --model (an architecture) is untouched.
+  other = copy.deepcopy(kd_flags.FLAGS)
+  other.unparse_flags()
+  with pytest.raises(Exception, match="value should be one of"):
+    other(["kd-train", "--model=saved_models/mnist_m0/1"])
+
+
+def test_portable_command_is_repo_relative(tmp_path):
+  argv = [str(REPO / ".venv" / "bin" / "kd-evaluate"), f"--model={M0}",
+          "--run_dir=runs/x", "--epsilons=0.1,0.3", f"--data_dir={tmp_path}"]
+  text = robustness_report.portable_command(argv, cwd=REPO)
+  assert text == (f"kd-evaluate --model=saved_models/mnist_m0/1 --run_dir=runs/x "
+                  f"--epsilons=0.1,0.3 --data_dir={tmp_path}")
