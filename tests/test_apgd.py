@@ -193,6 +193,21 @@ def test_seed_gives_reproducible_results_and_restarts_only_help():
   assert np.all(broken_more[broken])
 
 
+def test_iterations_count_the_gradients_each_image_needed():
+  x, y = kd.load_arrays("mnist", "test", limit=48)
+  model = tiny_model()
+  x_adv, iterations = apgd(model, x, y, 0.08, steps=10, restarts=2,
+                           compute_dtype="float32", return_iterations=True)
+  clean_ok = attacks.predict_classes(model, x) == y
+  broken = clean_ok & (attacks.predict_classes(model, x_adv) != y)
+  robust = clean_ok & ~broken
+  assert broken.sum() > 0 and robust.sum() > 0
+  assert np.all(iterations[~clean_ok] == 0)
+  assert np.all(iterations[robust] == 2 * (1 + 10))   # both restarts, in full
+  assert np.all((iterations[broken] >= 1) & (iterations[broken] <= 2 * 11))
+  assert iterations[broken].mean() < 22
+
+
 def test_eot_averages_identical_gradients_to_the_same_attack():
   x, y = correct_test_images(24)
   model = tiny_model()

@@ -23,9 +23,10 @@ the details follow the authors' reference code (fra31/auto-attack,
 
 The whole run of ``steps`` iterations is one ``tf.function`` per (model,
 options), built once and cached; epsilon, steps, rho and the seed are tensor
-arguments. Per image, an attack stops when it misclassifies: at every chunk of
-``core.UNROLL`` unrolled steps, broken images leave the batch (their first
-adversarial iterate is kept), so they cost no more gradients; between
+arguments. Per image, an attack stops when it misclassifies: after each of
+the first ``core.UNROLL`` steps and then after every chunk of ``core.UNROLL``
+unrolled steps, broken images leave the batch (their first adversarial
+iterate is kept), so they cost no more gradients; between
 restarts and targets only the images still robust are attacked (as the
 reference does).
 
@@ -101,10 +102,12 @@ def checkpoint_schedule(steps: Any) -> tuple[Any, Any, Any]:
 class _AutoPGD:
   """One compiled APGD run: ``(x, y, target, eps, steps, rho, seed) -> result``.
 
-  ``run`` returns ``(x_out, broken, loss_best)`` in the input order:
-  ``broken`` (bool (N,)) where an iterate (or the random start) was
+  ``run`` returns ``(x_out, broken, loss_best, iterations)`` in the input
+  order: ``broken`` (bool (N,)) where an iterate (or the random start) was
   misclassified, and then ``x_out`` is the first such iterate; elsewhere
-  ``x_out`` is the point of highest loss and ``loss_best`` its loss.
+  ``x_out`` is the point of highest loss and ``loss_best`` its loss;
+  ``iterations`` (int32 (N,)) counts the gradient steps each image needed,
+  the one at the start included (up to 1 + steps; EOT samples not counted).
   """
 
   def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
@@ -176,12 +179,12 @@ class _AutoPGD:
          "step": tf.fill([n], 2.0 * epsilon),   # paper: eta_0 = 2 eps
          "prev_loss": tf.zeros([n]), "rises": tf.zeros([n]),
          "loss_best_ckpt": loss, "reduced_ckpt": tf.ones([n], tf.bool),
-         "broken": wrong, "x_found": x_adv}
+         "broken": wrong, "x_found": x_adv, "iterations": tf.ones([n], tf.int32)}
     if self._norm == "linf":
       s["lower"] = tf.maximum(x - epsilon, self._clip[0])
       s["upper"] = tf.minimum(x + epsilon, self._clip[1])
     out = {"x": x, "broken": tf.zeros([n], tf.bool),
-           "loss": tf.fill([n], -np.inf)}
+           "loss": tf.fill([n], -np.inf), "iterations": tf.zeros([n], tf.int32)}
 
     def step(i, period, since, s):
       s = dict(s)
@@ -196,6 +199,8 @@ class _AutoPGD:
           x_adv + a * (z - x_adv) + (1.0 - a) * (x_adv - s["x_prev"]), s, epsilon)
       s["x_prev"] = x_adv
       loss, grad, wrong = self._gradient(x_new, s["y"], s["t"])
+      # Gradients an image needed: up to the step that broke it.
+      s["iterations"] += tf.cast(~s["broken"], tf.int32)
       s["x_found"] = tf.where(_expand(wrong & ~s["broken"]), x_new, s["x_found"])
       s["broken"] = s["broken"] | wrong
       s["rises"] += tf.cast(loss > s["prev_loss"], tf.float32)
@@ -225,11 +230,14 @@ class _AutoPGD:
       def drop():
         gone = tf.where(s["broken"])
         where = tf.gather_nd(s["idx"], gone)[:, None]
-        new_out = dict(out, x=tf.tensor_scatter_nd_update(
-            out["x"], where, tf.gather_nd(s["x_found"], gone)),
-                       broken=tf.tensor_scatter_nd_update(
-                           out["broken"], where,
-                           tf.ones(tf.shape(where)[:1], tf.bool)))
+        new_out = {
+            "x": tf.tensor_scatter_nd_update(
+                out["x"], where, tf.gather_nd(s["x_found"], gone)),
+            "broken": tf.tensor_scatter_nd_update(
+                out["broken"], where, tf.ones(tf.shape(where)[:1], tf.bool)),
+            "loss": out["loss"],
+            "iterations": tf.tensor_scatter_nd_update(
+                out["iterations"], where, tf.gather_nd(s["iterations"], gone))}
         keep = tf.where(~s["broken"])
         return {k: tf.gather_nd(v, keep) for k, v in s.items()}, new_out
       return tf.cond(tf.reduce_any(s["broken"]), drop, lambda: (s, out))
@@ -242,7 +250,10 @@ class _AutoPGD:
         return state
 
       def one_by_one():
-        left = steps - i
+        # The first UNROLL steps one per chunk (an image APGD breaks, it
+        # mostly breaks within a few steps: it leaves the batch at once),
+        # and the tail of fewer than UNROLL steps.
+        left = tf.where(i < self._unroll, 1, steps - i)
         return tf.while_loop(lambda j, *_: j < left,
                              lambda j, *state: (j + 1, *step(*state)),
                              (0, i, period, since, s))[1:]
@@ -250,8 +261,9 @@ class _AutoPGD:
       if self._unroll == 1:
         i, period, since, s = step(i, period, since, s)
       else:
-        i, period, since, s = tf.cond(steps - i >= self._unroll, unrolled,
-                                      one_by_one)
+        i, period, since, s = tf.cond(
+            (i >= self._unroll) & (steps - i >= self._unroll), unrolled,
+            one_by_one)
       s, out = drop_broken(s, out)
       return i, period, since, s, out
 
@@ -263,7 +275,9 @@ class _AutoPGD:
     where = s["idx"][:, None]
     return (tf.tensor_scatter_nd_update(out["x"], where, s["x_best"]),
             out["broken"],
-            tf.tensor_scatter_nd_update(out["loss"], where, s["loss_best"]))
+            tf.tensor_scatter_nd_update(out["loss"], where, s["loss_best"]),
+            tf.tensor_scatter_nd_update(out["iterations"], where,
+                                        s["iterations"]))
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -278,7 +292,8 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
          steps: int = 100, restarts: int = 1, rho: float = 0.75,
          clip_min: float = 0.0, clip_max: float = 1.0,
          batch_size: int = DEFAULT_BATCH_SIZE, compute_dtype: str = "auto",
-         seed: int = 0, eot_samples: int = 1) -> Any:
+         seed: int = 0, eot_samples: int = 1,
+         return_iterations: bool = False) -> Any:
   """Auto-PGD (Croce & Hein 2020): APGD-CE, APGD-DLR and APGD-T.
 
   Untargeted runs ascend the loss at the true label; ``loss="dlr",
@@ -316,6 +331,7 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
     seed: seed of the random starts (stateless; per batch and run).
     eot_samples: forward/backward passes whose gradients are averaged per
       step (expectation over transformation, for randomized models), >= 1.
+    return_iterations: also return the gradient evaluations each image cost.
 
   Returns:
     Float32-valued images with the shape and dtype of ``x`` (numpy if ``x``
@@ -323,6 +339,10 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
     that adversarial example; else the highest-loss point found (the clean
     image where the model was wrong to begin with). Always inside the
     ``epsilon`` ball around ``x`` and [clip_min, clip_max].
+    With ``return_iterations``, ``(x_adv, iterations)``: int64 (N,) input
+    gradients computed for each image over all its runs, up to and including
+    the one that broke it (each run: 1 at the start + 1 per step, times
+    ``eot_samples``); 0 for images misclassified from the start.
 
   Raises:
     ValueError: a bad value (epsilon < 0, unknown norm/loss/compute_dtype,
@@ -350,6 +370,7 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)
   eot_samples = validation.check_int("eot_samples", eot_samples, minimum=1)
+  return_iterations = _check_bool("return_iterations", return_iterations)
   validation.check_choice("compute_dtype", compute_dtype,
                           validation.COMPUTE_DTYPES_AUTO)
   exact = runtime.logits_function(model, "float32")
@@ -377,6 +398,7 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   live = np.argmax(clean_logits, -1) == ys
   x_out = xs.copy()
   best = np.full(len(xs), -np.inf, np.float32)
+  iterations = np.zeros(len(xs), np.int64)
   if targeted:   # the reference's targets: sorted logits positions 2 .. n+1
     ranked = np.argsort(-clean_logits, axis=-1, kind="stable")
   consts = [tf.constant(epsilon, tf.float32), tf.constant(steps, tf.int32),
@@ -388,10 +410,11 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
       for start in range(0, len(todo), batch_size):
         b = todo[start:start + batch_size]
         t = ranked[b, slot + 1] if targeted else ys[b]
-        out_x, broken, loss_best = (v.numpy() for v in attack.run(
+        out_x, broken, loss_best, used = (v.numpy() for v in attack.run(
             tf.constant(xs[b]), tf.constant(ys[b]), tf.constant(t), *consts,
             tf.constant([seed, run_id], tf.int64)))
         run_id += 1
+        iterations[b] += used * eot_samples
         if dtype != "float32" and broken.any():
           # A bfloat16 success must hold on the float32 model.
           wrong = np.argmax(_logits_in_batches(
@@ -402,6 +425,8 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
         better = ~broken & (loss_best > best[b])
         x_out[b[better]] = out_x[better]
         best[b[better]] = loss_best[better]
+  if return_iterations:
+    return inputs.restore(x_out), iterations
   return inputs.restore(x_out)
 
 
