@@ -1,5 +1,6 @@
 """Tests for keras_defense.data: offline MNIST, splits, checksums, CIFAR path."""
 
+import hashlib
 import os
 import shutil
 
@@ -39,6 +40,11 @@ def test_validation_is_held_out_of_train():
   xv, _ = data.load_arrays("mnist", "validation", validation_size=100)
   xt, _ = data.load_arrays("mnist", "train", validation_size=100)
   assert len(xv) == 100 and len(xt) == 59900
+  held_out, train = set(_digests(xv)), set(_digests(xt))
+  # MNIST's 60,000 training images are pairwise distinct (checked: 59,900 +
+  # 100 distinct digests), so any image in both splits is a leak.
+  assert len(held_out) == 100 and len(train) == 59900
+  assert not held_out & train
 
 
 def test_shuffle_is_deterministic_with_seed():
@@ -48,6 +54,54 @@ def test_shuffle_is_deterministic_with_seed():
     return next(iter(ds))[1].numpy()
   np.testing.assert_array_equal(first_labels(3), first_labels(3))
   assert not np.array_equal(first_labels(3), first_labels(4))
+
+
+def _digests(images):
+  return [hashlib.sha256(a.tobytes()).hexdigest() for a in images]
+
+
+def _epochs(seed, epochs, first_epoch=0):
+  """(steps per epoch, per-epoch lists of (image digest, label)) of load_epochs."""
+  ds, steps = data.load_epochs("mnist", "train", batch_size=50, seed=seed, epochs=epochs,
+                               first_epoch=first_epoch, limit=120)
+  batches = list(ds.as_numpy_iterator())
+  assert len(batches) == steps * (epochs - first_epoch)
+  per_epoch = []
+  for e in range(epochs - first_epoch):
+    chunk = batches[e * steps:(e + 1) * steps]
+    assert [len(y) for _, y in chunk] == [50, 50, 20]  # the last batch is smaller
+    x = np.concatenate([x for x, _ in chunk])
+    y = np.concatenate([y for _, y in chunk])
+    per_epoch.append(list(zip(_digests(x), y.tolist())))
+  return steps, per_epoch
+
+
+def test_load_epochs_shuffles_each_epoch_by_seed_and_epoch():
+  steps, run = _epochs(seed=1, epochs=3)
+  assert steps == 3  # ceil(120 / 50)
+  # Every epoch is the same 120 (image, label) pairs, each in its own order.
+  x, y = data.load_arrays("mnist", "train", limit=120)
+  pairs = sorted(zip(_digests(x), y.tolist()))
+  for epoch in run:
+    assert sorted(epoch) == pairs
+  assert run[0] != run[1] and run[1] != run[2] and run[0] != run[2]
+  # A pure function of (seed, epoch): the same again, and a run resumed at
+  # epoch 1 (first_epoch=1) sees exactly epochs 1 and 2.
+  assert _epochs(seed=1, epochs=3)[1] == run
+  assert _epochs(seed=1, epochs=3, first_epoch=1)[1] == run[1:]
+  assert _epochs(seed=2, epochs=1)[1][0] != run[0]
+  # Nothing left to train: an empty stream.
+  done, steps = data.load_epochs("mnist", "train", batch_size=50, seed=1, epochs=3,
+                                 first_epoch=3, limit=120)
+  assert steps == 3 and list(done.as_numpy_iterator()) == []
+
+
+@pytest.mark.parametrize("first_epoch", [-1, 4])
+def test_load_epochs_refuses_first_epoch_outside_range(first_epoch):
+  with pytest.raises(data.DataError,
+                     match=rf"`first_epoch` must be in \[0, 3\]; got {first_epoch}\."):
+    data.load_epochs("mnist", "train", batch_size=50, seed=1, epochs=3,
+                     first_epoch=first_epoch, limit=120)
 
 
 @pytest.fixture
