@@ -47,8 +47,15 @@ def test_logits_are_unnormalised():
 def test_seed_makes_weights_reproducible():
   a = models.build_model("cw_mnist", seed=3).get_weights()
   b = models.build_model("cw_mnist", seed=3).get_weights()
+  c = models.build_model("cw_mnist", seed=4).get_weights()
+  assert len(a) == len(b) == len(c)
   for wa, wb in zip(a, b):
     np.testing.assert_array_equal(wa, wb)
+  # Another seed draws every kernel anew (biases start at zero for any seed).
+  kernels = [(wa, wc) for wa, wc in zip(a, c) if wa.ndim > 1]
+  assert len(kernels) == 7
+  for wa, wc in kernels:
+    assert np.mean(wa == wc) < 0.01
 
 
 @pytest.mark.parametrize("kwargs, match", [
