@@ -20,6 +20,7 @@ import pytest
 from keras_defense import data
 from keras_defense import export
 from keras_defense.compat import keras
+from keras_defense.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAVED_MODELS = sorted(p.parent for p in (REPO / "saved_models").glob("*/*/saved_model.pb"))
@@ -103,8 +104,15 @@ def _ids(paths):
   return ["/".join(p.parts[-2:]) for p in paths]
 
 
+# What the README's model table ships: M0, M1 (M0 pruned), M2 (M1 with
+# augmented logits). The tests below are parametrized by the glob above, so a
+# model that went missing would silently drop out of them; this list makes it
+# fail instead (and a new model must be added here on purpose).
+SHIPPED = ("mnist_m0/1", "mnist_m1/1", "mnist_m2/1")
+
+
 def test_shipped_models_exist():
-  assert any(p.parts[-2] == "mnist_m0" for p in SAVED_MODELS), SAVED_MODELS
+  assert _ids(SAVED_MODELS) == list(SHIPPED), SAVED_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +243,53 @@ def _input_shape(show_output):
   line = next(l for l in block.splitlines() if "shape:" in l)
   dims = [int(d) for d in line.split("(")[1].split(")")[0].split(",")]
   return dims[1:]
+
+
+# --- export_saved_model's versions (TF Serving layout) -------------------------
+def _constant_model(value):
+  inputs = keras.Input((4, 4, 1))
+  dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.Constant(value))
+  return keras.Model(inputs, dense(keras.layers.Flatten()(inputs)))
+
+
+def _kernel(path):
+  return export.load_model(path).layers[-1].get_weights()[0]
+
+
+def test_export_next_version_and_replacing_a_version(tmp_path, monkeypatch):
+  base = tmp_path / "m"
+  assert export.next_version(base) == 1  # no folder yet
+  for name in ("1", "3", "10x", ".5.abc.tmp"):
+    (base / name).mkdir(parents=True)
+  (base / "7").write_text("a file, not a version")
+  # Numeric folders only: not "10x", the file "7" or a leftover temporary.
+  assert export.next_version(base) == 4
+  assert export.export_saved_model(_constant_model(1.0), base) == str(base / "4")
+  assert export.next_version(base) == 5
+  # Exporting to an existing version replaces it whole (docstring: "replaced
+  # only once the new export is complete")...
+  (base / "4" / "stale.txt").write_text("from the old export")
+  export.export_saved_model(_constant_model(2.0), base, version=4)
+  assert not (base / "4" / "stale.txt").exists()
+  np.testing.assert_array_equal(_kernel(base / "4"), np.full((16, 3), 2.0, np.float32))
+  # ...and an export that fails half-way leaves the old version as it was.
+  broken = _constant_model(3.0)
+
+  def half_written(path, **kwargs):
+    del kwargs
+    pathlib.Path(path).mkdir()
+    (pathlib.Path(path) / "saved_model.pb").write_bytes(b"half")
+    raise OSError("disk full")
+
+  monkeypatch.setattr(broken, "save", half_written)
+  with pytest.raises(OSError, match="disk full"):
+    export.export_saved_model(broken, base, version=4)
+  np.testing.assert_array_equal(_kernel(base / "4"), np.full((16, 3), 2.0, np.float32))
+  assert sorted(p.name for p in base.iterdir()) == [".5.abc.tmp", "1", "10x", "3", "4", "7"]
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_export_version_below_one_is_refused(tmp_path, version):
+  with pytest.raises(UserError, match=rf"`version` must be a positive integer; got {version}\."):
+    export.export_saved_model(_constant_model(1.0), tmp_path / "m", version=version)
+  assert not (tmp_path / "m").exists()
