@@ -217,6 +217,35 @@ def test_lambda_layers_are_refused_before_any_python_runs(tmp_path, case, name, 
     export.load_model(tmp_path / name)
 
 
+_BUILT = []  # one entry per Doubling ever constructed
+
+
+@keras.utils.register_keras_serializable(package="kd_test")
+class Doubling(keras.layers.Layer):
+  """A custom (non-Lambda) layer Keras *can* rebuild, being registered."""
+
+  def __init__(self, **kwargs):
+    super().__init__(**kwargs)
+    _BUILT.append(self)
+
+  def call(self, inputs):
+    return inputs * 2.0
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("model.keras", {}), ("model.h5", {}), ("saved", {"save_format": "tf"})])
+def test_custom_layer_classes_are_refused_too(tmp_path, name, kwargs):
+  inputs = keras.Input((4,))
+  keras.Model(inputs, keras.layers.Dense(2)(Doubling()(inputs))).save(tmp_path / name, **kwargs)
+  _BUILT.clear()
+  # Registered, so Keras itself would load it and run Doubling.__init__.
+  with pytest.raises(export.ModelLoadError,
+                     match=r"contains a '(kd_test>)?Doubling' layer or object, which is not "
+                           r"a built-in Keras class; refusing"):
+    export.load_model(tmp_path / name)
+  assert _BUILT == []
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
   """A finished 1-epoch cw_mnist training run directory."""
