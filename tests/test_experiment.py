@@ -14,6 +14,7 @@ from keras_defense import logits_augmentation
 from keras_defense import pruning
 from keras_defense import statistics
 from keras_defense import training
+from keras_defense.compat import tf
 from keras_defense.errors import UserError
 
 _SMALL = dict(train_limit=4000, test_limit=1000, validation_size=500, verbose=0)
@@ -197,3 +198,75 @@ def test_masking_warnings_rules():
   assert any("adaptive attacker beats" in w for w in warnings)
   assert any("CW_L2 untargeted succeeds on 100.0%" in w for w in warnings)
   assert diagnostics.masking_warnings(rows[:2], models={"m0": models["m0"]}) == []
+
+
+# --- evaluation.score / summarize: the report's headline numbers ---------------
+def _pixel_model(images):
+  """Class = round(2 * pixel (0, 0)): 0 -> class 0, 0.5 -> 1, 1 -> 2; nothing else counts."""
+  return tf.one_hot(tf.cast(tf.round(images[:, 0, 0, 0] * 2), tf.int32), 3)
+
+
+def _score_data():
+  """Four 2x2 images and their attacked versions, each case worked out by hand."""
+  x = np.zeros((4, 2, 2, 1), np.float32)
+  x[:, 0, 0, 0] = [0.0, 0.5, 0.0, 1.0]  # predicted 0, 1, 0, 2
+  y = np.array([0, 1, 1, 2])  # image 2 is misclassified before any attack
+  x_adv = x.copy()
+  x_adv[0, 0, 0, 0], x_adv[0, 1, 1, 0] = 0.5, 0.5  # -> class 1; L0 2, L2 sqrt(0.5), Linf 0.5
+  x_adv[1, 0, 1, 0] = 0.25  # still class 1; L0 1, L2 0.25, Linf 0.25
+  x_adv[2, 0, 0, 0] = 1.0  # -> class 2, but it was wrong already
+  x_adv[3, 0, 0, 0] = 0.0  # -> class 0; L0 1, L2 1, Linf 1
+  return x, x_adv, y
+
+
+def test_score_untargeted_counts_initially_correct_images_only():
+  x, x_adv, y = _score_data()
+  stats, success = evaluation.score(_pixel_model, x, x_adv, y, targeted=False)
+  np.testing.assert_array_equal(success, [True, False, False, True])
+  # n: images 0, 1, 3 (image 2 was misclassified already); successes: 0 and 3.
+  assert (stats["n"], stats["successes"]) == (3, 2)
+  assert stats["success_rate"] == pytest.approx(2 / 3)
+  assert (stats["ci_low"], stats["ci_high"]) == statistics.wilson_interval(2, 3)
+  # Mean norms over the two successes only (images 1 and 2 moved too).
+  assert stats["mean_l0"] == pytest.approx((2 + 1) / 2)
+  assert stats["mean_l2"] == pytest.approx((np.sqrt(0.5) + 1.0) / 2)
+  assert stats["mean_linf"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_score_targeted_excludes_images_whose_target_is_their_label():
+  x, x_adv, y = _score_data()
+  y_target = np.array([1, 1, 2, 0])  # image 1: target == label, "reached" without moving
+  stats, success = evaluation.score(_pixel_model, x, x_adv, y, targeted=True,
+                                    y_target=y_target)
+  np.testing.assert_array_equal(success, [True, False, False, True])
+  # n: images 0 and 3 (1 has target == label, 2 was misclassified); both reach it.
+  assert (stats["n"], stats["successes"], stats["success_rate"]) == (2, 2, 1.0)
+  assert (stats["ci_low"], stats["ci_high"]) == statistics.wilson_interval(2, 2)
+  assert stats["mean_l0"] == pytest.approx(1.5)
+  assert stats["mean_linf"] == pytest.approx(0.75)
+
+
+def test_summarize_with_nothing_counted_or_nothing_found():
+  x, x_adv, _ = _score_data()
+  none = np.zeros(4, bool)
+  stats, _ = evaluation.summarize(x, x_adv, none, none)
+  assert (stats["n"], stats["successes"], stats["success_rate"]) == (0, 0, 0.0)
+  assert (stats["ci_low"], stats["ci_high"]) == (0.0, 1.0)
+  stats, _ = evaluation.summarize(x, x_adv, none, np.ones(4, bool))
+  assert (stats["n"], stats["successes"]) == (4, 0)
+  assert stats["mean_l0"] is None and stats["mean_l2"] is None and stats["mean_linf"] is None
+
+
+def test_target_selection_next_least_likely_random():
+  x, _, y = _score_data()
+  np.testing.assert_array_equal(
+      evaluation._targets("next", _pixel_model, x, y, 3, seed=0), [1, 2, 2, 0])
+  # Logits (p, 1 - p, 0.25) for p = pixel (0, 0): the lowest is class 0 at
+  # p = 0, class 2 at p = 0.5 and class 1 at p = 1.
+  graded = lambda images: tf.stack([images[:, 0, 0, 0], 1 - images[:, 0, 0, 0],  # noqa: E731
+                                    tf.fill(tf.shape(images)[:1], 0.25)], axis=1)
+  np.testing.assert_array_equal(
+      evaluation._targets("least_likely", graded, x, y, 3, seed=0), [0, 2, 0, 1])
+  rand = evaluation._targets("random", graded, x, y, 3, seed=5)
+  assert np.all(rand != y)
+  np.testing.assert_array_equal(rand, evaluation._targets("random", graded, x, y, 3, seed=5))
