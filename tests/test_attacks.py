@@ -253,19 +253,19 @@ def test_carlini_wagner_l2_confidence_and_abort_early(model, data):
 
 
 def test_carlini_wagner_linf_and_l0_targeted(model, data):
-  x, y = data[0][:8], data[1][:8]
+  x, y = data[0][:6], data[1][:6]
   t = attacks.random_targets(y, 10, seed=0)
-  x_inf = attacks.carlini_wagner_linf(model, x, t, targeted=True, max_iterations=50,
+  x_inf = attacks.carlini_wagner_linf(model, x, t, targeted=True, max_iterations=30,
                                       initial_const=1.0, decrease_factor=0.5,
                                       learning_rate=0.05)
   ok = attacks.attack_success(model, x_inf, y, x_clean=x, targeted=True, y_target=t)
-  assert ok.rate >= 0.75  # seen: all 7 initially correct images
-  x_0 = attacks.carlini_wagner_l0(model, x[:6], t[:6], targeted=True, max_iterations=40,
+  assert ok.rate >= 0.8  # seen: 6 of 6
+  x_0 = attacks.carlini_wagner_l0(model, x[:4], t[:4], targeted=True, max_iterations=30,
                                   initial_const=1.0, largest_const=16.0, learning_rate=0.1)
-  ok = attacks.attack_success(model, x_0, y[:6], x_clean=x[:6], targeted=True,
-                              y_target=t[:6])
-  assert ok.rate >= 0.8  # seen: 6 of 6, 5-41 pixels
-  assert attacks.perturbation_norms(x[:6], x_0).l0[ok.success].max() < 100
+  ok = attacks.attack_success(model, x_0, y[:4], x_clean=x[:4], targeted=True,
+                              y_target=t[:4])
+  assert ok.rate >= 0.75  # seen: 4 of 4, 5-37 pixels
+  assert attacks.perturbation_norms(x[:4], x_0).l0[ok.success].max() < 100
 
 
 def test_attacks_in_another_pixel_range(model, data):
