@@ -23,7 +23,7 @@ from typing import Sequence
 from keras_defense import io_utils
 from keras_defense import reporting
 from keras_defense import tensorboard_writer
-from keras_defense.robustness import RobustnessResult
+from keras_defense.robustness_result import RobustnessResult
 
 _md_table = reporting._md_table  # pylint: disable=protected-access  (one Markdown table writer)
 
