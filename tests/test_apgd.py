@@ -208,6 +208,16 @@ def test_iterations_count_the_gradients_each_image_needed():
   assert iterations[broken].mean() < 22
 
 
+def test_bfloat16_runs_on_a_clone_and_stays_legal():
+  x, y = correct_test_images(32)
+  model = tiny_model()
+  x_adv = apgd(model, x, y, 0.1, steps=8, compute_dtype="bfloat16")
+  assert x_adv.dtype == np.float32
+  assert _norms(x, x_adv)[0].max() <= 0.1 + 1e-6
+  assert np.mean(attacks.predict_classes(model, x_adv) == y) < 0.8
+  assert keras.mixed_precision.global_policy().name == "float32"
+
+
 def test_eot_averages_identical_gradients_to_the_same_attack():
   x, y = correct_test_images(24)
   model = tiny_model()
@@ -294,8 +304,8 @@ def test_resolve_compute_dtype(monkeypatch, caplog):
   assert runtime.resolve_compute_dtype(model, "float32", (28, 28, 1)) == "float32"
   calls = []
 
-  def fake_timings(m, shape, times):
-    calls.append(shape)
+  def fake_timings(m, shape, batch, times):
+    calls.append((shape, batch))
     return dict(times)
 
   fresh = keras.models.clone_model(model)
@@ -306,7 +316,7 @@ def test_resolve_compute_dtype(monkeypatch, caplog):
     assert not [r for r in caplog.records if "bfloat16" in r.getMessage()]
     assert runtime.resolve_compute_dtype(fresh, "bfloat16", (28, 28, 1)) == "bfloat16"
     assert [r for r in caplog.records if "slower than float32" in r.getMessage()]
-  assert len(calls) == 1   # measured once per model and image shape
+  assert calls == [((28, 28, 1), 512)]   # measured once per model and shape
   faster = keras.models.clone_model(model)
   monkeypatch.setattr(runtime, "_gradient_step_seconds", functools.partial(
       fake_timings, times={"float32": 1.0, "bfloat16": 0.5}))
@@ -317,7 +327,7 @@ def test_resolve_compute_dtype_measures_for_real():
   model = tiny_model()
   choice = runtime.resolve_compute_dtype(model, "auto", (28, 28, 1))
   assert choice in ("float32", "bfloat16")
-  seconds = runtime.model_cache(model)[("dtype_timings", (28, 28, 1))]
+  seconds = runtime.model_cache(model)[("dtype_timings", (28, 28, 1), 512)]
   assert set(seconds) == {"float32", "bfloat16"} and min(seconds.values()) > 0
   assert runtime.resolve_compute_dtype(model, "auto", (28, 28, 1)) == choice
 

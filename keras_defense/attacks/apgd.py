@@ -328,6 +328,9 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
     compute_dtype: "auto" (the faster of float32/bfloat16 for this model on
       this machine, see ``runtime.resolve_compute_dtype``), "float32" or
       "bfloat16" (Keras models only; successes are confirmed in float32).
+      bfloat16 is faster where the CPU has it but weaker: M0, first 1,000
+      test images, eps 0.1, APGD-CE: 86.4-87.0% robust accuracy vs
+      83.4-83.5% in float32 (seeds 0, 1; float32 for a final evaluation).
     seed: seed of the random starts (stateless; per batch and run).
     eot_samples: forward/backward passes whose gradients are averaged per
       step (expectation over transformation, for randomized models), >= 1.
@@ -384,7 +387,8 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
     raise ValueError(f"`n_target_classes` must be <= {k - 1} (the classes "
                      f"other than the top one); got {n_target_classes}.")
   image_shape = tuple(inputs.x.shape[1:])
-  dtype = runtime.resolve_compute_dtype(model, compute_dtype, image_shape)
+  dtype = runtime.resolve_compute_dtype(model, compute_dtype, image_shape,
+                                        min(batch_size, len(inputs.x)))
   logits_fn = runtime.logits_function(model, dtype)
   key = ("apgd", image_shape, norm, loss, targeted, clip_min, clip_max, dtype,
          eot_samples)
@@ -433,6 +437,6 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
 def _logits_in_batches(model: Any, logits_fn: Callable[[tf.Tensor], tf.Tensor],
                        x: np.ndarray, batch_size: int) -> np.ndarray:
   """Float32 logits of ``x``, compiled once per model and image shape."""
-  fn = runtime.cached(model, ("logits", x.shape[1:]),
-                      lambda: tf.function(logits_fn))
+  fn = runtime.cached(model, ("logits", x.shape[1:]), lambda: tf.function(
+      logits_fn, input_signature=[tf.TensorSpec([None, *x.shape[1:]], tf.float32)]))
   return runtime.in_batches(fn, batch_size, x)

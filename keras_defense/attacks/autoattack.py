@@ -255,7 +255,10 @@ def auto_attack(model: Any, x: Any, y: Any, epsilon: float, *,
     attacks: with ``version="custom"``: names from ``ATTACKS`` in run order.
     batch_size: images per compiled call.
     compute_dtype: "auto", "float32" or "bfloat16" for the gradient attacks
-      (resolved once; Square always runs in float32).
+      (resolved once; Square always runs in float32). "auto" is the faster
+      dtype, which on a CPU with native bfloat16 is bfloat16, and bfloat16
+      APGD is weaker (see ``apgd``): pass "float32" for the strongest
+      evaluation.
     seed: passed to every attack (the reference does the same).
 
   Returns:
@@ -276,7 +279,8 @@ def auto_attack(model: Any, x: Any, y: Any, epsilon: float, *,
   inputs = runtime.prepare(x, y, 0.0, 1.0,
                            runtime.logits_function(model, "float32"))
   xs, ys = inputs.x, inputs.y
-  dtype = runtime.resolve_compute_dtype(model, compute_dtype, xs.shape[1:])
+  dtype = runtime.resolve_compute_dtype(model, compute_dtype, xs.shape[1:],
+                                        min(batch_size, len(xs)))
   clean_correct = metrics.predict_classes(model, xs, batch_size=batch_size) == ys
   robust = clean_correct.copy()
   x_adv = xs.copy()

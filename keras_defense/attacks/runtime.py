@@ -139,7 +139,7 @@ _BF16_WINS_BELOW = 0.9
 
 
 def _gradient_step_seconds(model: Any, image_shape: tuple[int, ...],
-                           batch: int = 128, repeats: int = 5) -> dict:
+                           batch: int, repeats: int = 3) -> dict:
   """Best-of-``repeats`` seconds of one compiled CE input-gradient step per dtype."""
   x = tf.random.stateless_uniform([batch, *image_shape], [0, 0])
   seconds = {}
@@ -164,12 +164,14 @@ def _gradient_step_seconds(model: Any, image_shape: tuple[int, ...],
 
 
 def resolve_compute_dtype(model: Any, compute_dtype: str,
-                          image_shape: tuple[int, ...]) -> str:
+                          image_shape: tuple[int, ...],
+                          batch_size: int = 512) -> str:
   """Turns ``"auto"`` into the faster of float32/bfloat16 for this model here.
 
   The first call for a Keras model times one compiled input-gradient step
-  (batch 128, best of 5) in both dtypes and caches the timings with the
-  model's compiled steps (once per process and model); bfloat16 is chosen if
+  (``min(batch_size, 512)`` images, best of 3) in both dtypes and caches the
+  timings with the model's compiled steps (once per process, model, image
+  shape and timing batch); bfloat16 is chosen if
   it took under ``_BF16_WINS_BELOW`` of float32's time. On a CPU without
   native bfloat16 it is several times slower (issue 13: BIM 6.8x), on one
   with AVX-512-BF16/AMX faster. Non-Keras callables resolve to float32 (there
@@ -180,6 +182,9 @@ def resolve_compute_dtype(model: Any, compute_dtype: str,
     model: Keras model or callable, images -> logits.
     compute_dtype: "auto", "float32" or "bfloat16".
     image_shape: (H, W, C) of the images to be attacked.
+    batch_size: the attack's batch size: the speed ratio of the two dtypes
+      depends on it (M0 on an AVX-512-BF16 CPU: bfloat16 slower at 128
+      images, 1.7-3x faster at 1,000).
 
   Returns:
     "float32" or "bfloat16".
@@ -194,8 +199,9 @@ def resolve_compute_dtype(model: Any, compute_dtype: str,
     # to reject with its TypeError.
     return "float32" if compute_dtype == "auto" else compute_dtype
   shape = tuple(int(d) for d in image_shape)
-  seconds = cached(model, ("dtype_timings", shape),
-                   lambda: _gradient_step_seconds(model, shape))
+  batch = max(1, min(int(batch_size), 512))
+  seconds = cached(model, ("dtype_timings", shape, batch),
+                   lambda: _gradient_step_seconds(model, shape, batch))
   bf16_faster = seconds["bfloat16"] < _BF16_WINS_BELOW * seconds["float32"]
   if compute_dtype == "auto":
     return "bfloat16" if bf16_faster else "float32"
