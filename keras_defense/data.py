@@ -208,9 +208,9 @@ def check_image_features(name: str, features: Any, *, resize: bool) -> None:
       label, tfds.features.ClassLabel):
     raise DataError(f"dataset {name!r} is not supported: expected {expected}; it has "
                     f"features {', '.join(keys) or 'none'}.")
-  if image.dtype != tf.uint8:
+  if np.dtype(image.np_dtype) != np.uint8:
     raise DataError(f"dataset {name!r} is not supported: expected {expected}; its "
-                    f"images are {image.dtype.name}.")
+                    f"images are {np.dtype(image.np_dtype).name}.")
   if not resize and tuple(image.shape) not in SUPPORTED_SHAPES:
     raise DataError(
         f"dataset {name!r} is not supported as is: its images are "

@@ -195,7 +195,7 @@ def remove_worker_output(path: str | os.PathLike | None,
 
 def export_saved_model(model, export_dir: str | os.PathLike,
                        strategy: tf.distribute.Strategy, *,
-                       version: int | None = None) -> str:
+                       version: int | None = None, provenance: dict | None = None) -> str:
   """``export.export_saved_model`` from every worker; only the chief's copy is kept.
 
   Every worker saves (SavedModel saving may use collectives), the others into
@@ -207,7 +207,7 @@ def export_saved_model(model, export_dir: str | os.PathLike,
     starting state).
   """
   saved = export.export_saved_model(model, output_path(export_dir, strategy),
-                                    version=version)
+                                    version=version, provenance=provenance)
   remove_worker_output(export_dir, strategy)
   barrier(strategy)
   return str(pathlib.Path(export_dir) / pathlib.Path(saved).name)

@@ -5,6 +5,12 @@ in ``<run_dir>/stages/<stage>.json``; a rerun skips finished stages and
 resumes an interrupted one (training and pruning from their last epoch
 checkpoint, the attack grid from its last finished cell).
 
+One dataset, every stage: ``ExperimentConfig.dataset`` (with its ``data_dir``
+and ``manual_dir``) is the data of training, pruning, augmentation, attack and
+report; a stage config naming another is an error, never silently used.
+Model names are m0/m1/m2 (c0/c1/c2 for the CIFAR family); paths use
+``data.slug(dataset)`` (<ds> below).
+
 Run-directory layout::
 
   <run_dir>/m0, m1/                 training / pruning runs (checkpoints, TensorBoard)
@@ -41,12 +47,17 @@ STAGES = ("train", "prune", "augment", "attack", "report")
 
 @dataclasses.dataclass
 class ExperimentConfig:
-  """The whole reproduction. Sub-configs come from the per-model flagfiles."""
+  """The whole reproduction. Sub-configs come from the per-model flagfiles.
+
+  ``dataset``, ``data_dir`` and ``manual_dir`` are the run's: every stage uses
+  them, and ``validate`` refuses stage configs that name other values.
+  """
   run_dir: str
   train: training.TrainConfig
   prune: Any  # pruning.PruneConfig (imported lazily: tfmot is heavy)
   augment: Any  # logits_augmentation.AugmentConfig
   eval: evaluation.EvalConfig
+  dataset: str = "mnist"  # tfds name or folder:PATH, optionally @HxWxC (data.split_name)
   stages: tuple[str, ...] = STAGES
   reuse_saved_models: bool = False
   saved_models_dir: str = "saved_models"
@@ -55,15 +66,21 @@ class ExperimentConfig:
   strategy: str = "default"  # distribution.STRATEGIES, for train, prune and attack
   num_cpu_devices: int | None = None  # mirrored without GPUs: logical CPU devices
   command: str | None = None
+  data_dir: str | None = None
+  manual_dir: str | None = None
 
   @property
-  def dataset(self) -> str:
-    return self.train.dataset
+  def slug(self) -> str:
+    """The dataset's name in file paths (``data.slug``)."""
+    return data.slug(self.dataset)
 
   @property
   def names(self) -> tuple[str, str, str]:
-    p = "m" if self.dataset in ("mnist", "fashion_mnist") else "c"
+    p = "c" if data.split_name(self.dataset)[0].startswith("cifar") else "m"
     return (f"{p}0", f"{p}1", f"{p}2")
+
+  def data_kwargs(self) -> dict:
+    return {"data_dir": self.data_dir, "manual_dir": self.manual_dir}
 
   def validate(self) -> "ExperimentConfig":
     for s in self.stages:
@@ -73,6 +90,14 @@ class ExperimentConfig:
       raise UserError("`stages` must name at least one stage; got an empty list.")
     training.check_strategy(self.strategy, self.num_cpu_devices)
     training.check_output_dir("run_dir", self.run_dir)
+    data.split_name(self.dataset)  # a usable name, or DataError
+    for stage in ("train", "prune", "augment"):
+      sub = getattr(self, stage)
+      for field in ("dataset", "data_dir", "manual_dir"):
+        if getattr(sub, field) != getattr(self, field):
+          raise UserError(
+              f"the {stage} stage's `{field}` is {getattr(sub, field)!r} but the run's is "
+              f"{getattr(self, field)!r}: every stage must use the run's data.")
     self.train.validate()
     self.prune.validate()
     self.augment.validate()
@@ -99,11 +124,12 @@ class _Run:
   def model_path(self, index: int) -> str:
     name = self.config.names[index]
     if self.config.reuse_saved_models:
-      path = pathlib.Path(self.config.saved_models_dir) / f"{self.config.dataset}_{name}" / "1"
+      path = pathlib.Path(self.config.saved_models_dir) / f"{self.config.slug}_{name}" / "1"
       if not (path / "saved_model.pb").is_file():
         raise UserError(
             f"--reuse_saved_models: no SavedModel at {str(path)!r}; train it first "
             f"or run without --reuse_saved_models.")
+      export.check_model_dataset(path, self.config.dataset, what="--reuse_saved_models")
       return str(path)
     record = self.done(STAGES[index])
     if record is None:
@@ -113,38 +139,43 @@ class _Run:
     return record["saved_model"]
 
   def export_dir(self, index: int) -> str:
-    return str(self.dir / "saved_models" / f"{self.config.dataset}_{self.config.names[index]}")
+    return str(self.dir / "saved_models" / f"{self.config.slug}_{self.config.names[index]}")
+
+
+def _stage_config(run: _Run, stage: str, *, base_model_path: str | None = None):
+  """The config a stage really runs with: the run's data, paths and strategy."""
+  c = run.config
+  common = dict(dataset=c.dataset, **c.data_kwargs())
+  if stage == "train":
+    return dataclasses.replace(c.train, **common, run_dir=str(run.dir / c.names[0]),
+                               export_dir=run.export_dir(0), export_version=1,
+                               strategy=c.strategy, num_cpu_devices=c.num_cpu_devices)
+  if stage == "prune":
+    return dataclasses.replace(
+        c.prune, **common, base_model_path=base_model_path or run.model_path(0),
+        run_dir=str(run.dir / c.names[1]), export_dir=run.export_dir(1), export_version=1,
+        report_path=str(run.dir / "compression" / f"{c.slug}_{c.names[1]}"),
+        strategy=c.strategy, num_cpu_devices=c.num_cpu_devices)
+  return dataclasses.replace(c.augment, **common,
+                             base_model_path=base_model_path or run.model_path(1),
+                             export_dir=run.export_dir(2), export_version=1)
 
 
 def _stage_train(run: _Run) -> dict:
-  c = run.config
-  cfg = dataclasses.replace(c.train, run_dir=str(run.dir / c.names[0]),
-                            export_dir=run.export_dir(0), export_version=1,
-                            strategy=c.strategy, num_cpu_devices=c.num_cpu_devices)
-  result = training.train(cfg)
+  result = training.train(_stage_config(run, "train"))
   return {"saved_model": result.saved_model_path, **result.to_dict()}
 
 
 def _stage_prune(run: _Run) -> dict:
   from keras_defense import pruning  # pylint: disable=g-import-not-at-top
-  c = run.config
-  cfg = dataclasses.replace(
-      c.prune, base_model_path=run.model_path(0), dataset=c.dataset,
-      run_dir=str(run.dir / c.names[1]), export_dir=run.export_dir(1), export_version=1,
-      report_path=str(run.dir / "compression" / f"{c.dataset}_{c.names[1]}"),
-      strategy=c.strategy, num_cpu_devices=c.num_cpu_devices)
-  result = pruning.prune(cfg)
+  result = pruning.prune(_stage_config(run, "prune"))
   return {"saved_model": result.saved_model_path,
           **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
 
 
 def _stage_augment(run: _Run) -> dict:
   from keras_defense import logits_augmentation  # pylint: disable=g-import-not-at-top
-  c = run.config
-  cfg = dataclasses.replace(c.augment, base_model_path=run.model_path(1),
-                            dataset=c.dataset, export_dir=run.export_dir(2),
-                            export_version=1)
-  result = logits_augmentation.augment(cfg)
+  result = logits_augmentation.augment(_stage_config(run, "augment"))
   return {"saved_model": result.saved_model_path,
           **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
 
@@ -187,9 +218,8 @@ def _stage_attack(run: _Run, progress=None) -> dict:
   c = run.config
   paths = {name: run.model_path(i) for i, name in enumerate(c.names)}
   models = {name: export.load_model(p) for name, p in paths.items()}
-  x, y = data.load_arrays(c.dataset, "test", data_dir=c.train.data_dir,
-                          manual_dir=c.train.manual_dir)
-  info = data.info(c.dataset, data_dir=c.train.data_dir, manual_dir=c.train.manual_dir)
+  x, y = data.load_arrays(c.dataset, "test", **c.data_kwargs())
+  info = data.info(c.dataset, **c.data_kwargs())
   facts_path = run.dir / "attack" / "models.json"
   if facts_path.is_file():
     facts = io_utils.read_json(facts_path)
@@ -230,30 +260,43 @@ def _stage_report(run: _Run, start_time: float) -> dict:
     logging.warning("GRADIENT MASKING: %s", w)
   stage_seconds = {s: (run.done(s) or {}).get("stage_seconds") for s in STAGES}
   wall = sum(v for v in stage_seconds.values() if v) + (time.time() - start_time)
-  config_dict = _config_dict(c)
+  config_dict = _config_dict(run)
   config_dict["stage_seconds"] = stage_seconds
   # The command that made the run: the first stage's (a report re-rendered
   # later by `--stages=report` keeps it).
   commands = [(run.done(s) or {}).get("command") for s in STAGES[:-1]]
   command = next((cmd for cmd in commands if cmd), c.command)
+  info = data.info(c.dataset, validation_size=c.train.validation_size, **c.data_kwargs())
   paths = reporting.write_report(
       str(run.dir), rows=rows, models=facts, warnings=warnings, config=config_dict,
       versions=versions(), examples=examples, wall_seconds=wall, command=command,
-      title=c.dataset.upper())
+      title=c.dataset.upper() if "/" not in c.dataset and ":" not in c.dataset else c.dataset,
+      dataset=info.to_dict())
   return {"artifacts": paths, "warnings": warnings}
 
 
-def _config_dict(c: ExperimentConfig) -> dict:
+def _config_dict(run: _Run) -> dict:
+  """The run's configuration as the stages really ran it (effective data and model paths)."""
+  c = run.config
+
+  def effective(stage: str, index: int):
+    try:
+      base = None if index < 0 else run.model_path(index)
+    except UserError:  # that model does not exist yet: show the config as given
+      return getattr(c, stage)
+    return _stage_config(run, stage, base_model_path=base)
+
   def plain(v):
     if dataclasses.is_dataclass(v):
       return {k: plain(x) for k, x in dataclasses.asdict(v).items()}
     if isinstance(v, tuple):
       return list(v)
     return v
-  return {"run_dir": c.run_dir, "stages": list(c.stages),
+  return {"run_dir": c.run_dir, "dataset": c.dataset, "stages": list(c.stages),
           "reuse_saved_models": c.reuse_saved_models, "seed": c.seed,
-          "deterministic": c.deterministic, "train": plain(c.train),
-          "prune": plain(c.prune), "augment": plain(c.augment), "eval": plain(c.eval)}
+          "deterministic": c.deterministic, "train": plain(effective("train", -1)),
+          "prune": plain(effective("prune", 0)), "augment": plain(effective("augment", 1)),
+          "eval": plain(c.eval)}
 
 
 def run(config: ExperimentConfig, *, progress=None) -> dict:
@@ -269,6 +312,9 @@ def run(config: ExperimentConfig, *, progress=None) -> dict:
     config = dataclasses.replace(
         config, run_dir=distribution.output_path(config.run_dir, strategy))
   run_ = _Run(config)
+  if config.reuse_saved_models:  # every reused model is of the run's dataset, before any write
+    for index in range(len(config.names)):
+      run_.model_path(index)
   run_.dir.mkdir(parents=True, exist_ok=True)
   training.setup_determinism(config.seed, config.deterministic)
   records = {}

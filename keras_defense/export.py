@@ -13,6 +13,11 @@ tfmot, no custom objects, no Lambda layers):
 H, W, C are fixed in the signatures, so a wrongly shaped or typed request is
 refused at the boundary.
 
+What made the model (its dataset with that dataset's source-file digests, the
+stage, the base model) is kept beside the graph in
+``assets.extra/keras_defense.json`` (TF Serving's folder for extra files; no
+loader reads it), see ``read_provenance``.
+
 Example:
   >>> path = export_saved_model(model, "saved_models/mnist_m0", version=1)
   >>> served = tf.saved_model.load(path).signatures["serving_default"]
@@ -32,6 +37,7 @@ from keras_defense.errors import UserError
 SERVING_SIGNATURE = "serving_default"
 UINT8_SIGNATURE = "serving_uint8"
 OUTPUT_KEYS = ("logits", "probabilities", "classes")
+PROVENANCE_FILE = pathlib.Path("assets.extra") / "keras_defense.json"
 
 
 class ModelLoadError(UserError):
@@ -76,7 +82,7 @@ def next_version(base: str | os.PathLike) -> int:
 
 
 def export_saved_model(model: keras.Model, base: str | os.PathLike, *,
-                       version: int | None = None) -> str:
+                       version: int | None = None, provenance: dict | None = None) -> str:
   """Exports ``model`` to ``<base>/<version>/`` atomically.
 
   Args:
@@ -85,6 +91,8 @@ def export_saved_model(model: keras.Model, base: str | os.PathLike, *,
     base: the model's folder, e.g. ``saved_models/mnist_m0``.
     version: positive int; default the next free version. An existing version
       is replaced only once the new export is complete.
+    provenance: JSON-able facts written to ``assets.extra/keras_defense.json``
+      (``{"dataset": ..., "stage": ...}``; see ``provenance.model_provenance``).
 
   Returns:
     The path of the exported version.
@@ -104,7 +112,48 @@ def export_saved_model(model: keras.Model, base: str | os.PathLike, *,
   with io_utils.atomic_path(path, directory=True) as tmp:
     model.save(tmp, save_format="tf", include_optimizer=False,
                signatures=serving_signatures(model))
+    if provenance is not None:
+      io_utils.write_json(pathlib.Path(tmp) / PROVENANCE_FILE, provenance)
   return str(path)
+
+
+def read_provenance(path: str | os.PathLike) -> dict | None:
+  """The provenance exported with the SavedModel at ``path`` (None if it has none)."""
+  p = pathlib.Path(path) / PROVENANCE_FILE
+  if not p.is_file():
+    return None
+  try:
+    return io_utils.read_json(p)
+  except (OSError, ValueError) as e:
+    raise ModelLoadError(f"{str(p)!r} is not valid JSON ({e}).") from e
+
+
+def check_model_dataset(path: str | os.PathLike, dataset: str, *, what: str) -> dict:
+  """Raises unless the SavedModel at ``path`` records that it was made on ``dataset``.
+
+  Args:
+    path: a SavedModel version directory.
+    dataset: the dataset of the run that wants to use it.
+    what: how the message names the model ("--reuse_saved_models", "base model").
+
+  Returns:
+    The model's provenance.
+
+  Raises:
+    ModelLoadError: no provenance, or another dataset.
+  """
+  record = read_provenance(path)
+  if record is None or "dataset" not in record:
+    raise ModelLoadError(
+        f"{what}: {str(path)!r} records no dataset (no {PROVENANCE_FILE} in it), so it "
+        f"cannot be checked against this run's dataset {dataset!r}; re-export it with "
+        f"keras-defense or run the stage that makes it.")
+  if record["dataset"] != dataset:
+    raise ModelLoadError(
+        f"{what}: {str(path)!r} was made on dataset {record['dataset']!r}, but this run's "
+        f"dataset is {dataset!r}; use models of {dataset!r} or pass "
+        f"--dataset={record['dataset']}.")
+  return record
 
 
 # Configs may name these besides layers: models, dtype policies, and the

@@ -16,18 +16,26 @@ from absl import flags
 from keras_defense import data
 from keras_defense import models
 from keras_defense import training
+from keras_defense.errors import UserError
 
 FLAGS = flags.FLAGS
 
 # --- data -------------------------------------------------------------------
 flags.DEFINE_string("dataset", "mnist",
-                    "tfds image-classification dataset (mnist, fashion_mnist, cifar10, ...).")
+                    "tfds image-classification dataset with 28x28x1 or 32x32x3 uint8 images and "
+                    "a label (mnist, fashion_mnist, kmnist, cifar10, ...), or folder:PATH for "
+                    "PATH/train/<class>/*.png|jpg and PATH/test/<class>/... (tfds ImageFolder). "
+                    "kd-experiment uses it for every stage.")
+flags.DEFINE_string("image_size", None,
+                    "Convert and resize every image to 28x28x1 or 32x32x3 (default: the images "
+                    "must already have one of those shapes).")
 flags.DEFINE_string("data_dir", None, "tfds data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
 flags.DEFINE_string("manual_dir", None,
                     "Folder with the dataset's official files (e.g. cifar-10-binary.tar.gz). "
                     "MNIST needs none: the package carries its files.")
-flags.DEFINE_integer("validation_size", data.DEFAULT_VALIDATION_SIZE,
-                     "Training examples held out for validation (C&W: 5000).", lower_bound=0)
+flags.DEFINE_integer("validation_size", None,
+                     "Training examples held out for validation (default min(5000, n_train/10); "
+                     "C&W: 5000).", lower_bound=0)
 flags.DEFINE_integer("train_limit", None, "Use only this many training examples.", lower_bound=1)
 flags.DEFINE_integer("test_limit", None, "Use only this many test/validation examples.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Random seed for data order, weights and attacks.")
@@ -73,6 +81,15 @@ flags.register_multi_flags_validator(
     "--num_cpu_devices only goes with --strategy=mirrored.")
 
 flags.register_validator("learning_rate", lambda v: v > 0, "--learning_rate must be > 0.")
+flags.register_validator(
+    "image_size", lambda v: v is None or v.lower() in ("28x28x1", "32x32x3"),
+    "--image_size must be 28x28x1 or 32x32x3.")
+
+
+def dataset_name(fv=None) -> str:
+  """--dataset with --image_size folded in (``data.with_image_size``)."""
+  fv = FLAGS if fv is None else fv
+  return data.with_image_size(fv.dataset, fv.image_size)
 flags.register_validator("lr_decay_factor", lambda v: 0 < v <= 1,
                          "--lr_decay_factor must be in (0, 1].")
 flags.register_validator("dropout", lambda v: 0 <= v < 1, "--dropout must be in [0, 1).")
@@ -85,8 +102,8 @@ def train_config(fv=None) -> training.TrainConfig:
   """The TrainConfig the training flags describe."""
   fv = FLAGS if fv is None else fv
   return training.TrainConfig(
-      dataset=fv.dataset, model=fv.model,
-      run_dir=fv.run_dir or f"runs/{fv.dataset}_train",
+      dataset=dataset_name(fv), model=fv.model,
+      run_dir=fv.run_dir or f"runs/{data.slug(dataset_name(fv))}_train",
       epochs=fv.epochs, batch_size=fv.batch_size, optimizer=fv.optimizer,
       learning_rate=fv.learning_rate, momentum=fv.momentum,
       nesterov=fv.nesterov,
@@ -155,9 +172,10 @@ def prune_config(fv=None):
   """The PruneConfig the pruning flags describe."""
   fv = FLAGS if fv is None else fv
   from keras_defense import pruning  # pylint: disable=g-import-not-at-top  (imports tfmot)
+  name = dataset_name(fv)
   return pruning.PruneConfig(
-      base_model_path=fv.base_model_path or f"saved_models/{fv.dataset}_m0/1",
-      dataset=fv.dataset, run_dir=fv.run_dir or f"runs/{fv.dataset}_prune",
+      base_model_path=fv.base_model_path or f"saved_models/{data.slug(name)}_m0/1",
+      dataset=name, run_dir=fv.run_dir or f"runs/{data.slug(name)}_prune",
       dense_sparsity=fv.dense_sparsity, conv_sparsity=fv.conv_sparsity,
       initial_sparsity=fv.initial_sparsity, prune_logits=fv.prune_logits,
       finetune_dropout=fv.finetune_dropout,
@@ -179,10 +197,11 @@ def prune_config(fv=None):
 def augment_config(fv=None) -> _la.AugmentConfig:
   """The AugmentConfig the augmentation flags describe."""
   fv = FLAGS if fv is None else fv
+  name = dataset_name(fv)
   return _la.AugmentConfig(
-      base_model_path=fv.base_model_path or f"saved_models/{fv.dataset}_m1/1",
+      base_model_path=fv.base_model_path or f"saved_models/{data.slug(name)}_m1/1",
       transform=fv.transform, logits_epsilon=fv.logits_epsilon,
-      inhibition_epsilon=fv.inhibition_epsilon, dataset=fv.dataset,
+      inhibition_epsilon=fv.inhibition_epsilon, dataset=name,
       test_limit=fv.test_limit, data_dir=fv.data_dir, manual_dir=fv.manual_dir,
       export_dir=fv.export_dir, export_version=fv.export_version)
 
@@ -208,7 +227,9 @@ flags.DEFINE_enum("target_selection", "random", list(_ev.TARGET_SELECTIONS),
                   "Targets: random other class, least_likely class, or next class.")
 flags.DEFINE_list("threat_models", list(_tm.THREAT_MODELS),
                   "grey_box, transfer, adaptive (see BUILD.md).")
-flags.DEFINE_integer("eval_size", None, "Test images for FGSM/BIM (default: all).", lower_bound=1)
+flags.DEFINE_integer("eval_size", 2000,
+                     "Test images for FGSM/BIM (the reproduction's 2,000; unset for all).",
+                     lower_bound=1)
 flags.DEFINE_integer("bim_steps", 10, "BIM iterations (defense authors' code: 10).", lower_bound=1)
 flags.DEFINE_float("rel_step_size", 0.25, "BIM step size as a fraction of epsilon.")
 flags.DEFINE_list("cw_attacks", ["cw_l2", "cw_linf", "cw_l0"],
@@ -216,17 +237,20 @@ flags.DEFINE_list("cw_attacks", ["cw_l2", "cw_linf", "cw_l0"],
 flags.DEFINE_integer("cw_eval_size", 100, "Test images for the C&W attacks.", lower_bound=1)
 flags.DEFINE_list("cw_targeted_modes", ["untargeted"],
                   "C&W modes: untargeted, targeted or both (targeted doubles their cost).")
-flags.DEFINE_integer("cw_linf_eval_size", None,
-                     "Test images for C&W L-inf (default: --cw_eval_size).", lower_bound=1)
-flags.DEFINE_integer("cw_l0_eval_size", None,
-                     "Test images for C&W L0, the slowest (default: --cw_eval_size).",
+# The C&W budgets default to the reproduction's (flags/mnist.flags), so that
+# kd-experiment --dataset=NAME with no flagfile finishes in minutes; C&W's own
+# values are in the help.
+flags.DEFINE_integer("cw_linf_eval_size", 50,
+                     "Test images for C&W L-inf (unset: --cw_eval_size).", lower_bound=1)
+flags.DEFINE_integer("cw_l0_eval_size", 20,
+                     "Test images for C&W L0, the slowest (unset: --cw_eval_size).",
                      lower_bound=1)
-flags.DEFINE_integer("cw_linf_max_iterations", None,
-                     "C&W L-inf/L0 iterations per round (default: --cw_max_iterations).",
+flags.DEFINE_integer("cw_linf_max_iterations", 100,
+                     "C&W L-inf/L0 iterations per round (unset: --cw_max_iterations).",
                      lower_bound=1)
-flags.DEFINE_integer("cw_binary_search_steps", 9, "C&W L2 binary-search steps (C&W: 9).",
+flags.DEFINE_integer("cw_binary_search_steps", 5, "C&W L2 binary-search steps (C&W: 9).",
                      lower_bound=1)
-flags.DEFINE_integer("cw_max_iterations", 1000, "C&W iterations per search step (C&W: 1000).",
+flags.DEFINE_integer("cw_max_iterations", 200, "C&W iterations per search step (C&W: 1000).",
                      lower_bound=1)
 flags.DEFINE_integer("attack_batch_size", 1000, "Images per compiled attack call.", lower_bound=1)
 flags.DEFINE_enum("attack_compute_dtype", "float32", ["float32", "bfloat16"],
@@ -282,21 +306,84 @@ for _name in ("train_flagfile", "prune_flagfile", "augment_flagfile"):
       f"--{_name} must name an existing flagfile.")
 
 
-def _sub_flags(flagfile: str | None):
-  """A copy of FLAGS with ``flagfile`` parsed on top of the defaults."""
+# A stage without a flagfile: the card's recipe (flags/mnist_m1.flags) for
+# pruning's fine-tuning instead of the training defaults; a stage flagfile
+# overrides these.
+STAGE_DEFAULTS = {
+    "train": (),
+    "prune": ("--optimizer=adam", "--learning_rate=0.001", "--lr_decay_epochs=6,8",
+              "--lr_decay_factor=0.2", "--finetune_epochs=10", "--pruning_frequency=50",
+              "--pruning_begin_epoch=0", "--pruning_end_epoch=4"),
+    "augment": (),
+}
+# The flags that say which data a run uses: kd-experiment's values reach every stage.
+RUN_DATA_FLAGS = ("dataset", "image_size", "data_dir", "manual_dir")
+# kd-experiment's default epsilon grid per input shape when --epsilons is not given:
+# the MNIST grid of the paper's evaluation; the usual CIFAR-10 radii (Madry et al.).
+DEFAULT_EPSILONS = {(28, 28, 1): ("0.05", "0.1", "0.2", "0.3"),
+                    (32, 32, 3): ("2/255", "4/255", "8/255", "16/255")}
+
+
+def _sub_flags(flagfile: str | None, stage: str = "train"):
+  """A copy of FLAGS: the stage's defaults, then ``flagfile``, parsed on the flag defaults."""
   fv = copy.deepcopy(FLAGS)
   fv.unparse_flags()
-  fv(["stage"] + ([f"--flagfile={flagfile}"] if flagfile else []))
+  fv(["stage", *STAGE_DEFAULTS[stage]] + ([f"--flagfile={flagfile}"] if flagfile else []))
   return fv
 
 
+def _origin(name: str) -> str:
+  """Where kd-experiment's value of --name came from, for error messages."""
+  import sys  # pylint: disable=g-import-not-at-top
+  if any(a == f"--{name}" or a.startswith(f"--{name}=") for a in sys.argv[1:]):
+    return "the command line"
+  if FLAGS[name].present:
+    flagfiles = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--flagfile=")]
+    return f"--flagfile={','.join(flagfiles)}" if flagfiles else "the command line"
+  return "the default"
+
+
+def _with_run_data(fv, stage: str, flagfile: str | None):
+  """Gives a stage's flags the run's data flags; a stage flagfile naming others is an error."""
+  for name in RUN_DATA_FLAGS:
+    if fv[name].present and fv[name].value != FLAGS[name].value:
+      raise UserError(
+          f"the {stage} stage's flagfile {flagfile} sets --{name}={fv[name].value}, but "
+          f"the run's --{name} is {FLAGS[name].value!r} (from {_origin(name)}): every stage "
+          f"must use the run's data. Use a {stage} flagfile for {FLAGS[name].value!r}, "
+          f"drop --{name} from {flagfile}, or pass --{name}={fv[name].value} to the run.")
+    fv[name].value = FLAGS[name].value
+  return fv
+
+
+def _stage_flags(stage: str, flagfile: str | None):
+  return _with_run_data(_sub_flags(flagfile, stage), stage, flagfile)
+
+
+def _epsilons() -> tuple[float, ...]:
+  """--epsilons, or the default grid for the run's input shape."""
+  values = FLAGS.epsilons
+  if not FLAGS["epsilons"].present:
+    shape = data.info(dataset_name(), data_dir=FLAGS.data_dir,
+                      manual_dir=FLAGS.manual_dir).image_shape
+    values = DEFAULT_EPSILONS.get(tuple(shape), values)
+  return tuple(_parse_epsilon(e) for e in values)
+
+
 def experiment_config(command: str | None = None):
-  """The ExperimentConfig the experiment flags (and the stage flagfiles) describe."""
+  """The ExperimentConfig the experiment flags (and the stage flagfiles) describe.
+
+  The run's --dataset/--image_size/--data_dir/--manual_dir reach every stage;
+  a stage flagfile that sets another value is a ``UserError`` naming both.
+
+  Raises:
+    UserError: a stage flagfile names other data than the run.
+  """
   from keras_defense import experiment  # pylint: disable=g-import-not-at-top
   from keras_defense import pruning  # pylint: disable=g-import-not-at-top
-  train_fv = _sub_flags(FLAGS.train_flagfile)
-  prune_fv = _sub_flags(FLAGS.prune_flagfile)
-  augment_fv = _sub_flags(FLAGS.augment_flagfile)
+  train_fv = _stage_flags("train", FLAGS.train_flagfile)
+  prune_fv = _stage_flags("prune", FLAGS.prune_flagfile)
+  augment_fv = _stage_flags("augment", FLAGS.augment_flagfile)
   cw = {"cw_l2": {"binary_search_steps": FLAGS.cw_binary_search_steps,
                   "max_iterations": FLAGS.cw_max_iterations},
         "cw_linf": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
@@ -304,7 +391,7 @@ def experiment_config(command: str | None = None):
         "cw_l0": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
                   "eval_size": FLAGS.cw_l0_eval_size or FLAGS.cw_eval_size}}
   eval_config = _ev.EvalConfig(
-      attacks=tuple(FLAGS.attacks), epsilons=tuple(_parse_epsilon(e) for e in FLAGS.epsilons),
+      attacks=tuple(FLAGS.attacks), epsilons=_epsilons(),
       targeted_modes=tuple(m == "targeted" for m in FLAGS.targeted_modes),
       target_selection=FLAGS.target_selection, threat_models=tuple(FLAGS.threat_models),
       eval_size=FLAGS.eval_size, bim_steps=FLAGS.bim_steps,
@@ -315,7 +402,8 @@ def experiment_config(command: str | None = None):
       seed=FLAGS.seed)
   del pruning
   return experiment.ExperimentConfig(
-      run_dir=FLAGS.run_dir or f"runs/{FLAGS.dataset}",
+      run_dir=FLAGS.run_dir or f"runs/{data.slug(dataset_name())}",
+      dataset=dataset_name(), data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
       train=train_config(train_fv), prune=prune_config(prune_fv),
       augment=augment_config(augment_fv), eval=eval_config,
       stages=tuple(FLAGS.stages), reuse_saved_models=FLAGS.reuse_saved_models,
@@ -369,7 +457,7 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
   label = "_".join(p for p in str(fv.model or "model").replace("\\", "/").split("/")[-2:] if p)
   return _rob.RobustnessConfig(
       model=fv.model, run_dir=fv.run_dir or f"runs/evaluate_{label}_{fv.norm}",
-      dataset=fv.dataset, norm=fv.norm,
+      dataset=dataset_name(fv), norm=fv.norm,
       epsilons=tuple(_parse_epsilon(e) for e in fv.epsilons), n_examples=fv.n_examples,
       version=fv.version, attacks=tuple(fv.attacks) if fv.attacks else None,
       signature=fv.signature, output_key=fv.output_key, seed=fv.seed,

@@ -33,6 +33,7 @@ import numpy as np
 
 from keras_defense import data
 from keras_defense import export
+from keras_defense import provenance
 from keras_defense import training
 from keras_defense.compat import keras
 from keras_defense.training import ConfigError
@@ -220,6 +221,10 @@ def augment(config: AugmentConfig) -> AugmentResult:
     ValueError: the base model has no Dense output layer.
   """
   config.validate()
+  ds_info = data.info(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+  base_record = export.read_provenance(config.base_model_path)
+  if base_record is not None and base_record.get("dataset") != config.dataset:
+    export.check_model_dataset(config.base_model_path, config.dataset, what="base model")
   base = export.load_model(config.base_model_path)
   try:
     model = apply_transform(base, config.transform, config.epsilon)
@@ -239,8 +244,10 @@ def augment(config: AugmentConfig) -> AugmentResult:
     n += len(y)
   saved = None
   if config.export_dir:
-    saved = export.export_saved_model(model, config.export_dir,
-                                      version=config.export_version)
+    saved = export.export_saved_model(
+        model, config.export_dir, version=config.export_version,
+        provenance=provenance.model_provenance(
+            config.transform, ds_info, base_model=str(config.base_model_path)))
   return AugmentResult(model=model, transform=config.transform, epsilon=config.epsilon,
                        agreement=same / max(n, 1), base_accuracy=base_ok / max(n, 1),
                        accuracy=ok / max(n, 1), test_examples=n, saved_model_path=saved)

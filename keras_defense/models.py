@@ -22,15 +22,28 @@ _ARCHITECTURES = {
     "cw_cifar10": ((64, 64, 128, 128), (256, 256), (32, 32, 3)),
 }
 
-# Dataset name -> the model the paper uses on it.
-DEFAULT_MODEL_FOR_DATASET = {
-    "mnist": "cw_mnist",
-    "fashion_mnist": "cw_mnist",
-    "cifar10": "cw_cifar10",
+# Input shape -> the C&W network made for it (any dataset of that shape).
+MODEL_FOR_SHAPE = {
+    (28, 28, 1): "cw_mnist",
+    (32, 32, 3): "cw_cifar10",
 }
 
 MODEL_NAMES = tuple(sorted(_ARCHITECTURES))
 LOGITS_LAYER_NAME = "logits"
+
+
+def model_for_shape(image_shape: Sequence[int]) -> str:
+  """The C&W network for images of ``image_shape``: 28x28x1 -> cw_mnist, 32x32x3 -> cw_cifar10.
+
+  Raises:
+    ValueError: another shape.
+  """
+  shape = tuple(int(d) for d in image_shape)
+  if shape not in MODEL_FOR_SHAPE:
+    raise ValueError(
+        f"no C&W network for images of shape {shape}; supported: "
+        f"{', '.join('x'.join(map(str, s)) for s in MODEL_FOR_SHAPE)}.")
+  return MODEL_FOR_SHAPE[shape]
 
 
 def build_model(

@@ -20,6 +20,48 @@ _PACKAGES = {"tensorflow": "tensorflow", "tf_keras": "tf_keras",
              "keras-defense": "keras_defense"}
 
 
+def model_provenance(stage: str, dataset_info, *, base_model: str | None = None) -> dict:
+  """What an exported model records about itself: stage, dataset and its sources.
+
+  Args:
+    stage: "train", "prune", "augment", ...
+    dataset_info: ``data.DatasetInfo`` of the data it was made or measured on.
+    base_model: the SavedModel it was derived from, if any.
+  """
+  return {"stage": stage, "dataset": dataset_info.name,
+          "dataset_version": dataset_info.version,
+          "dataset_sources": dict(dataset_info.sources),
+          "dataset_content_check": dataset_info.content_check,
+          "image_shape": list(dataset_info.image_shape),
+          "class_names": list(dataset_info.class_names),
+          "base_model": base_model, "versions": versions()}
+
+
+def command_line(argv: list[str], cwd: str | os.PathLike | None = None) -> str:
+  """``argv`` as a shell line a reader can rerun from the repository.
+
+  The program is named by its base name (``kd-experiment``, not the venv's
+  absolute path) and absolute paths under ``cwd`` become relative to it.
+  """
+  import shlex  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(cwd or os.getcwd()).resolve()
+
+  def rel(arg: str) -> str:
+    prefix, eq, value = arg.partition("=")
+    text = value if eq else arg
+    p = pathlib.Path(text)
+    if p.is_absolute():
+      try:
+        text = str(p.resolve().relative_to(root))
+      except ValueError:
+        return arg
+      return f"{prefix}={text}" if eq else text
+    return arg
+
+  words = [pathlib.Path(argv[0]).name] + [rel(a) for a in argv[1:]] if argv else []
+  return " ".join(shlex.quote(w) for w in words)
+
+
 def versions() -> dict[str, str]:
   """Python, TensorFlow, tf_keras, tfmot, tfds, NumPy, keras-defense, machine."""
   out = {"python": platform.python_version()}

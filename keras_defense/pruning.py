@@ -53,6 +53,7 @@ from keras_defense import distribution
 from keras_defense import export
 from keras_defense import io_utils
 from keras_defense import models
+from keras_defense import provenance
 from keras_defense import training
 from keras_defense.compat import keras
 from keras_defense.training import ConfigError
@@ -386,7 +387,7 @@ class PruneConfig:
   seed: int = 0
   train_limit: int | None = None
   test_limit: int | None = None
-  validation_size: int = data.DEFAULT_VALIDATION_SIZE
+  validation_size: int | None = None  # None: min(5000, n_train // 10)
   data_dir: str | None = None
   manual_dir: str | None = None
   export_dir: str | None = None
@@ -498,13 +499,17 @@ def prune(config: PruneConfig) -> PruneResult:
   chief = distribution.is_chief(strategy)
   training.setup_determinism(config.seed, config.deterministic)
   run_dir = pathlib.Path(config.run_dir)
+  common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
+                validation_size=config.validation_size)
+  ds_info = data.info(config.dataset, **common)  # the data first: unknown or unsupported?
+  base_record = export.read_provenance(config.base_model_path)
+  if base_record is not None and base_record.get("dataset") != config.dataset:
+    export.check_model_dataset(config.base_model_path, config.dataset, what="base model")
   base = training.to_float32(export.load_model(config.base_model_path))
   if chief:
     training.claim_run_dir(run_dir, {"stage": "prune", "model": base.name,
                                      "dataset": config.dataset})
 
-  common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
-                validation_size=config.validation_size)
   # Epoch e's batch order depends only on (seed, e), so a resumed run matches.
   train_ds, steps_per_epoch = data.load_epochs(
       config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
@@ -513,7 +518,7 @@ def prune(config: PruneConfig) -> PruneResult:
       limit=config.train_limit,
       **common)
   val_ds = None
-  if config.validation_size > 0:
+  if ds_info.num_validation > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
                              limit=config.test_limit, **common)
   test_ds = data.load_split(config.dataset, "test", batch_size=1000,
@@ -560,8 +565,11 @@ def prune(config: PruneConfig) -> PruneResult:
   test_accuracy = evaluate_accuracy(stripped, test_ds)
   saved = None
   if config.export_dir:  # multi-worker: only the chief's copy is kept
-    saved = distribution.export_saved_model(stripped, config.export_dir, strategy,
-                                            version=config.export_version)
+    saved = distribution.export_saved_model(
+        stripped, config.export_dir, strategy, version=config.export_version,
+        provenance=provenance.model_provenance(
+            "prune", ds_info,
+            base_model=str(config.base_model_path)))
   n_test = sum(int(y.shape[0]) for _, y in test_ds)
   base_path = pathlib.Path(config.base_model_path)
   report = CompressionReport(

@@ -423,8 +423,28 @@ def _models_table(models) -> list[str]:
                        "Compression", "Zero-gradient fraction", "SavedModel"], body) + [""])
 
 
+def dataset_lines(dataset: Mapping[str, Any] | None) -> list[str]:
+  """The report header's lines on the data: name, version, split sizes, classes, sources."""
+  if not dataset:
+    return []
+  names = list(dataset.get("class_names") or [])
+  classes = ", ".join(str(n) for n in names[:20]) + (", …" if len(names) > 20 else "")
+  lines = [f"- Dataset: `{dataset['name']}` (tfds version {dataset.get('version') or '—'}, "
+           f"images {'x'.join(str(d) for d in dataset.get('image_shape', []))}): "
+           f"train {dataset.get('num_train')} / validation {dataset.get('num_validation')} / "
+           f"test {dataset.get('num_test')} examples; {dataset.get('num_classes')} classes "
+           f"({classes}); content checked against the source files: "
+           f"{dataset.get('content_check') or '—'}"]
+  sources = dataset.get("sources") or {}
+  if sources:
+    lines.append("- Source files (SHA-256): " + "; ".join(
+        f"`{n}` {d}" for n, d in sorted(sources.items())))
+  return lines
+
+
 def render_markdown(*, rows, models, warnings, config, versions, wall_seconds=None,
-                    command=None, title="MNIST", plots: Mapping[str, str] | None = None) -> str:
+                    command=None, title="MNIST", plots: Mapping[str, str] | None = None,
+                    dataset: Mapping[str, Any] | None = None) -> str:
   """Builds report.md (see ``write_report``). ``plots`` maps a caption to a relative path."""
   model_names = list(models)
   threat_models = _ordered([r["threat_model"] for r in rows], THREAT_MODEL_ORDER)
@@ -435,6 +455,7 @@ def render_markdown(*, rows, models, warnings, config, versions, wall_seconds=No
   lines = [f"# {title}: adversarial attacks on pruning + logits augmentation", "",
            f"- Command: `{command}`" if command else "- Command: —",
            f"- Wall time: {wall}"]
+  lines += dataset_lines(dataset)
   if versions:
     lines.append("- Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
   lines += ["", "## How to read this", "",
@@ -582,12 +603,16 @@ def _validate_examples(examples) -> None:
 
 
 def plot_adversarial_examples(examples: Sequence[Mapping[str, Any]], path: str | os.PathLike, *,
-                              title: str = "") -> None:
+                              title: str = "", class_names: Sequence[str] = ()) -> None:
   """Clean vs adversarial images with labels: two image rows per example entry.
 
   The clean row is titled "y=<label> → <prediction>", the adversarial row
-  "→ <prediction>", red when the prediction differs from the true label.
+  "→ <prediction>", red when the prediction differs from the true label;
+  classes are shown by name when ``class_names`` is given.
   """
+  def name(k: int) -> str:
+    return str(class_names[k]) if 0 <= k < len(class_names) else str(k)
+
   examples = list(examples)[:_MAX_EXAMPLE_ENTRIES]
   k = max(min(len(ex["x"]), _MAX_EXAMPLE_IMAGES) for ex in examples)
   # Fixed layout in inches (tight_layout squeezes the tiles around long labels).
@@ -616,7 +641,7 @@ def plot_adversarial_examples(examples: Sequence[Mapping[str, Any]], path: str |
         else:
           ax.imshow(img, interpolation="nearest")
         wrong = preds[j] != y[j]
-        text = f"y={y[j]} → {preds[j]}" if r == 0 else f"→ {preds[j]}"
+        text = f"y={name(y[j])} → {name(preds[j])}" if r == 0 else f"→ {name(preds[j])}"
         ax.set_title(text, fontsize=9, color="red" if wrong else "black", pad=2)
         for spine in ax.spines.values():
           spine.set_edgecolor("red" if wrong else "0.6")
@@ -672,7 +697,8 @@ def _tensorboard_images(examples) -> list[tuple[str, np.ndarray]]:
 def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[str, dict],
                  warnings: list[str], config: dict, versions: dict,
                  examples: list[dict] | None = None, wall_seconds: float | None = None,
-                 command: str | None = None, title: str = "MNIST") -> dict[str, str]:
+                 command: str | None = None, title: str = "MNIST",
+                 dataset: dict | None = None) -> dict[str, str]:
   """Writes every report artifact of one experiment run into ``run_dir``.
 
   Artifacts (each written to a temporary path and renamed into place):
@@ -696,6 +722,9 @@ def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[s
     wall_seconds: the run's wall time, shown in the report.
     command: the command that made the run, shown in the report.
     title: dataset name for headings ("MNIST", "CIFAR-10").
+    dataset: ``data.DatasetInfo.to_dict()`` of the data the run used: the
+      report header names it, its version, split sizes and source digests,
+      and plots name classes by their names.
 
   Returns:
     {artifact name: path}, names "results.json", "results.csv", "report.md",
@@ -719,6 +748,8 @@ def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[s
              "warnings": list(warnings), "config": to_jsonable(config or {}, where="config"),
              "versions": to_jsonable(versions or {}, where="versions"),
              "wall_seconds": to_jsonable(wall_seconds, where="wall_seconds"), "command": command}
+  if dataset is not None:
+    results["dataset"] = to_jsonable(dict(dataset), where="dataset")
   models = results["models"]
   paths = {}
   paths["results.json"] = str(run_dir / "results.json")
@@ -733,13 +764,15 @@ def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[s
     plots["Attack success vs ε"] = "plots/success_vs_epsilon.png"
   if examples:
     examples_plot = run_dir / "plots" / "adversarial_examples.png"
-    plot_adversarial_examples(examples, examples_plot, title=title)
+    plot_adversarial_examples(examples, examples_plot, title=title,
+                              class_names=(dataset or {}).get("class_names") or ())
     paths["plots/adversarial_examples.png"] = str(examples_plot)
     plots["Clean vs adversarial examples"] = "plots/adversarial_examples.png"
 
   markdown = render_markdown(rows=rows, models=models, warnings=results["warnings"],
                              config=results["config"], versions=results["versions"],
-                             wall_seconds=wall_seconds, command=command, title=title, plots=plots)
+                             wall_seconds=wall_seconds, command=command, title=title, plots=plots,
+                             dataset=dataset)
   paths["report.md"] = str(run_dir / "report.md")
   io_utils.write_text(paths["report.md"], markdown)
 

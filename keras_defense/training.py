@@ -98,7 +98,7 @@ def claim_run_dir(run_dir: str | os.PathLike, identity: dict) -> None:
 class TrainConfig:
   """What ``train`` needs. Field names match the flags that fill them."""
   dataset: str = "mnist"
-  model: str | None = None  # default: the paper's model for the dataset
+  model: str | None = None  # default: the C&W network for the dataset's image shape
   run_dir: str = "runs/train"
   epochs: int = 10
   batch_size: int = 128  # C&W 2017
@@ -112,7 +112,7 @@ class TrainConfig:
   seed: int = 0
   train_limit: int | None = None
   test_limit: int | None = None
-  validation_size: int = data.DEFAULT_VALIDATION_SIZE
+  validation_size: int | None = None  # None: min(5000, n_train // 10)
   data_dir: str | None = None
   manual_dir: str | None = None
   export_dir: str | None = None  # e.g. saved_models/mnist_m0; None: no export
@@ -130,8 +130,6 @@ class TrainConfig:
         raise ConfigError(msg)
     need(self.model is None or self.model in models.MODEL_NAMES,
          f"`model` must be one of {', '.join(models.MODEL_NAMES)}; got {self.model!r}.")
-    need(self.model is not None or self.dataset in models.DEFAULT_MODEL_FOR_DATASET,
-         f"no default model for `dataset` {self.dataset!r}; pass `model`.")
     need(int(self.epochs) >= 1, f"`epochs` must be >= 1; got {self.epochs}.")
     need(0 <= self.dropout < 1, f"`dropout` must be in [0, 1); got {self.dropout}.")
     need(self.compute_dtype in COMPUTE_DTYPES,
@@ -139,9 +137,9 @@ class TrainConfig:
     check_fit_fields(self)
     return self
 
-  @property
-  def model_name(self) -> str:
-    return self.model or models.DEFAULT_MODEL_FOR_DATASET[self.dataset]
+  def model_name(self, image_shape) -> str:
+    """``model``, or the C&W network for ``image_shape`` (models.model_for_shape)."""
+    return self.model or models.model_for_shape(image_shape)
 
 
 def check_fit_fields(config) -> None:
@@ -285,7 +283,7 @@ def train(config: TrainConfig) -> TrainResult:
       epochs=config.epochs, first_epoch=min(resume_epoch(run_dir / "backup"), config.epochs),
       limit=config.train_limit, **common)
   val_ds = None
-  if config.validation_size > 0:
+  if ds_info.num_validation > 0:
     val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
                              limit=config.test_limit, **common)
   test_ds = data.load_split(config.dataset, "test", batch_size=1000,
@@ -295,15 +293,16 @@ def train(config: TrainConfig) -> TrainResult:
                                for d in (train_ds, val_ds, test_ds))
 
   if distribution.is_chief(strategy):
-    claim_run_dir(run_dir, {"stage": "train", "model": config.model_name,
+    claim_run_dir(run_dir, {"stage": "train", "model": config.model_name(ds_info.image_shape),
                             "dataset": config.dataset})
   with distribution.scope(strategy):  # default: no scope, numbers as before
     model, loss, acc, epochs_run = _fit(config, ds_info, run_dir,
                                         train_ds, val_ds, test_ds, steps_per_epoch)
   saved = None
   if config.export_dir:  # multi-worker: only the chief's copy is kept
-    saved = distribution.export_saved_model(model, config.export_dir, strategy,
-                                            version=config.export_version)
+    saved = distribution.export_saved_model(
+        model, config.export_dir, strategy, version=config.export_version,
+        provenance=provenance.model_provenance("train", ds_info))
   result = TrainResult(model=model, test_accuracy=float(acc), test_loss=float(loss),
                        epochs_run=epochs_run, wall_seconds=time.time() - start,
                        saved_model_path=saved)
@@ -334,7 +333,7 @@ def resume_epoch(backup_dir: str | os.PathLike) -> int:
 def _fit(config: TrainConfig, ds_info, run_dir: pathlib.Path,
          train_ds, val_ds, test_ds, steps_per_epoch: int):
   """Builds, compiles, fits and evaluates; call under ``strategy.scope()``."""
-  model = build_for_training(config.model_name, ds_info.image_shape,
+  model = build_for_training(config.model_name(ds_info.image_shape), ds_info.image_shape,
                              ds_info.num_classes, dropout=config.dropout,
                              seed=config.seed, compute_dtype=config.compute_dtype)
   compile_classifier(model, make_optimizer(config.optimizer, config.learning_rate,

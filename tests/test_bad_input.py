@@ -75,11 +75,12 @@ def test_bad_flag_value(case, args, match):
     _parse(*args)
 
 
-def test_F14_unknown_dataset_for_training():
-  config = kd_flags.train_config(_parse("--dataset=imagenet_nope"))
-  with pytest.raises(training.ConfigError,
-                     match=r"no default model for `dataset` 'imagenet_nope'; pass `model`"):
-    config.validate()
+def test_F14_unknown_dataset_for_training(tmp_path):
+  config = dataclass_replace(kd_flags.train_config(_parse("--dataset=imagenet_nope")),
+                             run_dir=str(tmp_path / "run"))
+  with pytest.raises(data.DataError, match=r"'imagenet_nope' is not a tensorflow-datasets dataset"):
+    training.train(config)
+  assert not (tmp_path / "run").exists()
 
 
 def test_F15_unknown_dataset_for_pruning(tmp_path):

@@ -53,12 +53,21 @@ def test_step_schedule():
     ("learning_rate", -1.0, "`learning_rate` must be > 0"),
     ("lr_decay_factor", 0.0, r"`lr_decay_factor` must be in \(0, 1\]"),
     ("compute_dtype", "float16", "`compute_dtype` must be one of"),
-    ("dataset", "imagenet_nope", "no default model for `dataset`"),
 ])
 def test_bad_config(field, value, match):
   config = training.TrainConfig(**{field: value})
   with pytest.raises(training.ConfigError, match=match):
     config.validate()
+
+
+def test_unknown_or_unsupported_dataset_fails_before_training(tmp_path):
+  # The model is picked from the dataset's image shape, so the dataset itself is
+  # checked first: an unknown name, or images no C&W network takes.
+  for dataset, match in (("imagenet_nope", "'imagenet_nope' is not a tensorflow-datasets"),
+                         ("stl10", r"'stl10' is not supported as is: its images are 96x96x3")):
+    with pytest.raises(data.DataError, match=match):
+      training.train(training.TrainConfig(dataset=dataset, run_dir=str(tmp_path / dataset)))
+    assert not (tmp_path / dataset).exists()
 
 
 def test_cifar10_path_end_to_end_on_tiny_data(tmp_path):

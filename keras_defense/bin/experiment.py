@@ -7,7 +7,6 @@ interrupted one. Results: <run_dir>/report.md, results.json, results.csv,
 plots/, and TensorBoard under <run_dir>.
 """
 
-import shlex
 import sys
 
 from absl import logging
@@ -16,6 +15,7 @@ import tqdm
 from keras_defense import bin as kd_bin
 from keras_defense import experiment
 from keras_defense import flags as kd_flags
+from keras_defense import provenance
 
 
 class _Progress:
@@ -37,7 +37,7 @@ class _Progress:
 
 def main(argv):
   del argv
-  command = " ".join(shlex.quote(a) for a in sys.argv)
+  command = provenance.command_line(sys.argv)
   records = experiment.run(kd_flags.experiment_config(command), progress=_Progress())
   report = records.get("report")
   if report:
