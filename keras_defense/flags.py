@@ -414,11 +414,12 @@ def experiment_config(command: str | None = None):
 
 # --- evaluation (kd-evaluate) -----------------------------------------------
 # kd-evaluate reuses --dataset, --data_dir, --manual_dir, --seed, --run_dir,
-# --batch_size, --deterministic and --epsilons (with its validator: L-inf and
-# L2 radii in (0, 1]). Its --model is a model *path* and its --attacks the
-# ensemble's: evaluate_flags() redefines those two (and --compute_dtype, which
-# gains "auto") in the kd-evaluate process only, before parsing; kd-train's
-# --model stays an architecture and kd-experiment's --attacks fgsm/bim.
+# --batch_size, --deterministic and --epsilons. Its --model is a model *path*
+# and its --attacks the ensemble's: evaluate_flags() redefines those two in the
+# kd-evaluate process only, before parsing (kd-train's --model stays an
+# architecture, kd-experiment's --attacks fgsm/bim); --compute_dtype gains
+# "auto", and --epsilons keeps its validator for L-inf but takes L2 radii > 1
+# (MNIST's usual L2 radius is 2).
 from keras_defense import robustness as _rob  # noqa: E402  pylint: disable=g-import-not-at-top
 
 flags.DEFINE_enum("norm", "linf", list(_rob.NORMS), "kd-evaluate threat model: L-inf or L2 ball.")
@@ -449,6 +450,20 @@ def evaluate_flags(fv=None) -> None:
                     "kd-evaluate attack arithmetic; auto times both once and picks the "
                     "faster (bfloat16 needs a Keras model file).", flag_values=fv,
                     allow_override=True)
+  flags.DEFINE_list("epsilons", fv["epsilons"].default, "kd-evaluate: radii of the --norm "
+                    "ball in pixel units of [0, 1] images, fractions allowed (8/255); L-inf "
+                    "in (0, 1], L2 > 0.", flag_values=fv, allow_override=True)
+  flags.register_multi_flags_validator(["epsilons", "norm"], _check_evaluate_epsilons,
+                                       flag_values=fv)
+
+
+def _check_evaluate_epsilons(values: dict) -> bool:
+  if values["norm"] == "linf":
+    return _check_epsilons(values["epsilons"])
+  eps = [_parse_epsilon(v) for v in values["epsilons"]]
+  if not eps or any(not e > 0 for e in eps):
+    raise flags.ValidationError(f"--epsilons must list L2 radii > 0; got {values['epsilons']}.")
+  return True
 
 
 def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfig:

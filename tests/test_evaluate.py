@@ -333,6 +333,17 @@ def test_flags_make_the_config():
   assert config.epsilons == (0.1, 8 / 255) and config.norm == "l2"
   assert config.attacks == ("apgd-ce", "square") and config.version == "custom"
   assert (config.n_examples, config.batch_size, config.compute_dtype) == (1000, 250, "auto")
+  # L2 radii may exceed 1; L-inf ones keep the shared validator.
+  l2 = copy.deepcopy(kd_flags.FLAGS)
+  l2.unparse_flags()
+  kd_flags.evaluate_flags(l2)
+  l2(["kd-evaluate", "--model=m.keras", "--norm=l2", "--epsilons=1.5,2"])
+  assert kd_flags.evaluate_config(None, l2).validate().epsilons == (1.5, 2.0)
+  linf = copy.deepcopy(kd_flags.FLAGS)
+  linf.unparse_flags()
+  kd_flags.evaluate_flags(linf)
+  with pytest.raises(Exception, match=r"--epsilons must all be in \(0, 1\]; got \['2'\]"):
+    linf(["kd-evaluate", "--epsilons=2"])
   # The other binaries' --model (an architecture) is untouched.
   other = copy.deepcopy(kd_flags.FLAGS)
   other.unparse_flags()
