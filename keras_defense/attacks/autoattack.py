@@ -255,10 +255,8 @@ def auto_attack(model: Any, x: Any, y: Any, epsilon: float, *,
     attacks: with ``version="custom"``: names from ``ATTACKS`` in run order.
     batch_size: images per compiled call.
     compute_dtype: "auto", "float32" or "bfloat16" for the gradient attacks
-      (resolved once; Square always runs in float32). "auto" is the faster
-      dtype, which on a CPU with native bfloat16 is bfloat16, and bfloat16
-      APGD is weaker (see ``apgd``): pass "float32" for the strongest
-      evaluation.
+      (resolved once; Square always runs in float32; successes are always
+      judged in float32).
     seed: passed to every attack (the reference does the same).
 
   Returns:
