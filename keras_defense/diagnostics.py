@@ -89,3 +89,54 @@ def masking_warnings(rows: Sequence[dict], models: dict[str, dict]) -> list[str]
           f"{100 * best_grad['success_rate']:.1f}% ({_label(best_grad)}): the model is "
           f"not robust, its cross-entropy gradients are masked.")
   return warnings
+
+
+# AutoAttack's own evidence (Croce & Hein 2020, Sec. 5; Carlini et al. 2019,
+# "On evaluating adversarial robustness", checklist: unbounded attacks reach 100%).
+CE_VS_DLR_FACTOR = 2.0     # APGD-CE leaves >= 2x the images robust that APGD-T does ...
+CE_VS_DLR_MIN_GAP = 0.05   # ... and the gap is >= 5% of the images
+
+
+def autoattack_warnings(results: dict[str, tuple[dict, dict | None]]) -> list[str]:
+  """Gradient-masking warnings from AutoAttack runs (``robustness`` results.json dicts).
+
+  Three signs, each naming the model, ε and the images' count:
+  Square (gradient-free) breaks images every gradient attack left robust;
+  APGD-CE leaves far more images robust than APGD-T with the scale-invariant
+  DLR loss (a saturated softmax); robust accuracy above 0 at an ε where any
+  image can be turned into any other (the sanity run, ε = 1 on [0, 1]).
+
+  Args:
+    results: model name -> (its results.json, the sanity run's results.json or None).
+  """
+  warnings = []
+  for name, (main, sanity) in results.items():
+    n = int(main["n_examples"])
+    for e in main["per_eps"]:
+      steps = {s["attack"]: s for s in e["attacks"]}
+      ce, t = steps.get("apgd-ce"), steps.get("apgd-t")
+      if ce is not None and t is not None:
+        robust_ce, robust_t = ce["n_robust"], t["n_robust"]
+        if (robust_ce >= CE_VS_DLR_FACTOR * robust_t
+            and robust_ce - robust_t >= CE_VS_DLR_MIN_GAP * n):
+          warnings.append(
+              f"{name}: at ε={e['eps']:g}, APGD-CE leaves {robust_ce} of {n} images robust but "
+              f"APGD-T (targeted DLR loss, invariant to scaling the logits) only {robust_t}: "
+              f"the cross-entropy saturates (a saturated softmax masks its gradient), so "
+              f"cross-entropy attacks overstate this model's robustness.")
+      square = steps.get("square")
+      if square is not None and square["broken"] > 0:
+        others = ", ".join(a.upper() for a in steps if a != "square")
+        warnings.append(
+            f"{name}: at ε={e['eps']:g}, Square (gradient-free) broke {square['broken']} of "
+            f"{n} images that every gradient attack ({others}) left robust: the gradients "
+            f"mislead the attacks there (gradient masking).")
+    if sanity is not None and sanity["per_eps"]:
+      s = sanity["per_eps"][0]
+      if s["n_robust"] > 0:
+        warnings.append(
+            f"{name}: at ε={s['eps']:g}, where any image can be turned into any other, "
+            f"{s['n_robust']} of {sanity['n_examples']} images stayed robust (robust accuracy "
+            f"{100 * s['robust_acc']:.1f}%, must be 0): the attacks fail on this model, so "
+            f"every robust accuracy reported for it is an overestimate.")
+  return warnings

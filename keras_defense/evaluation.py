@@ -33,6 +33,7 @@ from keras_defense.errors import UserError
 GRADIENT_ATTACKS = ("fgsm", "bim")
 CW_ATTACKS = ("cw_l2", "cw_linf", "cw_l0")
 TARGET_SELECTIONS = ("random", "least_likely", "next")
+AUTOATTACK_VERSIONS = ("none", "standard", "plus", "rand")
 NUM_EXAMPLES_SHOWN = 8
 
 
@@ -55,6 +56,17 @@ class EvalConfig:
   batch_size: int = 1000
   compute_dtype: str = "float32"
   seed: int = 0
+  # AutoAttack (Croce & Hein 2020) on every model: "none" or an autoattack.plan
+  # version; at ``autoattack_epsilons`` (empty: ``epsilons``) on the first
+  # ``autoattack_size`` test images (None: all), per-image worst case.
+  autoattack_version: str = "none"
+  autoattack_epsilons: tuple[float, ...] = ()
+  autoattack_size: int | None = None
+  autoattack_batch_size: int = 500
+  # The sanity check of Carlini et al.'s checklist: at this ε (1 = the whole
+  # [0, 1] range) any image can become any other, so robust accuracy must be 0.
+  sanity_epsilon: float = 1.0
+  sanity_size: int = 100
 
   def validate(self) -> "EvalConfig":
     def need(cond, msg):
@@ -84,7 +96,24 @@ class EvalConfig:
     need(int(self.bim_steps) >= 1, f"`bim_steps` must be >= 1; got {self.bim_steps}.")
     need(self.rel_step_size > 0, f"`rel_step_size` must be > 0; got {self.rel_step_size}.")
     need(int(self.batch_size) >= 1, f"`batch_size` must be >= 1; got {self.batch_size}.")
+    need(self.autoattack_version in AUTOATTACK_VERSIONS,
+         f"`autoattack_version` must be one of {', '.join(AUTOATTACK_VERSIONS)}; "
+         f"got {self.autoattack_version!r}.")
+    for e in self.autoattack_epsilons:
+      need(np.isfinite(e) and 0 < e <= 1, f"`autoattack_epsilons` must be in (0, 1]; got {e!r}.")
+    need(self.autoattack_size is None or int(self.autoattack_size) >= 1,
+         f"`autoattack_size` must be >= 1; got {self.autoattack_size}.")
+    need(int(self.autoattack_batch_size) >= 1,
+         f"`autoattack_batch_size` must be >= 1; got {self.autoattack_batch_size}.")
+    need(0 < self.sanity_epsilon <= 1, f"`sanity_epsilon` must be in (0, 1]; got "
+         f"{self.sanity_epsilon}.")
+    need(int(self.sanity_size) >= 0, f"`sanity_size` must be >= 0; got {self.sanity_size}.")
     return self
+
+  @property
+  def autoattack_eps(self) -> tuple[float, ...]:
+    """The ε AutoAttack runs at (``autoattack_epsilons``, else ``epsilons``)."""
+    return tuple(self.autoattack_epsilons or self.epsilons)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +291,9 @@ def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalC
              "source_model": plan.source, "loss": plan.loss, **stats,
              "seconds": craft_seconds + time.time() - t0}
       if cells is not None:
+        # The per-image outcome first (the .json marks the cell finished):
+        # the report's per-image worst case over every attack reads it.
+        save_success(cells, key, success)
         io_utils.write_json(cells / f"{key}.json", row)
       rows.append(row)
       if show(plan, group):
@@ -297,6 +329,55 @@ def _example(model, plan, group, x, x_adv, y) -> dict:
           "targeted": group.targeted, "epsilon": group.epsilon, "x": x[:k], "x_adv": xa, "y": y[:k],
           "pred_clean": attacks.predict_classes(model, x[:k]),
           "pred_adv": attacks.predict_classes(model, xa)}
+
+
+def fooled_mask(cells: pathlib.Path, model_names: Sequence[str], source: str,
+                config: EvalConfig, *, model: str, epsilon: float, n: int
+                ) -> tuple[np.ndarray, list[str]]:
+  """Images among the first ``n`` that any ε-bounded grid cell fooled on ``model``.
+
+  Every FGSM/BIM cell at ``epsilon`` scored on ``model`` (any threat model,
+  untargeted or targeted) counts: a success is a misclassified image within the
+  ε-ball. C&W cells are not ε-bounded and do not count.
+
+  Returns:
+    (bool (n,) fooled, the cell keys used).
+
+  Raises:
+    UserError: a cell of the grid has no per-image mask (finished before masks
+      were kept): rerun the 'attack' stage.
+  """
+  fooled = np.zeros(n, bool)
+  used = []
+  for g in build_groups(model_names, source, config):
+    if g.epsilon is None or not np.isclose(g.epsilon, epsilon):
+      continue
+    for plan in g.plans:
+      if plan.target != model:
+        continue
+      key = cell_key(plan, g.attack, g.targeted, g.epsilon)
+      mask = load_success(cells, key)
+      if mask is None:
+        raise UserError(f"attack cell {key} in {str(cells)!r} has no per-image mask "
+                        f"(made before they were kept); delete {str(cells)!r} and the "
+                        f"'attack' stage record, and rerun the 'attack' stage.")
+      k = min(n, len(mask))
+      fooled[:k] |= mask[:k]
+      used.append(key)
+  return fooled, used
+
+
+def save_success(cells: pathlib.Path, key: str, success: np.ndarray) -> None:
+  """Writes a cell's per-image success mask (bool (n,), the first n test images) atomically."""
+  with io_utils.atomic_path(cells / f"{key}.success.npy") as tmp:
+    with open(tmp, "wb") as f:
+      np.save(f, np.asarray(success, bool))
+
+
+def load_success(cells: pathlib.Path, key: str) -> np.ndarray | None:
+  """A cell's per-image success mask, or None for a cell finished before masks were kept."""
+  path = cells / f"{key}.success.npy"
+  return np.load(path) if path.is_file() else None
 
 
 def load_example(cells: pathlib.Path, key: str) -> list[dict]:

@@ -18,6 +18,8 @@ Run-directory layout::
   <run_dir>/compression/            M1's compression report
   <run_dir>/attack/cells/           one JSON per finished attack cell
   <run_dir>/attack/models.json      clean accuracy, compression, zero-gradient fraction
+  <run_dir>/autoattack/<model>/     AutoAttack per model (robustness.run: per-(ε, attack)
+                                    state, results.json); <model>_sanity/ at ε = 1
   <run_dir>/results.json|csv, report.md, plots/, tensorboard/
 """
 
@@ -38,11 +40,12 @@ from keras_defense import distribution
 from keras_defense import evaluation
 from keras_defense import export
 from keras_defense import io_utils
+from keras_defense import statistics
 from keras_defense.provenance import versions
 from keras_defense import training
 from keras_defense.errors import UserError
 
-STAGES = ("train", "prune", "augment", "attack", "report")
+STAGES = ("train", "prune", "augment", "attack", "autoattack", "report")
 
 
 @dataclasses.dataclass
@@ -235,6 +238,106 @@ def _stage_attack(run: _Run, progress=None) -> dict:
   return {"rows": len(rows)}
 
 
+def _autoattack_settings(e: evaluation.EvalConfig) -> dict:
+  """What decides the AutoAttack stage's numbers (its record and folder are keyed by it)."""
+  return {"version": e.autoattack_version, "epsilons": list(e.autoattack_eps),
+          "size": e.autoattack_size, "batch_size": e.autoattack_batch_size,
+          "sanity_epsilon": e.sanity_epsilon, "sanity_size": e.sanity_size,
+          "seed": e.seed, "compute_dtype": e.compute_dtype}
+
+
+def _autoattack_dir(run: _Run) -> pathlib.Path:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256(json.dumps(_autoattack_settings(run.config.eval),
+                                  sort_keys=True).encode()).hexdigest()[:10]
+  return run.dir / "autoattack" / key
+
+
+def _stage_autoattack(run: _Run, progress=None) -> dict:
+  """AutoAttack on every model at the AutoAttack ε, and the ε = 1 sanity check.
+
+  Each model's evaluation is a ``robustness.run`` in
+  ``<run_dir>/autoattack/<settings key>/<model>``, resumable per (ε, attack).
+  """
+  from keras_defense import robustness  # pylint: disable=g-import-not-at-top
+  c = run.config
+  e = c.eval
+  settings = _autoattack_settings(e)
+  if e.autoattack_version == "none":
+    return {"models": {}, "settings": settings, "dir": None}
+  root = _autoattack_dir(run)
+  info = data.info(c.dataset, **c.data_kwargs())
+  n = info.num_test if e.autoattack_size is None else min(int(e.autoattack_size), info.num_test)
+  common = dict(dataset=c.dataset, norm="linf", version=e.autoattack_version,
+                output_key="logits", seed=e.seed, batch_size=e.autoattack_batch_size,
+                compute_dtype=e.compute_dtype, **c.data_kwargs())
+  models = {}
+  for i, name in enumerate(c.names):
+    path = run.model_path(i)
+    main = robustness.run(robustness.RobustnessConfig(
+        model=path, run_dir=str(root / name),
+        epsilons=e.autoattack_eps, n_examples=n, **common),
+        progress=_labelled(progress, f"AutoAttack {name}"))
+    models[name] = {"dir": str(root / name), "robust_acc": main.robust_acc}
+    if e.sanity_size:
+      sanity = robustness.run(robustness.RobustnessConfig(
+          model=path, run_dir=str(root / f"{name}_sanity"),
+          epsilons=(e.sanity_epsilon,), n_examples=min(int(e.sanity_size), n), **common),
+          progress=_labelled(progress, f"AutoAttack {name} sanity"))
+      models[name]["sanity_dir"] = str(root / f"{name}_sanity")
+      models[name]["sanity_robust_acc"] = sanity.robust_acc[0]
+  # Relative to the run directory, so a moved or copied run still finds it.
+  return {"models": models, "settings": settings, "dir": str(root.relative_to(run.dir))}
+
+
+def autoattack_summary(aa_dir: pathlib.Path | None, run_dir: pathlib.Path, names,
+                       config: ExperimentConfig) -> dict:
+  """Per model: AutoAttack's results.json, its sanity check, and the per-image worst case.
+
+  The worst case at an ε counts an image robust only if AutoAttack and every
+  FGSM/BIM cell of the grid at that ε (every threat model, untargeted and
+  targeted) failed on it; it covers the images both ran on (the first
+  ``min(eval_size, autoattack_size)``).
+
+  Args:
+    aa_dir: the AutoAttack stage's folder (its record's "dir"), or None.
+    run_dir: the run directory (its attack cells).
+    names: the models, source first.
+    config: the run's config.
+  """
+  from keras_defense import robustness  # pylint: disable=g-import-not-at-top
+  out = {}
+  if aa_dir is None:
+    return out
+  cells = run_dir / "attack" / "cells"
+  for name in names:
+    d = pathlib.Path(aa_dir) / name
+    if not (d / "results.json").is_file():
+      continue
+    results = io_utils.read_json(d / "results.json")
+    sanity_file = pathlib.Path(aa_dir) / f"{name}_sanity" / "results.json"
+    masks = robustness.robust_masks(d)
+    worst = {}
+    for eps, aa_robust in masks.items():
+      if not any(np.isclose(eps, g) for g in config.eval.epsilons) or not config.eval.attacks:
+        continue
+      n_grid = len(aa_robust) if config.eval.eval_size is None else int(config.eval.eval_size)
+      n = min(len(aa_robust), n_grid)
+      fooled, keys = evaluation.fooled_mask(cells, list(names), names[0], config.eval,
+                                            model=name, epsilon=eps, n=n)
+      robust = aa_robust[:n] & ~fooled
+      lo, hi = statistics.wilson_interval(int(robust.sum()), n)
+      worst[f"{eps:g}"] = {"eps": eps, "n": n, "n_robust": int(robust.sum()),
+                           "robust_acc": float(robust.mean()), "ci95": [lo, hi],
+                           "autoattack_robust_acc_same_images": float(aa_robust[:n].mean()),
+                           "grid_cells": len(keys)}
+    out[name] = {"autoattack": results,
+                 "sanity": io_utils.read_json(sanity_file) if sanity_file.is_file() else None,
+                 "worst_case": worst}
+  return out
+
+
 def _stage_report(run: _Run, start_time: float) -> dict:
   from keras_defense import reporting  # pylint: disable=g-import-not-at-top
   c = run.config
@@ -255,7 +358,12 @@ def _stage_report(run: _Run, start_time: float) -> dict:
                         f"'attack' stage first.")
       rows.append(io_utils.read_json(cells / f"{key}.json"))
       examples.extend(evaluation.load_example(cells, key))
-  warnings = diagnostics.masking_warnings(rows, facts)
+  aa_record = run.done("autoattack") or {}
+  aa_dir = aa_record.get("dir")
+  autoattack = autoattack_summary(None if aa_dir is None else run.dir / aa_dir,
+                                  run.dir, names, c)
+  warnings = diagnostics.masking_warnings(rows, facts) + diagnostics.autoattack_warnings(
+      {name: (s["autoattack"], s["sanity"]) for name, s in autoattack.items()})
   for w in warnings:
     logging.warning("GRADIENT MASKING: %s", w)
   stage_seconds = {s: (run.done(s) or {}).get("stage_seconds") for s in STAGES}
@@ -271,7 +379,7 @@ def _stage_report(run: _Run, start_time: float) -> dict:
       str(run.dir), rows=rows, models=facts, warnings=warnings, config=config_dict,
       versions=versions(), examples=examples, wall_seconds=wall, command=command,
       title=c.dataset.upper() if "/" not in c.dataset and ":" not in c.dataset else c.dataset,
-      dataset=info.to_dict())
+      dataset=info.to_dict(), autoattack=autoattack)
   return {"artifacts": paths, "warnings": warnings}
 
 
@@ -299,6 +407,13 @@ def _config_dict(run: _Run) -> dict:
           "eval": plain(c.eval)}
 
 
+def _labelled(progress, label: str):
+  """``progress`` with descriptions prefixed ``"<label>: "`` (None stays None)."""
+  if progress is None:
+    return None
+  return lambda done, total, desc: progress(done, total, f"{label}: {desc}")
+
+
 def run(config: ExperimentConfig, *, progress=None) -> dict:
   """Runs the requested stages, skipping finished ones; returns the stage records.
 
@@ -324,7 +439,12 @@ def run(config: ExperimentConfig, *, progress=None) -> dict:
     if config.reuse_saved_models and stage in ("train", "prune", "augment"):
       logging.info("stage %s: reusing %s", stage, run_.model_path(STAGES.index(stage)))
       continue
-    if stage != "report" and (record := run_.done(stage)) is not None:
+    record = run_.done(stage)
+    if (stage == "autoattack" and record is not None
+        and record.get("settings") != _autoattack_settings(config.eval)):
+      logging.info("stage autoattack: settings changed since it finished, running it again")
+      record = None
+    if stage != "report" and record is not None:
       logging.info("stage %s: already finished, skipped", stage)
       records[stage] = record
       continue
@@ -337,7 +457,9 @@ def run(config: ExperimentConfig, *, progress=None) -> dict:
     elif stage == "augment":
       record = _stage_augment(run_)
     elif stage == "attack":
-      record = _stage_attack(run_, progress)
+      record = _stage_attack(run_, _labelled(progress, "attack grid"))
+    elif stage == "autoattack":
+      record = _stage_autoattack(run_, progress)
     else:
       record = _stage_report(run_, start)
     record["stage_seconds"] = time.time() - start

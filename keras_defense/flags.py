@@ -213,7 +213,7 @@ from keras_defense import threat_models as _tm  # noqa: E402  pylint: disable=g-
 flags.DEFINE_string("train_flagfile", None, "Flagfile of the M0 training stage (flags/mnist_m0.flags).")
 flags.DEFINE_string("prune_flagfile", None, "Flagfile of the M1 pruning stage (flags/mnist_m1.flags).")
 flags.DEFINE_string("augment_flagfile", None, "Flagfile of the M2 stage (flags/mnist_m2.flags).")
-flags.DEFINE_list("stages", ["train", "prune", "augment", "attack", "report"],
+flags.DEFINE_list("stages", ["train", "prune", "augment", "attack", "autoattack", "report"],
                   "Stages to run, in order; finished stages are skipped on a rerun.")
 flags.DEFINE_bool("reuse_saved_models", False,
                   "Attack the shipped saved_models/<dataset>_{m0,m1,m2}/1 instead of "
@@ -256,6 +256,15 @@ flags.DEFINE_integer("attack_batch_size", 1000, "Images per compiled attack call
 flags.DEFINE_enum("attack_compute_dtype", "float32", ["float32", "bfloat16"],
                   "Attack arithmetic; bfloat16 is faster on CPUs with AMX/AVX-512 BF16 but "
                   "changes where softmax saturates.")
+flags.DEFINE_enum("autoattack_version", "standard", list(_ev.AUTOATTACK_VERSIONS),
+                  "kd-experiment's AutoAttack stage on every model (Croce & Hein 2020): "
+                  "standard (APGD-CE, APGD-T, FAB-T, Square), plus, rand, or none.")
+flags.DEFINE_list("autoattack_epsilons", [],
+                  "L-inf radii of the AutoAttack stage (default: --epsilons).")
+flags.DEFINE_integer("autoattack_size", None,
+                     "Test images for the AutoAttack stage (default: all).", lower_bound=1)
+flags.DEFINE_integer("sanity_size", 100,
+                     "Test images for the sanity check at epsilon 1 (0: skip).", lower_bound=0)
 
 
 def _parse_epsilon(text: str) -> float:
@@ -291,7 +300,7 @@ def _check_choices(name, choices):
 
 flags.register_validator("epsilons", _check_epsilons)
 flags.register_validator("stages", _check_choices("stages", ("train", "prune", "augment",
-                                                             "attack", "report")))
+                                                             "attack", "autoattack", "report")))
 flags.register_validator("attacks", _check_choices("attacks", _ev.GRADIENT_ATTACKS))
 flags.register_validator("cw_attacks", _check_choices("cw_attacks", _ev.CW_ATTACKS))
 flags.register_validator("threat_models", _check_choices("threat_models", _tm.THREAT_MODELS))
@@ -399,7 +408,9 @@ def experiment_config(command: str | None = None):
       cw_eval_size=FLAGS.cw_eval_size, cw_options=cw,
       cw_targeted_modes=tuple(m == "targeted" for m in FLAGS.cw_targeted_modes),
       batch_size=FLAGS.attack_batch_size, compute_dtype=FLAGS.attack_compute_dtype,
-      seed=FLAGS.seed)
+      seed=FLAGS.seed, autoattack_version=FLAGS.autoattack_version,
+      autoattack_epsilons=tuple(_parse_epsilon(e) for e in FLAGS.autoattack_epsilons),
+      autoattack_size=FLAGS.autoattack_size, sanity_size=FLAGS.sanity_size)
   del pruning
   return experiment.ExperimentConfig(
       run_dir=FLAGS.run_dir or f"runs/{data.slug(dataset_name())}",

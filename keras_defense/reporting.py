@@ -442,9 +442,80 @@ def dataset_lines(dataset: Mapping[str, Any] | None) -> list[str]:
   return lines
 
 
+def _pct_ci(k: int, n: int) -> str:
+  from keras_defense import statistics  # pylint: disable=g-import-not-at-top
+  if not n:
+    return "—"
+  lo, hi = statistics.wilson_interval(int(k), int(n))
+  return f"{100 * k / n:.1f}% [{100 * lo:.1f}–{100 * hi:.1f}] ({n})"
+
+
+def autoattack_lines(autoattack: Mapping[str, Any] | None, rows, n_grid: int | None
+                     ) -> list[str]:
+  """The report's AutoAttack section: robust accuracy per model and ε, per-image worst case.
+
+  Args:
+    autoattack: model -> {"autoattack": results.json of ``robustness.run``,
+      "sanity": the ε = 1 run's or None, "worst_case": {ε text: {...}}}
+      (``experiment.autoattack_summary``).
+    rows: the grid's rows (for the grey_box BIM column beside it).
+    n_grid: images the FGSM/BIM grid ran on.
+  """
+  if not autoattack:
+    return []
+  first = next(iter(autoattack.values()))["autoattack"]
+  attacks = list(first["attacks"])
+  lines = ["## AutoAttack: robust accuracy, per-image worst case", "",
+           f"Robust accuracy = classified correctly and not fooled by any attack run on that "
+           f"image (per-image worst case), as `accuracy [95% Wilson interval] (n)`. AutoAttack "
+           f"{first['version']} ({first['threat_model']}; {', '.join(attacks)}, each only on "
+           f"the images still robust; columns are cumulative) on the first "
+           f"{first['n_examples']} test images. *grey_box BIM* is the paper's setting on the "
+           f"grid's first {n_grid} images (cross-entropy, untargeted); *worst case over every "
+           f"attack* counts an image robust only if AutoAttack and every FGSM/BIM cell of the "
+           f"grid at that ε (all threat models, untargeted and targeted) failed on it, on the "
+           f"images both ran on. *ε = 1*: the sanity check (any image can become any other, so "
+           f"it must be 0%).", ""]
+  grey = {(r["model"], r["epsilon"]): r for r in rows
+          if r["threat_model"] == "grey_box" and r["attack"] == "bim" and not r["targeted"]}
+  header = (["ε", "Model", "Clean"] + [f"after {a}" for a in attacks]
+            + ["AutoAttack robust", "grey_box BIM robust", "worst case over every attack"])
+  body = []
+  eps_all = sorted({e for s in autoattack.values() for e in s["autoattack"]["eps"]})
+  for eps in eps_all:
+    for name, s in autoattack.items():
+      res = s["autoattack"]
+      per = next((p for p in res["per_eps"] if p["eps"] == eps), None)
+      if per is None:
+        continue
+      n = int(res["n_examples"])
+      steps = {a["attack"]: a for a in per["attacks"]}
+      cells = [f"{eps:g}", name, _pct_ci(res["n_clean_correct"], n)]
+      cells += [f"{100 * steps[a]['n_robust'] / n:.1f}%" if a in steps else "—" for a in attacks]
+      cells.append(f"**{_pct_ci(per['n_robust'], n)}**")
+      g = grey.get((name, eps))
+      cells.append(_pct_ci(g["n"] - g["successes"], n_grid) if g and n_grid else "—")
+      w = s.get("worst_case", {}).get(f"{eps:g}")
+      cells.append(_pct_ci(w["n_robust"], w["n"]) if w else "—")
+      body.append(cells)
+  lines += _md_table(header, body) + [""]
+  sanity = [(name, s["sanity"]) for name, s in autoattack.items() if s.get("sanity")]
+  if sanity:
+    lines.append("Sanity check: " + "; ".join(
+        f"{name} at ε={r['per_eps'][0]['eps']:g}: {_pct_ci(r['per_eps'][0]['n_robust'], r['n_examples'])}"
+        for name, r in sanity) + ".")
+    lines.append("")
+  seconds = {name: sum(p["seconds"] for p in s["autoattack"]["per_eps"])
+             for name, s in autoattack.items()}
+  lines.append("AutoAttack time: " + ", ".join(f"{n} {v:.0f} s" for n, v in seconds.items())
+               + ".")
+  return lines + [""]
+
+
 def render_markdown(*, rows, models, warnings, config, versions, wall_seconds=None,
                     command=None, title="MNIST", plots: Mapping[str, str] | None = None,
-                    dataset: Mapping[str, Any] | None = None) -> str:
+                    dataset: Mapping[str, Any] | None = None,
+                    autoattack: Mapping[str, Any] | None = None) -> str:
   """Builds report.md (see ``write_report``). ``plots`` maps a caption to a relative path."""
   model_names = list(models)
   threat_models = _ordered([r["threat_model"] for r in rows], THREAT_MODEL_ORDER)
@@ -472,6 +543,7 @@ def render_markdown(*, rows, models, warnings, config, versions, wall_seconds=No
   tables = [line for tm in threat_models for line in _threat_table(tm, rows, model_names, varying)]
   lines += tables or ["No ε-bounded attacks were run.", ""]
   lines += _cw_table(rows, model_names, threat_models)
+  lines += autoattack_lines(autoattack, rows, (config or {}).get("eval", {}).get("eval_size"))
   lines += _models_table(models)
   lines += ["## Warnings", ""]
   lines += [f"- {w}" for w in warnings] if warnings else ["none"]
@@ -698,7 +770,7 @@ def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[s
                  warnings: list[str], config: dict, versions: dict,
                  examples: list[dict] | None = None, wall_seconds: float | None = None,
                  command: str | None = None, title: str = "MNIST",
-                 dataset: dict | None = None) -> dict[str, str]:
+                 dataset: dict | None = None, autoattack: dict | None = None) -> dict[str, str]:
   """Writes every report artifact of one experiment run into ``run_dir``.
 
   Artifacts (each written to a temporary path and renamed into place):
@@ -725,6 +797,9 @@ def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[s
     dataset: ``data.DatasetInfo.to_dict()`` of the data the run used: the
       report header names it, its version, split sizes and source digests,
       and plots name classes by their names.
+    autoattack: ``experiment.autoattack_summary`` (model -> AutoAttack results,
+      sanity run, per-image worst case); adds the AutoAttack section and
+      ``results.json["autoattack"]``.
 
   Returns:
     {artifact name: path}, names "results.json", "results.csv", "report.md",
@@ -750,6 +825,8 @@ def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[s
              "wall_seconds": to_jsonable(wall_seconds, where="wall_seconds"), "command": command}
   if dataset is not None:
     results["dataset"] = to_jsonable(dict(dataset), where="dataset")
+  if autoattack:
+    results["autoattack"] = to_jsonable(dict(autoattack), where="autoattack")
   models = results["models"]
   paths = {}
   paths["results.json"] = str(run_dir / "results.json")
@@ -772,7 +849,7 @@ def write_report(run_dir: str | os.PathLike, *, rows: list[dict], models: dict[s
   markdown = render_markdown(rows=rows, models=models, warnings=results["warnings"],
                              config=results["config"], versions=results["versions"],
                              wall_seconds=wall_seconds, command=command, title=title, plots=plots,
-                             dataset=dataset)
+                             dataset=dataset, autoattack=autoattack)
   paths["report.md"] = str(run_dir / "report.md")
   io_utils.write_text(paths["report.md"], markdown)
 

@@ -418,3 +418,18 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
   if write_artifacts:
     robustness_report.write(run_dir, out)
   return out
+
+
+def robust_masks(run_dir: str | os.PathLike) -> dict[float, np.ndarray]:
+  """Per-image worst-case outcome of a finished (or partial) run: {ε: bool (n,) robust}.
+
+  Read from the saved state: for each ε, the robust mask after the last
+  attack that finished there. An ε with no finished attack is left out.
+  """
+  state = pathlib.Path(run_dir) / "state"
+  masks = {}
+  for eps_dir in sorted(state.glob("eps_*")) if state.is_dir() else []:
+    steps = sorted(eps_dir.glob("[0-9][0-9]_*.npz"))
+    if steps:
+      masks[float(eps_dir.name[len("eps_"):])] = _load_npz(steps[-1])["robust"].astype(bool)
+  return masks

@@ -132,6 +132,51 @@ def test_interrupted_attack_stage_resumes_to_the_same_results(pipeline, tmp_path
   assert sorted(_without_time(second), key=key) == sorted(_without_time(expected), key=key)
 
 
+def test_autoattack_stage_reports_the_per_image_worst_case_and_masking(pipeline, tmp_path):
+  config, _, run_dir = pipeline
+  run2 = tmp_path / "run"
+  shutil.copytree(run_dir, run2)
+  eval_config = dataclasses.replace(config.eval, autoattack_version="standard",
+                                    autoattack_epsilons=(0.3,), autoattack_size=40,
+                                    sanity_size=10)
+  experiment.run(dataclasses.replace(config, run_dir=str(run2), eval=eval_config,
+                                     stages=("autoattack", "report")))
+  results = json.loads((run2 / "results.json").read_text())
+  aa = results["autoattack"]
+  assert list(aa) == ["m0", "m1", "m2"]
+  cells = run2 / "attack" / "cells"
+  for name, summary in aa.items():
+    res = summary["autoattack"]
+    assert res["n_examples"] == 40 and res["eps"] == [0.3]
+    assert res["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert res["robust_acc"][0] <= res["clean_acc"]
+    # The sanity check: at eps = 1 every image can be made any other.
+    assert summary["sanity"]["robust_acc"] == [0.0]
+    # Worst case over every attack: AutoAttack's robust images minus every image a
+    # grid cell at 0.3 fooled, recomputed here from the saved masks.
+    aa_dir = run2 / json.loads((run2 / "stages" / "autoattack.json").read_text())["dir"]
+    aa_robust = np.load(sorted((aa_dir / name / "state" / "eps_0.3")
+                               .glob("03_*.npz"))[0])["robust"]
+    fooled = np.zeros(40, bool)
+    n_cells = 0
+    for f in cells.glob(f"*__{name}__*__0.3.success.npy"):
+      fooled |= np.load(f)[:40]
+      n_cells += 1
+    # fgsm/bim x untargeted/targeted x threat models (m0: grey_box, adaptive; the
+    # others also transfer from m0).
+    assert n_cells == {"m0": 8, "m1": 12, "m2": 12}[name]
+    w = summary["worst_case"]["0.3"]
+    assert w["n"] == 40 and w["grid_cells"] == n_cells
+    assert w["n_robust"] == int((aa_robust & ~fooled).sum())
+  # M2's softmax is saturated (logits x1001): APGD-CE is masked, APGD-T is not.
+  m2 = {s["attack"]: s for s in aa["m2"]["autoattack"]["per_eps"][0]["attacks"]}
+  assert m2["apgd-ce"]["n_robust"] > 2 * m2["apgd-t"]["n_robust"]
+  assert any(w.startswith("m2: at ε=0.3, APGD-CE leaves") for w in results["warnings"])
+  report = (run2 / "report.md").read_text()
+  assert "## AutoAttack: robust accuracy, per-image worst case" in report
+  assert "Sanity check: m0 at ε=1: 0.0%" in report
+
+
 def test_reuse_saved_models_needs_them(tmp_path):
   cfg = dataclasses.replace(_config(tmp_path / "run"), reuse_saved_models=True,
                             saved_models_dir=str(tmp_path / "none"))

@@ -1,4 +1,4 @@
-"""Reproduces the M0/M1/M2 table: train -> prune -> augment -> attack -> report.
+"""Reproduces the M0/M1/M2 table: train -> prune -> augment -> attack -> autoattack -> report.
 
   kd-experiment --flagfile=flags/mnist.flags
 
@@ -19,20 +19,22 @@ from keras_defense import provenance
 
 
 class _Progress:
-  """A progress bar over the attack grid's groups."""
+  """One progress bar per run of steps: the attack grid's groups, each AutoAttack run."""
 
   def __init__(self):
     self.bar = None
 
   def __call__(self, done, total, desc):
-    if self.bar is None:
-      self.bar = tqdm.tqdm(total=total, unit="group", desc="attack grid",
-                           dynamic_ncols=True, file=sys.stderr)
+    stage, _, text = desc.partition(": ")
+    if (self.bar is None or self.bar.total != total or done < self.bar.n
+        or self.bar.desc != stage):
+      if self.bar is not None:
+        self.bar.close()
+      self.bar = tqdm.tqdm(total=total, unit="step", desc=stage, dynamic_ncols=True,
+                           file=sys.stderr)
     self.bar.n = done
-    self.bar.set_postfix_str(desc)
+    self.bar.set_postfix_str(text)
     self.bar.refresh()
-    if done == total:
-      self.bar.close()
 
 
 def main(argv):
