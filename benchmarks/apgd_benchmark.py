@@ -66,6 +66,9 @@ def main(argv=None):
             ("APGD-CE at eps 0 (nothing breaks)", 0.0, {})]
   for name, eps, kwargs in stages:
     todo = np.flatnonzero(robust if eps > 0 else clean)
+    if not todo.size:
+      print(f"| {name} | {robust.mean():.1%} | 0 | 0 | - | - | - |")
+      continue
     start = time.perf_counter()
     x_adv, iterations = apgd(model, x[todo], y[todo], eps, **common, **kwargs)
     seconds = time.perf_counter() - start
