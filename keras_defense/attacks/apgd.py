@@ -171,8 +171,9 @@ class _AutoPGD:
     """
     if self._exact is None:
       return wrong
-    out = runtime.on_subset(wrong, {"x": x_adv, "y": y, "ok": wrong}, lambda sub: {
-        "ok": tf.argmax(self._exact(sub["x"]), -1) != sub["y"]})
+    out = runtime.on_subset(
+        wrong, {"x": x_adv, "y": y, "ok": wrong},
+        lambda sub: {"ok": tf.argmax(self._exact(sub["x"]), -1) != sub["y"]})
     return wrong & out["ok"]
 
   def _project(self, v, s, epsilon):
