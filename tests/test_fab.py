@@ -107,6 +107,13 @@ def test_finds_the_minimum_norm_adversarial_of_a_linear_model(norm):
         np.testing.assert_array_equal(x_adv, x[k:k + 1])
 
 
+def test_zero_epsilon_returns_the_input():
+  model = _TwoClassLinear(dim=36)
+  x = np.random.default_rng(0).uniform(0, 1, (4, 6, 6, 1)).astype(np.float32)
+  y = np.argmax(model(x).numpy(), -1).astype(np.int64)
+  np.testing.assert_array_equal(attacks.fab(model, x, y, 0.0), x)
+
+
 @pytest.fixture(scope="module")
 def m0():
   return keras_defense.load_model("saved_models/mnist_m0/1")
@@ -148,7 +155,7 @@ def test_untargeted_and_bfloat16_and_tensor_input():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"epsilon": 0.0}, ValueError, "`epsilon` must be > 0"),
+    ({"epsilon": -0.1}, ValueError, "`epsilon` must be >= 0"),
     ({"norm": "l1"}, ValueError, "`norm` must be one of"),
     ({"targeted": "yes"}, TypeError, "`targeted` must be a bool"),
     ({"n_target_classes": 0}, ValueError, "`n_target_classes` must be >= 1"),

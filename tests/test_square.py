@@ -93,6 +93,83 @@ def _eager_linf(model, x, y, eps, queries, seed, p_init=0.8):
   return out, counts
 
 
+def _eager_l2(model, x, y, eps, queries, seed, p_init=0.8):
+  """Reference Square-L2, one image at a time, with the module's draws."""
+  n, h, w, c = x.shape
+  key = tf.constant([seed, 0], tf.int64)
+  # The start: eta(h // 5) on a 5 x 5 grid, each tile transposed or not, times
+  # a sign per image, tile and channel, scaled to norm eps.
+  s0, sp = h // 5, (h - (h // 5) * 5) // 2
+  flips = tf.random.stateless_uniform(
+      [(h // s0) * (w // s0)], tf.random.experimental.stateless_fold_in(key, 2)) > 0.5
+  u = tf.random.stateless_uniform([n, (h // s0) * (w // s0), c], key).numpy()
+  delta = np.zeros_like(x, np.float64)
+  for tile, (r, q) in enumerate((r, q) for r in range(h // s0) for q in range(w // s0)):
+    eta = square_lib.eta_pattern(s0)
+    eta = eta.T if flips[tile] else eta
+    vh, vw = sp + r * s0, sp + q * s0
+    rows, cols = min(s0, h - vh), min(s0, w - vw)   # the grid overhangs 12 px
+    delta[:, vh:vh + rows, vw:vw + cols, :] += (
+        eta[None, :rows, :cols, None] * np.sign(2 * u[:, tile, None, None, :] - 1))
+  norms = np.sqrt((delta**2).sum(axis=(1, 2, 3), keepdims=True))
+  start = np.clip(x + delta / (norms + 1e-12) * eps, 0.0, 1.0)
+  sides = tf.constant(square_lib.window_sides(p_init, h, w, "l2"))
+  loop_seed = tf.random.experimental.stateless_fold_in(key, 1)
+  draws, signs = [], []
+  for i in range(queries - 1):
+    draws.append(square_lib.iteration_draws(loop_seed, tf.constant(i), sides, h, w, c))
+    k = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(loop_seed, tf.constant(i, tf.int64)), 1)
+    signs.append(np.sign(2 * tf.random.stateless_uniform([n, c], k).numpy() - 1))
+  out, counts = x.copy(), np.zeros(n, np.int64)
+  for k in range(n):
+    xk, yk = x[k:k + 1].astype(np.float64), y[k:k + 1]
+    if _margin(model, x[k:k + 1], yk)[0] <= 0:
+      continue
+    best = start[k:k + 1].astype(np.float64)
+    m = _margin(model, best.astype(np.float32), yk)[0]
+    counts[k] = 1
+    for i, d in enumerate(draws):
+      if m <= 0:
+        break
+      s, vh, vw, vh2, vw2 = (int(d[v]) for v in ("s", "vh", "vw", "vh2", "vw2"))
+      cur = best - xk
+      win1 = (slice(None), slice(vh, vh + s), slice(vw, vw + s), slice(None))
+      win2 = (slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s), slice(None))
+      norm_w1 = np.sqrt((cur[win1]**2).sum(axis=(1, 2), keepdims=True))
+      norm_img = np.sqrt((cur**2).sum())
+      union = np.zeros_like(cur)
+      union[win1] = 1.0
+      union[win2] = 1.0
+      norm_windows = np.sqrt(((cur * union)**2).sum())
+      eta = square_lib.eta_pattern(s)
+      eta = eta.T if bool(d["flip"]) else eta
+      new = eta[None, :, :, None] * signs[i][k] + cur[win1] / (1e-12 + norm_w1)
+      new = new / (1e-12 + np.sqrt((new**2).sum(axis=(1, 2), keepdims=True))) * np.sqrt(
+          max(eps**2 - norm_img**2, 0.0) / c + norm_windows**2)
+      cur[win2] = 0.0
+      cur[win1] = new
+      cand = np.clip(xk + cur / (np.sqrt((cur**2).sum()) + 1e-12) * eps, 0.0, 1.0)
+      mn = _margin(model, cand.astype(np.float32), yk)[0]
+      counts[k] += 1
+      if mn < m:
+        best, m = cand, mn
+    if m <= 0:
+      out[k] = best[0]
+  return out, counts
+
+
+def test_l2_matches_an_eager_recount_query_for_query(tiny):
+  model, x, y = tiny
+  queries = 40
+  x_adv, counts = attacks.square(model, x, y, 0.6, norm="l2", queries=queries,
+                                 seed=4, return_queries=True)
+  expected_x, expected_counts = _eager_l2(model, x, y, 0.6, queries, 4)
+  assert len(set(expected_counts.tolist())) >= 5
+  np.testing.assert_array_equal(counts, expected_counts)
+  np.testing.assert_allclose(x_adv, expected_x, atol=1e-5)
+
+
 def test_linf_matches_an_eager_recount_query_for_query(tiny):
   """Compiled, batched and compacted == the reference loop run image by image."""
   model, x, y = tiny
@@ -168,6 +245,13 @@ def test_stays_in_ball_and_box_and_is_reproducible(tiny, norm, eps):
   assert np.any(other != x_adv)
 
 
+def test_zero_epsilon_returns_the_input_without_queries(tiny):
+  model, x, y = tiny
+  x_adv, counts = attacks.square(model, x, y, 0.0, return_queries=True)
+  np.testing.assert_array_equal(x_adv, x)
+  assert not counts.any()
+
+
 def test_breaks_the_gradient_masked_model():
   """M2 (logits augmentation) masks gradients; a score-based attack ignores that."""
   model = keras_defense.load_model("saved_models/mnist_m2/1")
@@ -182,7 +266,7 @@ def test_breaks_the_gradient_masked_model():
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
-    ({"epsilon": 0.0}, ValueError, "`epsilon` must be > 0"),
+    ({"epsilon": -0.1}, ValueError, "`epsilon` must be >= 0"),
     ({"epsilon": "0.3"}, TypeError, "`epsilon` must be a real number"),
     ({"norm": "l1"}, ValueError, "`norm` must be one of"),
     ({"queries": 0}, ValueError, "`queries` must be >= 1"),

@@ -31,6 +31,7 @@ import numpy as np
 
 from keras_defense.attacks import fab_projections
 from keras_defense.attacks import losses
+from keras_defense.attacks import metrics
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
 from keras_defense.compat import tf
@@ -221,8 +222,8 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
       mapping images to logits (N, K).
     x: images, float32 (N, H, W, C) in [clip_min, clip_max]; numpy or tensor.
     y: int (N,) true labels.
-    epsilon: radius > 0 in ``norm`` (pixel units) within which an
-      adversarial counts.
+    epsilon: radius >= 0 in ``norm`` (pixel units) within which an
+      adversarial counts (0: ``x`` is returned).
     norm: "linf" or "l2".
     targeted: FAB-T: one run per target class, the k-th largest clean logit
       for k = 2 .. n_target_classes + 1, each on the images still robust.
@@ -249,14 +250,14 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
     unchanged.
 
   Raises:
-    ValueError: epsilon <= 0, an unknown norm or compute_dtype, steps,
+    ValueError: epsilon < 0, an unknown norm or compute_dtype, steps,
       restarts, n_target_classes or batch_size < 1, alpha_max outside [0, 1],
       eta < 1, beta outside (0, 1], bad labels or images.
     TypeError: non-numeric arguments, non-integer labels, a model that is not
       callable.
   """
   clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
-  epsilon = validation.check_number("epsilon", epsilon, strictly_positive=True)
+  epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
   validation.check_choice("norm", norm, validation.NORMS)
   if not isinstance(targeted, (bool, np.bool_)):
     raise TypeError(f"`targeted` must be a bool; got {type(targeted).__name__} "
@@ -278,6 +279,8 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
                           validation.COMPUTE_DTYPES_AUTO)
   exact = runtime.logits_function(model, "float32")
   inputs = runtime.prepare(x, y, clip_min, clip_max, exact)
+  if epsilon == 0.0:   # no adversarial lies within 0 of a correct image
+    return inputs.restore(inputs.x.copy())
   image_shape = tuple(inputs.x.shape[1:])
   dtype = runtime.resolve_compute_dtype(model, compute_dtype, image_shape)
   logits_fn = runtime.logits_function(model, dtype)
@@ -289,10 +292,8 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
       alpha_max=alpha_max, eta=eta, beta=beta, clip_min=clip_min,
       clip_max=clip_max))
 
-  predict = runtime.cached(model, ("fab_predict", image_shape), lambda: tf.function(
-      lambda xb: tf.argmax(exact(xb), -1)))
   x_adv = inputs.x.copy()
-  robust = runtime.in_batches(predict, batch_size, inputs.x) == inputs.y
+  robust = metrics.predict_classes(model, inputs.x, batch_size=batch_size) == inputs.y
   # Targeted: the ranks of the target logits; untargeted: one pass (the
   # rank is then unused).
   ranks = (range(2, min(n_target_classes, inputs.num_classes - 1) + 2)

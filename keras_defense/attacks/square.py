@@ -173,6 +173,8 @@ class SquareAttack:
     """The L2 start's tiles: (T, H, W), eta(H // 5) on each cell of the reference's grid.
 
     ``transpose``: the pattern transposed (the reference flips a coin per tile).
+    Where the grid overhangs the image (e.g. 12 x 12: six tiles of 2 from
+    pixel 1) the overhang is cut; the reference fails on such sizes.
     """
     h, w = self._h, self._w
     s = h // 5
@@ -311,7 +313,7 @@ def square(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
       mapping images to logits (N, K). Only forward calls are made.
     x: images, float32 (N, H, W, C) in [clip_min, clip_max]; numpy or tensor.
     y: int (N,) true labels.
-    epsilon: radius > 0 of the ``norm`` ball, in pixel units.
+    epsilon: radius >= 0 of the ``norm`` ball, in pixel units.
     norm: "linf" or "l2".
     queries: model calls per image at most (the initial one included), >= 1.
     p_init: initial fraction of the image a square covers, in (0, 1].
@@ -328,16 +330,17 @@ def square(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
     image is returned unchanged. With ``return_queries``: ``(x_adv,
     n_queries)``, ``n_queries`` int64 numpy (N,): 0 for an image already
     misclassified, k for one fooled by its k-th query, ``queries`` for one
-    never fooled.
+    never fooled. At epsilon 0 nothing is searched: ``x`` is returned and
+    every count is 0.
 
   Raises:
-    ValueError: epsilon <= 0, queries < 1, p_init outside (0, 1], an unknown
+    ValueError: epsilon < 0, queries < 1, p_init outside (0, 1], an unknown
       norm, labels out of range or not one per image, bad images.
     TypeError: non-numeric arguments, non-integer labels, a model that is not
       callable.
   """
   clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
-  epsilon = validation.check_number("epsilon", epsilon, strictly_positive=True)
+  epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
   validation.check_choice("norm", norm, validation.NORMS)
   queries = validation.check_int("queries", queries, minimum=1)
   p_init = validation.check_number("p_init", p_init, strictly_positive=True)
@@ -347,6 +350,10 @@ def square(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   seed = validation.check_int("seed", seed, minimum=0)
   logits_fn = runtime.logits_function(model, "float32")
   inputs = runtime.prepare(x, y, clip_min, clip_max, logits_fn)
+  if epsilon == 0.0:   # nothing to search: no query is made
+    x_adv = inputs.restore(inputs.x.copy())
+    counts = np.zeros(inputs.x.shape[0], np.int64)
+    return (x_adv, counts) if return_queries else x_adv
   image_shape = tuple(inputs.x.shape[1:])
   key = ("square", image_shape, norm, p_init, clip_min, clip_max)
   attack = runtime.cached(model, key, lambda: SquareAttack(
