@@ -92,12 +92,11 @@ class Classifier:
     return self._keras_model if self.output == LOGITS else None
 
   def describe(self) -> str:
-    """E.g. "SavedModel 'm/1', signature 'serving_default', output 'logits'"."""
-    if self.kind == "saved_model":
-      text = f"SavedModel {self.path!r}, signature {self.signature!r}"
-    else:
-      text = f"Keras file {self.path!r}"
-    return text + (f", output {self.output_key!r}" if self.output_key else "")
+    """E.g. "model 'm/1' (SavedModel, signature 'serving_default', output 'logits')"."""
+    text = f"SavedModel, signature {self.signature!r}" if self.kind == "saved_model" else \
+        "Keras file"
+    text += f", output {self.output_key!r}" if self.output_key else ""
+    return f"model {self.path!r} ({text})"
 
   def scores(self, x: Any) -> tf.Tensor:
     """The model's own output (logits or probabilities) as float32 (N, K)."""
@@ -133,7 +132,7 @@ class Classifier:
     if self.input_dtype == tf.float32 and shape_ok:
       return
     raise UserError(
-        f"model {self.path!r} ({self.describe()}) takes input {self.input_name!r} as "
+        f"{self.describe()} takes input {self.input_name!r} as "
         f"{_spec_text(self.input_dtype, self.input_shape)}; kd-evaluate feeds {dataset} "
         f"test images as {_spec_text(tf.float32, want)} in [0, 1]. Fix: evaluate a "
         f"signature or model that takes float32 images in [0, 1] of the dataset's shape "
@@ -158,11 +157,11 @@ def detect_output(clf: Classifier, x_probe: np.ndarray, *, num_classes: int) -> 
   out = clf.scores(x_probe).numpy()
   if out.ndim != 2 or out.shape != (x_probe.shape[0], num_classes):
     raise UserError(
-        f"model {clf.path!r} ({clf.describe()}) returned shape {tuple(out.shape)} for "
+        f"{clf.describe()} returned shape {tuple(out.shape)} for "
         f"{x_probe.shape[0]} images; kd-evaluate needs one score per class, "
         f"({x_probe.shape[0]}, {num_classes}).")
   if not np.all(np.isfinite(out)):
-    raise UserError(f"model {clf.path!r} ({clf.describe()}) returned NaN or inf on "
+    raise UserError(f"{clf.describe()} returned NaN or inf on "
                     f"clean test images.")
   sums = out.sum(axis=1)
   if out.min() >= -PROBABILITY_TOLERANCE and np.all(np.abs(sums - 1) <= PROBABILITY_TOLERANCE):

@@ -176,18 +176,16 @@ def _bind_run_dir(run_dir: pathlib.Path, identity: dict[str, Any], sha256: str) 
 
 
 def _resolve_compute_dtype(run_dir: pathlib.Path, record: dict, model: Any,
-                           requested: str, image_shape: Sequence[int]) -> str:
+                           config: RobustnessConfig, image_shape: Sequence[int]) -> str:
   """The dtype the attacks use, chosen once per run directory (kept in run.json).
 
-  "auto" times both dtypes, and a resumed run must not pick differently.
+  "auto" times both dtypes (``runtime.resolve_compute_dtype``, at the attack
+  batch size); a resumed run must not pick differently.
   """
   if "compute_dtype" in record:
     return record["compute_dtype"]
-  resolve = getattr(runtime, "resolve_compute_dtype", None)
-  if requested == "auto":
-    dtype = resolve(model, "auto", tuple(image_shape)) if resolve else "float32"
-  else:
-    dtype = requested
+  dtype = runtime.resolve_compute_dtype(model, config.compute_dtype, tuple(image_shape),
+                                        batch_size=config.batch_size)
   io_utils.write_json(run_dir / "run.json", dict(record, compute_dtype=dtype))
   return dtype
 
@@ -397,8 +395,8 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
   record = _bind_run_dir(run_dir, config.identity(), sha256)
 
   ev = _Evaluation(config, clf, x, y, plan, progress)
-  ev.compute_dtype = _resolve_compute_dtype(run_dir, record, ev.attack_model,
-                                            config.compute_dtype, facts.image_shape)
+  ev.compute_dtype = _resolve_compute_dtype(run_dir, record, ev.attack_model, config,
+                                            facts.image_shape)
   ev.progress(0, ev.total_steps, "clean accuracy")
   pred, clean_seconds = ev.clean()
   robust = pred == y

@@ -106,6 +106,7 @@ def models(tmp_path_factory):
 def _config(model, run_dir, **kw):
   kw.setdefault("epsilons", (0.1, 0.05))
   kw.setdefault("n_examples", N)
+  kw.setdefault("compute_dtype", "float32")  # "auto" would time bfloat16 first
   return robustness.RobustnessConfig(model=str(model), run_dir=str(run_dir), batch_size=64,
                                      **kw)
 
@@ -184,6 +185,20 @@ def test_probability_output_is_attacked_as_log(models, tmp_path):
                                   num_classes=10) == classifier.LOGITS
 
 
+def test_output_of_the_wrong_shape_or_not_finite_is_a_user_error():
+  x = np.zeros((4, 28, 28, 1), np.float32)
+
+  def clf(fn):
+    return classifier.Classifier(fn, path="m", kind="keras", signature=None, output_key=None,
+                                 input_name="images", input_dtype="float32",
+                                 input_shape=(None, 28, 28, 1))
+  with pytest.raises(UserError, match=r"model 'm' \(Keras file\) returned shape \(4, 5\) for "
+                     r"4 images; kd-evaluate needs one score per class, \(4, 10\)"):
+    classifier.detect_output(clf(lambda t: t[:, 0, :5, 0]), x, num_classes=10)
+  with pytest.raises(UserError, match=r"returned NaN or inf on clean test images"):
+    classifier.detect_output(clf(lambda t: t[:, 0, :10, 0] / 0.0), x, num_classes=10)
+
+
 def test_wrong_input_is_one_line_error_exit_2(models, tmp_path):
   run_dir = tmp_path / "run"
   done = subprocess.run(
@@ -242,8 +257,8 @@ def test_same_numbers_as_auto_attack(models, tmp_path):
   autoattack = pytest.importorskip("keras_defense.attacks.autoattack")
   run_dir = tmp_path / "run"
   res = robustness.run(_config(models / "plain_logits", run_dir, epsilons=(0.1,),
-                               n_examples=100, version="custom", attacks=("apgd-ce",),
-                               compute_dtype="float32")).to_dict()
+                               n_examples=100, version="custom",
+                               attacks=("apgd-ce",))).to_dict()
   _check_invariants(res)
   assert res["attacks"] == ["apgd-ce"] and res["robust_acc"][0] < res["clean_acc"]
   x, y = data.load_arrays("mnist", "test", limit=100)
