@@ -190,3 +190,38 @@ def test_shipped_models_record_their_dataset():
     record = export.check_model_dataset(REPO / "saved_models" / f"mnist_{name}" / "1",
                                         "mnist", what="test")
     assert record["dataset_sources"] == data.info("mnist").sources
+
+
+def _experiment_config(*args):
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+  with flagsaver.flagsaver():
+    kd_flags.FLAGS.unparse_flags()
+    kd_flags.FLAGS(["kd-experiment", *args])
+    return kd_flags.experiment_config()
+
+
+def test_the_runs_data_reaches_every_stage_config(tmp_path, monkeypatch):
+  monkeypatch.chdir(REPO)  # the template names its stage flagfiles relative to the repo
+  manual = str(tmp_path / "fashion_files")
+  config = _experiment_config("--flagfile=flags/new_dataset.flags", "--dataset=fashion_mnist",
+                              f"--manual_dir={manual}", "--epsilons=0.1")
+  assert (config.dataset, config.manual_dir, config.run_dir) == (
+      "fashion_mnist", manual, "runs/fashion_mnist")
+  for stage in (config.train, config.prune, config.augment):
+    assert (stage.dataset, stage.manual_dir, stage.data_dir) == ("fashion_mnist", manual, None)
+  config.validate()
+  run = experiment._Run(config)  # pylint: disable=protected-access
+  assert run.export_dir(0).endswith("saved_models/fashion_mnist_m0")
+  assert experiment._stage_config(run, "prune", base_model_path="x").report_path.endswith(  # pylint: disable=protected-access
+      "compression/fashion_mnist_m1")
+  # No stage flagfile: the stages' defaults (pruning fine-tunes with Adam, as the card).
+  bare = _experiment_config("--dataset=fashion_mnist", "--epsilons=0.1")
+  assert (bare.prune.optimizer, bare.prune.learning_rate, bare.prune.finetune_epochs) == (
+      "adam", 0.001, 10)
+  assert (bare.train.optimizer, bare.train.epochs) == ("sgd", 10)
+  folder = _experiment_config(f"--dataset=folder:{tmp_path}/signs", "--image_size=32x32x3",
+                              "--epsilons=0.1")
+  assert folder.dataset == f"folder:{tmp_path}/signs@32x32x3"
+  assert folder.run_dir == "runs/folder_signs_32x32x3"
+  assert folder.train.dataset == folder.dataset
