@@ -138,7 +138,9 @@ def _l2(t: tf.Tensor, axis=(1, 2, 3)) -> tf.Tensor:
 class SquareAttack:
   """Compiled Square Attack for one (model, norm, image shape, p_init, clip).
 
-  ``run(x, y, epsilon, queries, seed, n_total)`` -> ``(x_adv, queries, fooled)``.
+  ``run(x, y, epsilon, queries, seed)`` -> ``(x_adv, queries, fooled)``: the
+  adversarial where the image was fooled (else ``x``), the per-image query
+  counts and the fooled mask; ``queries`` is the budget per image.
   """
 
   def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
