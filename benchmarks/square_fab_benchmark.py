@@ -1,4 +1,4 @@
-"""Square and FAB-T (AutoAttack's last two stages): strength, time, queries/s vs the forward ceiling (not a test).
+"""Square and FAB-T (AutoAttack's last two stages): strength, time, rate vs the ceilings (not a test).
 
 Square (AutoAttack's settings: 5,000 queries, p_init 0.8, L-inf) runs on all
 images; the table gives its success rate on the clean-correct images, the

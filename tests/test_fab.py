@@ -135,14 +135,15 @@ def test_fab_t_breaks_m0_with_small_real_adversarials(m0):
 
 
 def test_untargeted_and_bfloat16_and_tensor_input():
-  """A small Keras model: the untargeted FAB and a bfloat16 FAB-T give real adversarials."""
+  """Untargeted FAB (with a random restart) and bfloat16 FAB-T: real adversarials."""
   keras.utils.set_random_seed(0)
   model = keras.Sequential([keras.layers.Flatten(input_shape=(6, 6, 1)),
                             keras.layers.Dense(16, activation="relu"),
                             keras.layers.Dense(4)])
   x = np.random.default_rng(3).uniform(0, 1, (16, 6, 6, 1)).astype(np.float32)
   y = np.argmax(model(x).numpy(), -1).astype(np.int64)
-  for kwargs in ({"targeted": False}, {"compute_dtype": "bfloat16"}):
+  # restarts=2: the second run starts from the reference's random point.
+  for kwargs in ({"targeted": False, "restarts": 2}, {"compute_dtype": "bfloat16"}):
     x_adv = attacks.fab(model, tf.constant(x), y, 0.3, steps=30, **kwargs)
     assert isinstance(x_adv, tf.Tensor)
     x_adv = x_adv.numpy()
