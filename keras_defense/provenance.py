@@ -37,29 +37,35 @@ def model_provenance(stage: str, dataset_info, *, base_model: str | None = None)
           "base_model": base_model, "versions": versions()}
 
 
-def command_line(argv: list[str], cwd: str | os.PathLike | None = None) -> str:
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def command_line(argv: list[str], *, cwd: str | os.PathLike | None = None,
+                 root: str | os.PathLike = REPO_ROOT) -> str:
   """``argv`` as a shell line a reader can rerun from the repository.
 
   The program is named by its base name (``kd-experiment``, not the venv's
-  absolute path) and absolute paths under ``cwd`` become relative to it.
+  absolute path; a module run as a script, ``…/keras_defense/bin/evaluate.py``,
+  becomes ``python -m keras_defense.bin.evaluate``), and every ``--flag=value``
+  whose value is a path under ``root`` (absolute, or relative to ``cwd``) is
+  rewritten relative to ``root``.
   """
   import shlex  # pylint: disable=g-import-not-at-top
-  root = pathlib.Path(cwd or os.getcwd()).resolve()
-
-  def rel(arg: str) -> str:
-    prefix, eq, value = arg.partition("=")
-    text = value if eq else arg
-    p = pathlib.Path(text)
-    if p.is_absolute():
-      try:
-        text = str(p.resolve().relative_to(root))
-      except ValueError:
-        return arg
-      return f"{prefix}={text}" if eq else text
-    return arg
-
-  words = [pathlib.Path(argv[0]).name] + [rel(a) for a in argv[1:]] if argv else []
-  return " ".join(shlex.quote(w) for w in words)
+  cwd = pathlib.Path(cwd or os.getcwd())
+  root = pathlib.Path(root).resolve()
+  first = pathlib.Path(argv[0]) if argv else pathlib.Path("kd")
+  words = [f"python -m keras_defense.bin.{first.stem}" if first.suffix == ".py" else first.name]
+  for arg in argv[1:]:
+    if arg.startswith("--") and "=" in arg:
+      flag, value = arg.split("=", 1)
+      if value and ("/" in value or value.startswith(".")):
+        p = (cwd / value).resolve()
+        if p == root or root in p.parents:
+          value = os.path.relpath(p, root)
+      words.append(shlex.quote(f"{flag}={value}"))
+    else:
+      words.append(shlex.quote(arg))
+  return " ".join(words)
 
 
 def versions() -> dict[str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shlex
 from typing import Sequence
 
 from keras_defense import io_utils
@@ -27,33 +26,7 @@ from keras_defense.robustness_result import RobustnessResult
 
 _md_table = reporting._md_table  # pylint: disable=protected-access  (one Markdown table writer)
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 GRID = "worst_case_adversarials.png"
-
-
-def portable_command(argv: Sequence[str], *, cwd: str | os.PathLike | None = None,
-                     root: str | os.PathLike = REPO_ROOT) -> str:
-  """The command line with paths under ``root`` made relative to it.
-
-  ``argv[0]`` becomes ``kd-evaluate`` (or ``python -m keras_defense.bin.evaluate``
-  when run as a module); every ``--flag=value`` whose value is a path under
-  ``root`` (absolute, or relative to ``cwd``) is rewritten relative to ``root``.
-  """
-  cwd = pathlib.Path(cwd or os.getcwd())
-  root = pathlib.Path(root).resolve()
-  first = pathlib.Path(argv[0]).name if argv else "kd-evaluate"
-  words = ["python -m keras_defense.bin.evaluate" if first.endswith(".py") else first]
-  for arg in argv[1:]:
-    if arg.startswith("--") and "=" in arg:
-      flag, value = arg.split("=", 1)
-      if value and ("/" in value or value.startswith(".")):
-        p = (cwd / value).resolve()
-        if p == root or root in p.parents:
-          value = os.path.relpath(p, root)
-      words.append(shlex.quote(f"{flag}={value}"))
-    else:
-      words.append(shlex.quote(arg))
-  return " ".join(words)
 
 
 def _pct(x: float) -> str:

@@ -28,6 +28,7 @@ from keras_defense import attacks
 from keras_defense import classifier
 from keras_defense import data
 from keras_defense import flags as kd_flags
+from keras_defense import provenance
 from keras_defense import robustness
 from keras_defense import robustness_report
 from keras_defense.errors import UserError
@@ -366,9 +367,9 @@ def test_flags_make_the_config():
     other(["kd-train", "--model=saved_models/mnist_m0/1"])
 
 
-def test_portable_command_is_repo_relative(tmp_path):
+def test_command_line_is_repo_relative(tmp_path):
   argv = [str(REPO / ".venv" / "bin" / "kd-evaluate"), f"--model={M0}",
           "--run_dir=runs/x", "--epsilons=0.1,0.3", f"--data_dir={tmp_path}"]
-  text = robustness_report.portable_command(argv, cwd=REPO)
+  text = provenance.command_line(argv, cwd=REPO)
   assert text == (f"kd-evaluate --model=saved_models/mnist_m0/1 --run_dir=runs/x "
                   f"--epsilons=0.1,0.3 --data_dir={tmp_path}")

@@ -16,8 +16,8 @@ import tqdm
 
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
+from keras_defense import provenance
 from keras_defense import robustness
-from keras_defense import robustness_report
 from keras_defense.compat import tf
 
 
@@ -43,7 +43,7 @@ def main(argv):
   del argv
   if flags.FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
-  config = kd_flags.evaluate_config(robustness_report.portable_command(sys.argv))
+  config = kd_flags.evaluate_config(provenance.command_line(sys.argv))
   result = robustness.run(config, progress=_Progress())
   print(result.summary())
   print(f"report: {config.run_dir}/report.md")
