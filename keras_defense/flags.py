@@ -97,6 +97,31 @@ flags.register_validator(
     "lr_decay_epochs", lambda v: all(s.strip().isdigit() and int(s) >= 1 for s in v),
     "--lr_decay_epochs must be a comma-separated list of epochs >= 1.")
 
+# --- adversarial training (kd-train; keras_defense.defenses.adversarial_training)
+flags.DEFINE_enum("adversarial", None, list(training.ADVERSARIAL_METHODS),
+                  "Train on adversarial examples crafted in every step: pgd (Madry et al. "
+                  "2018), fgsm_rs (FGSM from a random start, Wong et al. 2020) or trades "
+                  "(Zhang et al. 2019). Default: standard training.")
+flags.DEFINE_float("adv_epsilon", 0.3, "L-inf radius of the training attack (MNIST papers: 0.3).")
+flags.DEFINE_integer("adv_steps", None,
+                     "Steps of the training attack (default: 40 for pgd/trades, Madry's MNIST; "
+                     "fgsm_rs takes 1).", lower_bound=1)
+flags.DEFINE_float("adv_step_size", None,
+                   "Step of the training attack (default: 2.5 * eps / steps for pgd/trades; "
+                   "1.25 * eps for fgsm_rs, Wong et al.).")
+flags.DEFINE_float("trades_beta", 6.0, "TRADES beta, the weight of the KL term (TRADES: 6).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("robust_val_size", 1000,
+                     "Held-out validation images of the per-epoch PGD-10 robust-accuracy check "
+                     "that keeps the best epoch (0: no check).", lower_bound=0)
+flags.register_validator("adv_epsilon", lambda v: 0 < v <= 1, "--adv_epsilon must be in (0, 1].")
+flags.register_validator("adv_step_size", lambda v: v is None or v > 0,
+                         "--adv_step_size must be > 0.")
+flags.register_multi_flags_validator(
+    ["adversarial", "adv_steps"],
+    lambda d: d["adversarial"] != "fgsm_rs" or d["adv_steps"] in (None, 1),
+    "--adversarial=fgsm_rs takes one step: leave --adv_steps unset or 1.")
+
 
 def train_config(fv=None) -> training.TrainConfig:
   """The TrainConfig the training flags describe."""
@@ -114,7 +139,9 @@ def train_config(fv=None) -> training.TrainConfig:
       manual_dir=fv.manual_dir, export_dir=fv.export_dir,
       export_version=fv.export_version, compute_dtype=fv.compute_dtype,
       deterministic=fv.deterministic, strategy=fv.strategy,
-      num_cpu_devices=fv.num_cpu_devices)
+      num_cpu_devices=fv.num_cpu_devices, adversarial=fv.adversarial,
+      adv_epsilon=fv.adv_epsilon, adv_steps=fv.adv_steps, adv_step_size=fv.adv_step_size,
+      trades_beta=fv.trades_beta, robust_val_size=fv.robust_val_size)
 
 
 # --- pruning and logits augmentation ---------------------------------------

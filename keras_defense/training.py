@@ -9,6 +9,13 @@ final SavedModel export.
 Recipe defaults follow C&W 2017 (SGD, momentum 0.9, Nesterov, batch 128) with a
 stepped learning rate, which reaches the paper's accuracy in fewer epochs.
 
+Trained defenses run on this same loop: with ``adversarial`` (PGD-AT, FGSM-RS,
+TRADES), ``temperature`` or ``teacher_model_path`` set, ``fit`` trains a
+``defenses.trainer.DefenseTrainer`` around the model (adversarial batches
+crafted inside the compiled step; a per-epoch PGD check keeps the most robust
+epoch), and the plain functional model is exported. With them unset, training
+is exactly as before.
+
 Example:
   >>> result = train(TrainConfig(dataset="mnist", run_dir="/tmp/m0", epochs=10))
   >>> result.test_accuracy
@@ -33,6 +40,7 @@ from keras_defense.errors import UserError
 
 OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+ADVERSARIAL_METHODS = ("pgd", "fgsm_rs", "trades")  # keras_defense.defenses.adversarial_training
 
 
 class ConfigError(UserError):
@@ -122,6 +130,15 @@ class TrainConfig:
   strategy: str = "default"  # distribution.STRATEGIES; default: one device, as before
   num_cpu_devices: int | None = None  # mirrored without GPUs: logical CPU devices
   verbose: int = 1
+  # Trained defenses (keras_defense.defenses); the defaults leave training as it was.
+  adversarial: str | None = None  # None, or ADVERSARIAL_METHODS: "pgd" | "fgsm_rs" | "trades"
+  adv_epsilon: float = 0.3  # L-inf radius; Madry, Wong and TRADES on MNIST: 0.3
+  adv_steps: int | None = None  # None: 40 for pgd/trades (Madry's MNIST), 1 for fgsm_rs
+  adv_step_size: float | None = None  # None: 2.5 eps / steps (Madry's rule); fgsm_rs 1.25 eps
+  trades_beta: float = 6.0  # TRADES (Zhang et al. 2019): 6
+  robust_val_size: int = 1000  # held-out images of the per-epoch PGD-10 check; 0: none
+  temperature: float = 1.0  # softmax temperature of the training loss (distillation)
+  teacher_model_path: str | None = None  # distillation: learn this model's soft labels at T
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
@@ -134,12 +151,55 @@ class TrainConfig:
     need(0 <= self.dropout < 1, f"`dropout` must be in [0, 1); got {self.dropout}.")
     need(self.compute_dtype in COMPUTE_DTYPES,
          f"`compute_dtype` must be one of {', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
+    check_defense_fields(self)
     check_fit_fields(self)
     return self
+
+  def defended(self) -> bool:
+    """True if a trained defense changes the training step (else: plain ``fit``)."""
+    return (self.adversarial is not None or self.temperature != 1.0
+            or self.teacher_model_path is not None)
+
+  def adversarial_steps(self) -> tuple[int, float]:
+    """(steps, step size) of the inner maximisation, defaults filled in."""
+    steps = self.adv_steps or (1 if self.adversarial == "fgsm_rs" else 40)
+    if self.adv_step_size is not None:
+      return int(steps), float(self.adv_step_size)
+    if self.adversarial == "fgsm_rs":
+      return 1, 1.25 * float(self.adv_epsilon)  # Wong et al. 2020: alpha = 1.25 eps
+    return int(steps), 2.5 * float(self.adv_epsilon) / int(steps)
 
   def model_name(self, image_shape) -> str:
     """``model``, or the C&W network for ``image_shape`` (models.model_for_shape)."""
     return self.model or models.model_for_shape(image_shape)
+
+
+def check_defense_fields(config: TrainConfig) -> None:
+  """Checks the trained-defense fields of a ``TrainConfig``; raises ConfigError naming one."""
+  def need(cond, msg):
+    if not cond:
+      raise ConfigError(msg)
+  need(config.adversarial is None or config.adversarial in ADVERSARIAL_METHODS,
+       f"`adversarial` must be None or one of {', '.join(ADVERSARIAL_METHODS)}; "
+       f"got {config.adversarial!r}.")
+  need(0 < config.adv_epsilon <= 1, f"`adv_epsilon` must be in (0, 1]; got {config.adv_epsilon}.")
+  need(config.adv_steps is None or int(config.adv_steps) >= 1,
+       f"`adv_steps` must be >= 1; got {config.adv_steps}.")
+  need(config.adversarial != "fgsm_rs" or config.adv_steps in (None, 1),
+       f"`adv_steps` must be 1 (or unset) with adversarial='fgsm_rs'; got {config.adv_steps}.")
+  need(config.adv_step_size is None or config.adv_step_size > 0,
+       f"`adv_step_size` must be > 0; got {config.adv_step_size}.")
+  need(config.trades_beta >= 0, f"`trades_beta` must be >= 0; got {config.trades_beta}.")
+  need(int(config.robust_val_size) >= 0,
+       f"`robust_val_size` must be >= 0; got {config.robust_val_size}.")
+  need(config.temperature > 0, f"`temperature` must be > 0; got {config.temperature}.")
+  need(config.adversarial is None or (config.temperature == 1.0
+                                      and config.teacher_model_path is None),
+       f"`adversarial` ({config.adversarial!r}) cannot be combined with `temperature` != 1 "
+       f"or `teacher_model_path`; got temperature={config.temperature}, "
+       f"teacher_model_path={config.teacher_model_path!r}.")
+  need(config.teacher_model_path is None or bool(config.teacher_model_path),
+       "`teacher_model_path` must name a SavedModel or be None; got an empty string.")
 
 
 def check_fit_fields(config) -> None:
@@ -182,11 +242,15 @@ class TrainResult:
   epochs_run: int
   wall_seconds: float
   saved_model_path: str | None
+  defense: dict | None = None  # trained defenses: what was on, the robust-accuracy guard
 
   def to_dict(self) -> dict:
-    return {"test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
-            "epochs_run": self.epochs_run, "wall_seconds": self.wall_seconds,
-            "saved_model_path": self.saved_model_path}
+    out = {"test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
+           "epochs_run": self.epochs_run, "wall_seconds": self.wall_seconds,
+           "saved_model_path": self.saved_model_path}
+    if self.defense is not None:
+      out["defense"] = self.defense
+    return out
 
 
 def setup_determinism(seed: int, deterministic: bool) -> None:
@@ -278,9 +342,10 @@ def train(config: TrainConfig) -> TrainResult:
                 validation_size=config.validation_size)
   # Epoch e's batch order depends only on (seed, e): a run resumed from its
   # last epoch checkpoint sees the batches an uninterrupted run would have.
+  first_epoch = min(resume_epoch(run_dir / "backup"), config.epochs)
   train_ds, steps_per_epoch = data.load_epochs(
       config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
-      epochs=config.epochs, first_epoch=min(resume_epoch(run_dir / "backup"), config.epochs),
+      epochs=config.epochs, first_epoch=first_epoch,
       limit=config.train_limit, **common)
   val_ds = None
   if ds_info.num_validation > 0:
@@ -292,20 +357,32 @@ def train(config: TrainConfig) -> TrainResult:
   train_ds, val_ds, test_ds = (None if d is None else distribution.shard_by_data(d, strategy)
                                for d in (train_ds, val_ds, test_ds))
 
+  identity = {"stage": "train", "model": config.model_name(ds_info.image_shape),
+              "dataset": config.dataset}
+  defense = None
+  if config.defended():  # trained defenses: keras_defense.defenses.trainer
+    from keras_defense.defenses import trainer as defense_trainer  # pylint: disable=g-import-not-at-top
+    defense = defense_trainer.DefenseSetup(config, run_dir, first_epoch=first_epoch,
+                                           chief=distribution.is_chief(strategy), **common)
+    identity["defense"] = defense.identity()
   if distribution.is_chief(strategy):
-    claim_run_dir(run_dir, {"stage": "train", "model": config.model_name(ds_info.image_shape),
-                            "dataset": config.dataset})
+    claim_run_dir(run_dir, identity)
   with distribution.scope(strategy):  # default: no scope, numbers as before
     model, loss, acc, epochs_run = _fit(config, ds_info, run_dir,
-                                        train_ds, val_ds, test_ds, steps_per_epoch)
+                                        train_ds, val_ds, test_ds, steps_per_epoch,
+                                        defense=defense)
   saved = None
   if config.export_dir:  # multi-worker: only the chief's copy is kept
+    record = provenance.model_provenance("train", ds_info)
+    if defense is not None:
+      record["defense"] = defense.identity()
     saved = distribution.export_saved_model(
         model, config.export_dir, strategy, version=config.export_version,
-        provenance=provenance.model_provenance("train", ds_info))
+        provenance=record)
   result = TrainResult(model=model, test_accuracy=float(acc), test_loss=float(loss),
                        epochs_run=epochs_run, wall_seconds=time.time() - start,
-                       saved_model_path=saved)
+                       saved_model_path=saved,
+                       defense=None if defense is None else defense.summary())
   if distribution.is_chief(strategy):
     io_utils.write_json(run_dir / "train_result.json",
                         {"config": dataclasses.asdict(config), **result.to_dict(),
@@ -331,13 +408,21 @@ def resume_epoch(backup_dir: str | os.PathLike) -> int:
 
 
 def _fit(config: TrainConfig, ds_info, run_dir: pathlib.Path,
-         train_ds, val_ds, test_ds, steps_per_epoch: int):
-  """Builds, compiles, fits and evaluates; call under ``strategy.scope()``."""
+         train_ds, val_ds, test_ds, steps_per_epoch: int, defense=None):
+  """Builds, compiles, fits and evaluates; call under ``strategy.scope()``.
+
+  ``defense`` (a ``defenses.trainer.DefenseSetup``): fit its training wrapper
+  around the model instead of the model, with its guard callback first.
+  """
   model = build_for_training(config.model_name(ds_info.image_shape), ds_info.image_shape,
                              ds_info.num_classes, dropout=config.dropout,
                              seed=config.seed, compute_dtype=config.compute_dtype)
-  compile_classifier(model, make_optimizer(config.optimizer, config.learning_rate,
-                                           config.momentum, config.nesterov))
+  optimizer = make_optimizer(config.optimizer, config.learning_rate,
+                             config.momentum, config.nesterov)
+  if defense is None:
+    fitted = compile_classifier(model, optimizer)
+  else:
+    fitted = defense.wrap(model, optimizer)
   epochs_done = _EpochCounter()
   callbacks = [
       keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
@@ -348,8 +433,12 @@ def _fit(config: TrainConfig, ds_info, run_dir: pathlib.Path,
                                   write_graph=False, profile_batch=0),
       epochs_done,
   ]
-  model.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-            validation_data=val_ds, callbacks=callbacks, verbose=config.verbose)
+  if defense is not None:
+    callbacks = defense.callbacks() + callbacks  # the guard saves before the checkpoint
+  fitted.fit(train_ds, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+             validation_data=val_ds, callbacks=callbacks, verbose=config.verbose)
+  if defense is not None:
+    defense.restore_best()
   model = to_float32(model)
   compile_classifier(model, "sgd")
   loss, acc = model.evaluate(test_ds, verbose=0)

@@ -196,3 +196,35 @@ def test_binary_user_error_is_one_line_no_traceback(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.returncode == 2
   assert "error: MNIST folder" in out.stderr and "Traceback" not in out.stderr
+
+
+def _training_module_at(commit, monkeypatch):
+  """keras_defense/training.py as it was at ``commit``, imported under another name."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  try:
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{commit}:keras_defense/training.py"],
+                            capture_output=True, text=True, check=True).stdout
+  except (OSError, subprocess.CalledProcessError):
+    pytest.skip(f"git history with commit {commit} is not available")
+  spec = importlib.util.spec_from_loader(f"training_at_{commit}", loader=None)
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+  exec(compile(source, f"training.py@{commit}", "exec"), module.__dict__)  # pylint: disable=exec-used
+  return module
+
+
+def test_standard_training_is_unchanged_by_the_defense_fields(tmp_path, monkeypatch):
+  # Commit f775e11 is the last training.py before the trained defenses
+  # (adversarial training, distillation) joined the loop; with them off, the
+  # same seed must give the same weights, bit for bit (the MNIST reproduction).
+  before = _training_module_at("f775e11", monkeypatch)
+  kwargs = dict(dataset="mnist", epochs=1, train_limit=512, test_limit=100,
+                validation_size=100, batch_size=64, verbose=0)
+  old = before.train(before.TrainConfig(run_dir=str(tmp_path / "old"), **kwargs))
+  new = training.train(training.TrainConfig(run_dir=str(tmp_path / "new"), **kwargs))
+  assert new.defense is None and "defense" not in new.to_dict()
+  for a, b in zip(old.model.get_weights(), new.model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+  assert new.test_loss == old.test_loss
+  assert json.loads((tmp_path / "new" / "run.json").read_text()) == json.loads(
+      (tmp_path / "old" / "run.json").read_text())

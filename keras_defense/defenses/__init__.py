@@ -1,0 +1,51 @@
+"""Defenses, one module each, one common shape.
+
+Every defense is a config dataclass with ``validate()`` (a bad value raises
+``training.ConfigError`` naming the field) and a function
+``fn(model, data, config) -> (defended_model, provenance)``: ``model`` is the
+base model (a Keras model, a SavedModel path, or an architecture name / None
+for defenses trained from scratch), ``data`` a ``DataSpec``, and the defended
+model a plain functional model that ``export.export_saved_model`` exports and
+``export.load_model`` loads. ``REGISTRY`` maps each defense's name to its
+``(config class, function)`` for experiments to read.
+
+- ``adversarial_training``: PGD-AT, FGSM-RS, TRADES on ``training.train``
+  (``trainer.DefenseTrainer`` and the robust-accuracy guard).
+- ``distillation``: defensive distillation at temperature T.
+- ``dropout``: Defensive Dropout, dropout active at inference.
+- ``pruning`` and ``logits_augmentation``: registered through thin entries
+  (``compression``) that call ``keras_defense.pruning`` and
+  ``keras_defense.logits_augmentation``. Moving those two modules into this
+  package is pending (issue 14, item 1): other code that imports them is being
+  edited, so they stay where they are for now.
+
+Example:
+  >>> config_class, fn = REGISTRY["defensive_dropout"]
+  >>> defended, record = fn(m0, DataSpec("mnist"), config_class(rate=0.3))
+"""
+
+from keras_defense import logits_augmentation as _logits_augmentation
+from keras_defense import pruning as _pruning
+from keras_defense.defenses.adversarial_training import adversarially_train
+from keras_defense.defenses.adversarial_training import AdversarialTrainingConfig
+from keras_defense.defenses.adversarial_training import craft
+from keras_defense.defenses.adversarial_training import METHODS as ADVERSARIAL_METHODS
+from keras_defense.defenses.base import DataSpec
+from keras_defense.defenses.compression import augment_defense
+from keras_defense.defenses.compression import prune_defense
+from keras_defense.defenses.distillation import distill
+from keras_defense.defenses.distillation import DistillationConfig
+from keras_defense.defenses.dropout import add_inference_dropout
+from keras_defense.defenses.dropout import defensive_dropout
+from keras_defense.defenses.dropout import DefensiveDropoutConfig
+from keras_defense.defenses.trainer import DefenseTrainer
+from keras_defense.defenses.trainer import robust_accuracy
+from keras_defense.defenses.trainer import RobustAccuracyGuard
+
+REGISTRY = {
+    "adversarial_training": (AdversarialTrainingConfig, adversarially_train),
+    "distillation": (DistillationConfig, distill),
+    "defensive_dropout": (DefensiveDropoutConfig, defensive_dropout),
+    "pruning": (_pruning.PruneConfig, prune_defense),
+    "logits_augmentation": (_logits_augmentation.AugmentConfig, augment_defense),
+}

@@ -1,0 +1,329 @@
+"""The training step of the trained defenses, and the robust-accuracy guard.
+
+``DefenseTrainer`` wraps a functional classifier in a ``keras.Model`` whose
+``train_step`` crafts the adversarial batch (``adversarial_training.craft``)
+on tensors inside the compiled step, or trains at a softmax temperature on
+labels or on a teacher's soft labels (defensive distillation). It is what
+``training.train`` fits when a defense is on, so ``BackupAndRestore``,
+``EpochSeeder``, the learning-rate schedule, TensorBoard and tf.distribute
+work unchanged; the wrapper itself is never exported (``training.train``
+exports the inner functional model).
+
+``RobustAccuracyGuard`` measures PGD robust accuracy on a held-out validation
+slice after every epoch, keeps the best epoch's weights on disk and warns when
+robust accuracy collapses (catastrophic overfitting, Wong et al. 2020).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from absl import logging
+import numpy as np
+
+from keras_defense import data
+from keras_defense import export
+from keras_defense import io_utils
+from keras_defense.compat import keras
+from keras_defense.compat import tf
+from keras_defense.defenses import adversarial_training as at
+from keras_defense.training import ConfigError
+
+GUARD_STEPS = 10  # PGD-10 for the per-epoch check
+COLLAPSE_FRACTION = 0.5  # warn when robust accuracy < half the best so far
+
+
+class DefenseTrainer(keras.Model):
+  """A training wrapper around ``classifier`` (logits out); never exported.
+
+  Logs ``loss`` and, with adversarial training, ``robust_accuracy`` (accuracy
+  on the crafted training batch, i.e. against the training attack) or, else,
+  ``accuracy``; validation logs the clean ``loss`` and ``accuracy`` at T = 1.
+
+  Args:
+    classifier: the functional model to train.
+    adversarial: None, "pgd", "fgsm_rs" or "trades".
+    epsilon, step_size, steps: the inner maximisation (see ``craft``).
+    trades_beta: TRADES' beta.
+    temperature: the softmax temperature of the training loss (logits / T).
+    teacher: a frozen model whose softmax(logits / T) replaces the labels.
+    seed: seed of the random starts (with the optimizer's step counter and the
+      replica id: a resumed run draws what an uninterrupted one would).
+  """
+
+  def __init__(self, classifier: keras.Model, *, adversarial: str | None = None,
+               epsilon: float = 0.0, step_size: float = 0.0, steps: int = 1,
+               trades_beta: float = 6.0, temperature: float = 1.0,
+               teacher: keras.Model | None = None, seed: int = 0, **kwargs):
+    super().__init__(name=f"{classifier.name}_trainer", **kwargs)
+    self.classifier = classifier
+    self.teacher = teacher
+    if teacher is not None:
+      teacher.trainable = False
+    self._adversarial = adversarial
+    self._attack = dict(epsilon=float(epsilon), step_size=float(step_size), steps=int(steps))
+    self._beta = float(trades_beta)
+    self._temperature = float(temperature)
+    self._seed = int(seed)
+    self.loss_tracker = keras.metrics.Mean(name="loss")
+    self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    self.robust_tracker = keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy")
+
+  def call(self, inputs, training=False):
+    return self.classifier(inputs, training=training)
+
+  @property
+  def metrics(self):
+    return [self.loss_tracker, self.accuracy_tracker, self.robust_tracker]
+
+  def _logits(self, x, training):
+    return tf.cast(self.classifier(x, training=training), tf.float32)
+
+  def _seed_tensor(self):
+    replica = tf.distribute.get_replica_context()
+    replica_id = replica.replica_id_in_sync_group if replica is not None else 0
+    return tf.stack([tf.cast(self._seed * 1024 + replica_id, tf.int64),
+                     tf.cast(self.optimizer.iterations, tf.int64)])
+
+  def adversarial_batch(self, x, y):
+    """The crafted images for (x, y): the model in inference mode (no dropout)."""
+    return at.craft(lambda xa: self._logits(xa, False), x, y, method=self._adversarial,
+                    seed=self._seed_tensor(), **self._attack)
+
+  def train_step(self, data):
+    x, y = data[0], tf.cast(data[1], tf.int64)
+    x_adv = self.adversarial_batch(x, y) if self._adversarial else None
+    with tf.GradientTape() as tape:
+      if self._adversarial == "trades":
+        clean = self._logits(x, True)
+        scored = self._logits(x_adv, True)
+        per_example = at.cross_entropy(y, clean) + self._beta * at.kl_divergence(clean, scored)
+      elif self._adversarial:
+        scored = self._logits(x_adv, True)
+        per_example = at.cross_entropy(y, scored)
+      else:
+        scored = self._logits(x, True)
+        if self.teacher is not None:
+          soft = tf.nn.softmax(tf.cast(self.teacher(x, training=False), tf.float32)
+                               / self._temperature)
+          per_example = tf.nn.softmax_cross_entropy_with_logits(
+              labels=tf.stop_gradient(soft), logits=scored / self._temperature)
+        else:
+          per_example = at.cross_entropy(y, scored / self._temperature)
+      # Mean over the global batch (divides by the replica count under a strategy).
+      loss = tf.nn.compute_average_loss(per_example)
+      if self.classifier.losses:
+        loss += tf.nn.scale_regularization_loss(tf.add_n(self.classifier.losses))
+    self.optimizer.minimize(loss, self.classifier.trainable_variables, tape=tape)
+    self.loss_tracker.update_state(per_example)
+    tracker = self.robust_tracker if self._adversarial else self.accuracy_tracker
+    tracker.update_state(y, scored)
+    return {"loss": self.loss_tracker.result(), tracker.name: tracker.result()}
+
+  def test_step(self, data):
+    x, y = data[0], tf.cast(data[1], tf.int64)
+    logits = self._logits(x, False)
+    self.loss_tracker.update_state(at.cross_entropy(y, logits))
+    self.accuracy_tracker.update_state(y, logits)
+    return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy_tracker.result()}
+
+
+def robust_accuracy(model: keras.Model, x: np.ndarray, y: np.ndarray, epsilon: float, *,
+                    steps: int = GUARD_STEPS, seed: int = 0) -> float:
+  """Accuracy of ``model`` under L-inf PGD-``steps`` (step 2.5 eps / steps, random start)."""
+  from keras_defense import attacks  # pylint: disable=g-import-not-at-top
+  x_adv = attacks.pgd(model, x, y, epsilon, step_size=2.5 * epsilon / steps, steps=steps,
+                      seed=seed)
+  pred = np.argmax(model.predict(x_adv, batch_size=1000, verbose=0), axis=-1)
+  return float(np.mean(pred == y))
+
+
+class RobustAccuracyGuard(keras.callbacks.Callback):
+  """Per-epoch PGD robust accuracy on held-out images; keeps the best weights.
+
+  Put it *before* ``BackupAndRestore`` in the callback list: epoch ``e``'s
+  measurement and best weights are on disk before its checkpoint, so a run
+  killed at any point and resumed keeps the same history and best epoch as an
+  uninterrupted one. Adds ``val_pgd_accuracy`` to the epoch logs (TensorBoard:
+  ``validation/epoch_pgd_accuracy``).
+
+  Files in ``state_dir``: ``robust_guard.json`` (per-epoch accuracies, best
+  epoch) and ``robust_best_<epoch>.npz`` (the weights of each epoch that was
+  the best when it ended; all but the final best are deleted when training
+  ends).
+
+  Args:
+    classifier: the model being trained (its weights are read and restored).
+    x, y: the held-out images (float32 in [0, 1]) and int labels.
+    epsilon: L-inf radius of the PGD check.
+    state_dir: where the state is kept.
+    first_epoch: the epoch this run starts at (``training.resume_epoch``):
+      entries of later epochs, left by a killed run, are dropped.
+    seed: PGD's seed (the same images and starts every epoch).
+    write: False on non-chief workers (they keep the state in memory only).
+  """
+
+  def __init__(self, classifier: keras.Model, x: np.ndarray, y: np.ndarray, *,
+               epsilon: float, state_dir: str | os.PathLike, first_epoch: int = 0,
+               seed: int = 0, write: bool = True):
+    super().__init__()
+    self.classifier = classifier
+    self.x, self.y = x, y
+    self.epsilon = float(epsilon)
+    self.state_dir = pathlib.Path(state_dir)
+    self.seed = int(seed)
+    self.write = write
+    self.history: dict[int, float] = {}
+    self.collapses: list[int] = []
+    self.best_epoch: int | None = None
+    self.best_weights: list[np.ndarray] | None = None
+    self._load(int(first_epoch))
+
+  @property
+  def _json(self) -> pathlib.Path:
+    return self.state_dir / "robust_guard.json"
+
+  def _npz(self, epoch: int) -> pathlib.Path:
+    return self.state_dir / f"robust_best_{epoch}.npz"
+
+  def _load(self, first_epoch: int) -> None:
+    if first_epoch == 0 or not self._json.is_file():
+      return
+    state = io_utils.read_json(self._json)
+    self.history = {int(e): float(a) for e, a in state["history"].items()
+                    if int(e) < first_epoch}
+    self.collapses = [e for e in state.get("collapses", []) if e < first_epoch]
+    if self.history:
+      best = max(self.history, key=lambda e: (self.history[e], -e))
+      with np.load(self._npz(best)) as f:
+        self.best_weights = [f[f"w{i}"] for i in range(len(f.files))]
+      self.best_epoch = best
+
+  @property
+  def best_accuracy(self) -> float | None:
+    return None if self.best_epoch is None else self.history[self.best_epoch]
+
+  def measure(self) -> float:
+    """PGD robust accuracy of the classifier now (tests may replace it)."""
+    return robust_accuracy(self.classifier, self.x, self.y, self.epsilon, seed=self.seed)
+
+  def on_epoch_end(self, epoch, logs=None):
+    acc = float(self.measure())
+    self.history[int(epoch)] = acc
+    if logs is not None:
+      logs["val_pgd_accuracy"] = acc
+    best = self.best_accuracy
+    if best is None or acc > best:
+      self.best_epoch = int(epoch)
+      self.best_weights = [np.array(w) for w in self.classifier.get_weights()]
+      if self.write:
+        with io_utils.atomic_path(self._npz(epoch)) as tmp:
+          with open(tmp, "wb") as f:
+            np.savez(f, **{f"w{i}": w for i, w in enumerate(self.best_weights)})
+    elif acc < COLLAPSE_FRACTION * best:
+      self.collapses.append(int(epoch))
+      logging.warning(
+          "robust accuracy collapsed at epoch %d: PGD-%d accuracy %.4f at eps %g on %d "
+          "held-out images, below half the best (%.4f, epoch %d) - catastrophic "
+          "overfitting? The best epoch's weights will be kept.", epoch + 1, GUARD_STEPS,
+          acc, self.epsilon, len(self.y), best, self.best_epoch + 1)
+    logging.info("epoch %d: PGD-%d robust accuracy %.4f (best %.4f at epoch %d)",
+                 epoch + 1, GUARD_STEPS, acc, self.best_accuracy, self.best_epoch + 1)
+    if self.write:
+      io_utils.write_json(self._json, self.state())
+
+  def on_train_end(self, logs=None):
+    # Only now: until the last checkpoint, a resumed run may fall back to an
+    # earlier best (the entries after its checkpoint are dropped).
+    if self.write and self.best_epoch is not None:
+      for old in self.state_dir.glob("robust_best_*.npz"):
+        if old != self._npz(self.best_epoch):
+          old.unlink(missing_ok=True)
+
+  def restore_best(self) -> None:
+    """Gives the classifier the best epoch's weights (no-op before any epoch)."""
+    if self.best_weights is not None:
+      self.classifier.set_weights(self.best_weights)
+
+  def state(self) -> dict:
+    """JSON-able: per-epoch accuracies, best epoch (0-based) and accuracy, collapses."""
+    return {"epsilon": self.epsilon, "pgd_steps": GUARD_STEPS, "images": int(len(self.y)),
+            "history": {str(e): a for e, a in sorted(self.history.items())},
+            "best_epoch": self.best_epoch, "best_accuracy": self.best_accuracy,
+            "collapses": list(self.collapses)}
+
+
+class DefenseSetup:
+  """What ``training.train`` needs for a defended run of ``config``.
+
+  Loads the guard's held-out slice (the first ``robust_val_size`` images of
+  the validation split) when adversarial training is on; ``wrap`` builds the
+  ``DefenseTrainer`` (loading the distillation teacher) and the guard.
+
+  Raises:
+    ConfigError: the guard needs a validation split and there is none.
+  """
+
+  def __init__(self, config, run_dir: str | os.PathLike, *, first_epoch: int, chief: bool,
+               data_dir: str | None = None, manual_dir: str | None = None,
+               validation_size: int | None = None):
+    self.config = config
+    self.run_dir = pathlib.Path(run_dir)
+    self.first_epoch = int(first_epoch)
+    self.chief = chief
+    self.guard: RobustAccuracyGuard | None = None
+    self._slice = None
+    if config.adversarial and int(config.robust_val_size) > 0:
+      info = data.info(config.dataset, data_dir=data_dir, manual_dir=manual_dir,
+                       validation_size=validation_size)
+      if info.num_validation == 0:
+        raise ConfigError(
+            f"`robust_val_size` ({config.robust_val_size}) needs held-out validation images "
+            f"for the per-epoch robust-accuracy check, but `validation_size` is 0; set "
+            f"`validation_size` > 0 or `robust_val_size` = 0 (no check).")
+      self._slice = data.load_arrays(config.dataset, "validation",
+                                     limit=int(config.robust_val_size), data_dir=data_dir,
+                                     manual_dir=manual_dir, validation_size=validation_size)
+
+  def identity(self) -> dict:
+    """The defense's settings (run-dir identity and SavedModel provenance)."""
+    c = self.config
+    if c.adversarial:
+      steps, step_size = c.adversarial_steps()
+      out = {"adversarial": c.adversarial, "adv_epsilon": c.adv_epsilon, "adv_steps": steps,
+             "adv_step_size": step_size}
+      if c.adversarial == "trades":
+        out["trades_beta"] = c.trades_beta
+      return out
+    return {"temperature": c.temperature, "teacher_model_path": c.teacher_model_path}
+
+  def wrap(self, model: keras.Model, optimizer) -> DefenseTrainer:
+    """The compiled training wrapper around ``model`` (and the guard, if any)."""
+    c = self.config
+    teacher = export.load_model(c.teacher_model_path) if c.teacher_model_path else None
+    steps, step_size = c.adversarial_steps()
+    trainer = DefenseTrainer(model, adversarial=c.adversarial, epsilon=c.adv_epsilon,
+                             step_size=step_size, steps=steps, trades_beta=c.trades_beta,
+                             temperature=c.temperature, teacher=teacher, seed=c.seed)
+    trainer.compile(optimizer=optimizer)
+    # Built before fit, so BackupAndRestore builds the optimizer and restores it.
+    trainer(tf.zeros([1, *model.input_shape[1:]]), training=False)
+    if self._slice is not None:
+      self.guard = RobustAccuracyGuard(model, *self._slice, epsilon=c.adv_epsilon,
+                                       state_dir=self.run_dir, first_epoch=self.first_epoch,
+                                       seed=c.seed, write=self.chief)
+    return trainer
+
+  def callbacks(self) -> list:
+    return [] if self.guard is None else [self.guard]
+
+  def restore_best(self) -> None:
+    if self.guard is not None:
+      self.guard.restore_best()
+
+  def summary(self) -> dict:
+    out = self.identity()
+    if self.guard is not None:
+      out["robust_guard"] = self.guard.state()
+    return out
