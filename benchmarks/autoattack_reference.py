@@ -382,7 +382,7 @@ def _as_dict(entry) -> dict:
 
 
 def run_ours(npz_path: pathlib.Path, out_dir: pathlib.Path, *, epsilon: float,
-             version: str, seed: int) -> dict:
+             version: str, seed: int, compute_dtype: str | None = None) -> dict:
   auto_attack = find_ours()
   if auto_attack is None:
     return {"skipped": "keras_defense.attacks.auto_attack is not importable yet"}
@@ -392,7 +392,8 @@ def run_ours(npz_path: pathlib.Path, out_dir: pathlib.Path, *, epsilon: float,
   x, y = npz["x"], npz["y"]
   before = machine()
   start = time.perf_counter()
-  res = auto_attack(model, x, y, epsilon, norm="linf", version=version, seed=seed)
+  dtype = {} if compute_dtype is None else {"compute_dtype": compute_dtype}
+  res = auto_attack(model, x, y, epsilon, norm="linf", version=version, seed=seed, **dtype)
   seconds = time.perf_counter() - start
   after = machine()
   x_adv = np.asarray(res.x_adv)
@@ -534,7 +535,7 @@ def run_all(args) -> dict:
         print(f"== {name}: ours", flush=True)
         try:
           ours = run_ours(d / "model.npz", d, epsilon=args.epsilon, version=args.version,
-                          seed=args.seed)
+                          seed=args.seed, compute_dtype=args.ours_compute_dtype)
         except Exception as e:  # keep the reference results of the other models
           ours = {"skipped": f"auto_attack failed: {type(e).__name__}: {e}"}
           print(ours["skipped"], flush=True)
@@ -563,6 +564,8 @@ def main(argv=None) -> int:
   common.add_argument("--seed", type=int, default=0)
   common.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   common.add_argument("--batch_size", type=int, default=500, help="reference batch size")
+  common.add_argument("--ours_compute_dtype", default=None,
+                      help="compute_dtype for auto_attack (default: its own default, 'auto')")
   e = sub.add_parser("export", parents=[common])
   e.add_argument("--model_path", required=True)
   e.add_argument("--npz", required=True)
@@ -610,7 +613,8 @@ def main(argv=None) -> int:
   elif args.stage == "ours":
     out = pathlib.Path(args.out_dir)
     res = run_ours(pathlib.Path(args.npz), out, epsilon=args.epsilon,
-                   version=args.version, seed=args.seed)
+                   version=args.version, seed=args.seed,
+                   compute_dtype=args.ours_compute_dtype)
     write_json(out / "ours.json", res)
     print(json.dumps({k: res.get(k) for k in ("robust_accuracy", "seconds", "skipped")}))
   elif args.stage == "compare":
