@@ -492,6 +492,7 @@ def run_all(args) -> dict:
   summary.update({"epsilon": args.epsilon, "norm": "Linf", "version": args.version,
                   "seed": args.seed})
   summary.setdefault("models", {})
+  produced = {}
   for name, path in models.items():
     d = out_root / name
     d.mkdir(parents=True, exist_ok=True)
@@ -510,13 +511,15 @@ def run_all(args) -> dict:
       cmd.append("--port_check_only")
     held = (json.loads((d / "reference.json").read_text())
             if (d / "reference.json").exists() else {})
-    if args.reuse_reference and ("per_attack" in held or name not in attack_models):
+    reused = args.reuse_reference and ("per_attack" in held or name not in attack_models)
+    if reused:
       print(f"== {name}: reusing {d / 'reference.json'}", flush=True)
     else:
       print(f"== {name}: reference: {' '.join(cmd)}", flush=True)
       subprocess.run(cmd, check=True)
     ref = json.loads((d / "reference.json").read_text())
-    entry = {"command": command, "git_commit": commit, "model_path": path,
+    entry = {"command": ("(reference reused) " if reused else "") + command,
+             "git_commit": commit, "model_path": path,
              "images": f"MNIST test images {args.first}..{args.first + ref['port_check']['images'] - 1}",
              "port_check": ref["port_check"]}
     if name in attack_models:
@@ -546,12 +549,13 @@ def run_all(args) -> dict:
             "machine_before", "machine_after", "checks", "masks")}
         entry["comparison"] = compare(d)
         write_json(d / "comparison.json", entry["comparison"])
-    summary["models"][name] = entry
+    produced[name] = entry
     if summary_path is not None:   # after every model: a long run keeps what it has
-      if summary_path.exists():    # another run may have added models meanwhile
-        held = json.loads(summary_path.read_text()).get("models", {})
-        summary["models"] = {**held, **summary["models"]}
+      held = (json.loads(summary_path.read_text()).get("models", {})
+              if summary_path.exists() else {})   # other runs may have written meanwhile
+      summary["models"] = {**held, **produced}
       write_json(summary_path, summary)
+  summary["models"].update(produced)
   return summary
 
 
