@@ -287,9 +287,11 @@ flags.DEFINE_enum("autoattack_version", "standard", list(_ev.AUTOATTACK_VERSIONS
                   "kd-experiment's AutoAttack stage on every model (Croce & Hein 2020): "
                   "standard (APGD-CE, APGD-T, FAB-T, Square), plus, rand, or none.")
 flags.DEFINE_list("autoattack_epsilons", [],
-                  "L-inf radii of the AutoAttack stage (default: --epsilons).")
-flags.DEFINE_integer("autoattack_size", None,
-                     "Test images for the AutoAttack stage (default: all).", lower_bound=1)
+                  "L-inf radii of the AutoAttack stage (default: the largest of --epsilons; "
+                  "at small radii most images stay robust and each costs the whole ensemble).")
+flags.DEFINE_integer("autoattack_size", 1000,
+                     "Test images for the AutoAttack stage (RobustBench: 10000; "
+                     "flags/mnist.flags uses all 10,000).", lower_bound=1)
 flags.DEFINE_integer("sanity_size", 100,
                      "Test images for the sanity check at epsilon 1 (0: skip).", lower_bound=0)
 
@@ -426,8 +428,9 @@ def experiment_config(command: str | None = None):
                     "eval_size": FLAGS.cw_linf_eval_size or FLAGS.cw_eval_size},
         "cw_l0": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
                   "eval_size": FLAGS.cw_l0_eval_size or FLAGS.cw_eval_size}}
+  epsilons = _epsilons()
   eval_config = _ev.EvalConfig(
-      attacks=tuple(FLAGS.attacks), epsilons=_epsilons(),
+      attacks=tuple(FLAGS.attacks), epsilons=epsilons,
       targeted_modes=tuple(m == "targeted" for m in FLAGS.targeted_modes),
       target_selection=FLAGS.target_selection, threat_models=tuple(FLAGS.threat_models),
       eval_size=FLAGS.eval_size, bim_steps=FLAGS.bim_steps,
@@ -436,7 +439,8 @@ def experiment_config(command: str | None = None):
       cw_targeted_modes=tuple(m == "targeted" for m in FLAGS.cw_targeted_modes),
       batch_size=FLAGS.attack_batch_size, compute_dtype=FLAGS.attack_compute_dtype,
       seed=FLAGS.seed, autoattack_version=FLAGS.autoattack_version,
-      autoattack_epsilons=tuple(_parse_epsilon(e) for e in FLAGS.autoattack_epsilons),
+      autoattack_epsilons=(tuple(_parse_epsilon(e) for e in FLAGS.autoattack_epsilons)
+                           or (max(epsilons),)),
       autoattack_size=FLAGS.autoattack_size, sanity_size=FLAGS.sanity_size)
   del pruning
   return experiment.ExperimentConfig(

@@ -178,3 +178,39 @@ def test_content_digest_is_order_independent_and_label_sensitive():
   y2 = y.copy()
   y2[3] = (y2[3] + 1) % 10
   assert data_sources.content_digest(x, y) != data_sources.content_digest(x, y2)
+
+
+def test_experiment_on_the_second_dataset_uses_its_data_everywhere(two_datasets, tmp_path):
+  from keras_defense import evaluation  # pylint: disable=g-import-not-at-top
+  from keras_defense import experiment  # pylint: disable=g-import-not-at-top
+  from keras_defense import export  # pylint: disable=g-import-not-at-top
+  from keras_defense import logits_augmentation  # pylint: disable=g-import-not-at-top
+  from keras_defense import pruning  # pylint: disable=g-import-not-at-top
+  from keras_defense import training  # pylint: disable=g-import-not-at-top
+  (name_a, dir_a, _), (name_b, dir_b, arrays_b) = two_datasets
+  tfds_dir = str(tmp_path / "tfds")
+  data.prepare(name_a, data_dir=tfds_dir, manual_dir=str(dir_a))  # A first, as on a user's machine
+  common = dict(dataset=name_b, data_dir=tfds_dir, manual_dir=str(dir_b))
+  run_dir = tmp_path / "run"
+  experiment.run(experiment.ExperimentConfig(
+      run_dir=str(run_dir), **common,
+      train=training.TrainConfig(epochs=1, batch_size=16, verbose=0, **common),
+      prune=pruning.PruneConfig(finetune_epochs=1, pruning_end_epoch=0.5, pruning_frequency=1,
+                                dense_sparsity=0.5, conv_sparsity=0.5, batch_size=16,
+                                optimizer="adam", learning_rate=1e-3, verbose=0, **common),
+      augment=logits_augmentation.AugmentConfig(**common),
+      eval=evaluation.EvalConfig(attacks=("fgsm",), epsilons=(0.3,), targeted_modes=(False,),
+                                 threat_models=("grey_box",), cw_attacks=()),
+      deterministic=True))
+  results = __import__("json").loads((run_dir / "results.json").read_text())
+  sources = {n: data_sources.sha256(dir_b / n) for pair in FILES.values() for n in pair}
+  assert results["dataset"]["name"] == name_b
+  assert results["dataset"]["sources"] == sources
+  assert results["dataset"]["content_check"] == "passed"
+  assert (run_dir / "report.md").read_text().startswith(f"# {name_b.upper()}:")
+  for model in ("m0", "m1", "m2"):
+    path = run_dir / "saved_models" / f"{name_b}_{model}" / "1"
+    record = export.read_provenance(path)
+    assert (record["dataset"], record["dataset_sources"]) == (name_b, sources)
+    assert results["models"][model]["n_test"] == N["test"]
+  assert name_a not in (run_dir / "report.md").read_text()

@@ -225,3 +225,12 @@ def test_the_runs_data_reaches_every_stage_config(tmp_path, monkeypatch):
   assert folder.dataset == f"folder:{tmp_path}/signs@32x32x3"
   assert folder.run_dir == "runs/folder_signs_32x32x3"
   assert folder.train.dataset == folder.dataset
+
+
+def test_autoattack_defaults_are_the_largest_epsilon_on_1000_images(monkeypatch):
+  monkeypatch.chdir(REPO)
+  config = _experiment_config("--dataset=mnist", "--epsilons=0.1,0.3,0.2")
+  assert (config.eval.autoattack_version, config.eval.autoattack_eps,
+          config.eval.autoattack_size) == ("standard", (0.3,), 1000)
+  shipped = _experiment_config("--flagfile=flags/mnist.flags")
+  assert (shipped.eval.autoattack_eps, shipped.eval.autoattack_size) == ((0.3,), 10000)
