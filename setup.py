@@ -32,6 +32,7 @@ setuptools.setup(
             "kd-augment=keras_defense.bin.augment:run_main",
             "kd-experiment=keras_defense.bin.experiment:run_main",
             "kd-evaluate=keras_defense.bin.evaluate:run_main",
+            "kd-sweep=keras_defense.bin.sweep:run_main",
         ],
     },
 )

@@ -1,0 +1,322 @@
+"""kd-sweep on tiny real MNIST: points, csv, report, resume, kill -9, shards, HParams.
+
+The grid: 1 method x 2 sparsity pairs (0:0, 0.5:0.5) x 2 logits ε (0, 20), one
+seed, deterministic, so that every way of running it (whole, resumed after
+kill -9, two concurrent shards) gives the same sweep.csv byte for byte.
+
+Run as a script (``python tests/test_sweep.py RUN_DIR '{"num_shards": 2, ...}'``)
+it runs the same sweep in a separate process: the kill -9 and shard tests use it.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from keras_defense import evaluation
+from keras_defense import file_lock
+from keras_defense import logits_augmentation
+from keras_defense import pruning
+from keras_defense import sweep
+from keras_defense import training
+from keras_defense.errors import UserError
+
+_SMALL = dict(train_limit=1000, test_limit=300, validation_size=100, verbose=0)
+KEYS = ["standard__d0_c0__eps0__s0", "standard__d0_c0__eps20__s0",
+        "standard__d0.5_c0.5__eps0__s0", "standard__d0.5_c0.5__eps20__s0"]
+
+
+def _config(run_dir, **overrides) -> sweep.SweepConfig:
+  adam = dict(optimizer="adam", learning_rate=1e-3, lr_decay_epochs=(100,))
+  config = sweep.SweepConfig(
+      run_dir=str(run_dir),
+      train=training.TrainConfig(epochs=1, batch_size=32, **adam, **_SMALL),
+      prune=pruning.PruneConfig(finetune_epochs=1, pruning_end_epoch=0.5, pruning_frequency=2,
+                                batch_size=64, **adam, **_SMALL),
+      augment=logits_augmentation.AugmentConfig(test_limit=300),
+      eval=evaluation.EvalConfig(attacks=("fgsm",), epsilons=(0.2,), eval_size=100,
+                                 targeted_modes=(False,), cw_attacks=(), batch_size=100),
+      sparsities=((0.0, 0.0), (0.5, 0.5)), logits_epsilons=(0.0, 20.0), deterministic=True)
+  return dataclasses.replace(config, **overrides)
+
+
+def _in_subprocess(run_dir, **overrides) -> subprocess.Popen:
+  return subprocess.Popen([sys.executable, __file__, str(run_dir), json.dumps(overrides)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory):
+  """One uninterrupted, unsharded run: the reference."""
+  run_dir = tmp_path_factory.mktemp("sweep") / "whole"
+  result = sweep.run(_config(run_dir))
+  return run_dir, result
+
+
+def test_run_writes_one_json_per_point_the_csv_and_the_report(whole):
+  run_dir, result = whole
+  assert sorted(p.name for p in (run_dir / "points").iterdir()) == sorted(
+      f"{k}.json" for k in KEYS)
+  assert result.missing == [] and sorted(result.computed) == sorted(KEYS)
+  points = {p["key"]: p for p in result.points}
+  for p in points.values():
+    for field in ("clean_acc", "robust_acc", "eps", "threat_model", "n_examples", "seed",
+                  "method", "dense_sparsity", "conv_sparsity", "logits_epsilon",
+                  "compression_ratio", "nonzero_params", "zero_gradient_fraction", "seconds"):
+      assert field in p, field
+    assert p["eps"] == 0.2 and p["threat_model"] == "Linf" and p["n_examples"] == 100
+    assert p["robust_ci95"][0] <= p["robust_acc"] <= p["robust_ci95"][1]
+    # The per-image worst case cannot beat the clean accuracy or any single attack.
+    for s in p["success"].values():
+      assert p["robust_acc"] <= 1 - s["successes"] / 100 + 1e-9
+  m0, pruned = points[KEYS[0]], points[KEYS[2]]
+  assert m0["clean_acc"] > 0.5  # M0 learned something
+  assert m0["compression_ratio"] == pytest.approx(1.0, abs=1e-3)
+  assert pruned["compression_ratio"] > 1.8  # half the weights zeroed
+  # Augmentation keeps the zeros: same nonzero count as its pruned parent.
+  assert points[KEYS[3]]["nonzero_params"] == pruned["nonzero_params"]
+  csv_lines = (run_dir / "sweep.csv").read_text().splitlines()
+  assert len(csv_lines) == 1 + 4
+  assert "seconds" not in csv_lines[0]
+  assert [line.split(",")[0] for line in csv_lines[1:]] == KEYS  # grid order
+  report = (run_dir / "report.md").read_text()
+  assert "4 of 4 points finished" in report and "Missing" not in report
+  for plot in ("robust_vs_compression.png", "clean_vs_robust.png",
+               "zero_gradient_vs_logits_eps.png"):
+    assert (run_dir / "plots" / plot).stat().st_size > 5000
+    assert f"plots/{plot}" in report
+  sessions = sorted(p.name for p in (run_dir / "tensorboard" / "hparams").iterdir()
+                    if p.is_dir())
+  assert sessions == sorted(KEYS)
+  assert not list((run_dir / "parents").glob("*/lock*"))  # every lock released
+
+
+def test_rerun_recomputes_nothing(whole, monkeypatch):
+  run_dir, _ = whole
+  before = {p: p.stat().st_mtime_ns for p in (run_dir / "points").iterdir()}
+  csv_before = (run_dir / "sweep.csv").read_text()
+
+  def forbidden(*args, **kwargs):
+    raise AssertionError("a finished sweep must not compute anything again")
+  for module, name in ((training, "train"), (pruning, "prune"),
+                       (logits_augmentation, "augment"), (evaluation, "evaluate")):
+    monkeypatch.setattr(module, name, forbidden)
+  result = sweep.run(_config(run_dir))
+  assert result.computed == [] and result.missing == []
+  assert {p: p.stat().st_mtime_ns for p in (run_dir / "points").iterdir()} == before
+  assert (run_dir / "sweep.csv").read_text() == csv_before
+
+
+def test_report_stage_names_missing_points_and_never_double_counts(whole, tmp_path,
+                                                                   monkeypatch):
+  run_dir, _ = whole
+  partial = tmp_path / "partial"
+  shutil.copytree(run_dir / "points", partial / "points")
+  shutil.copy(run_dir / "sweep.json", partial / "sweep.json")
+  (partial / "points" / f"{KEYS[1]}.json").unlink()
+  # A stray copy of a point under another name is not counted twice.
+  shutil.copy(partial / "points" / f"{KEYS[0]}.json", partial / "points" / "copy.json")
+  monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("report trained"))
+  result = sweep.run(_config(partial, stages=("report",)))
+  assert result.missing == [KEYS[1]]
+  assert [p["key"] for p in result.points] == [KEYS[0], KEYS[2], KEYS[3]]
+  report = (partial / "report.md").read_text()
+  assert "3 of 4 points finished" in report and KEYS[1] in report
+  rows = (partial / "sweep.csv").read_text().splitlines()[1:]
+  assert [r.split(",")[0] for r in rows] == [KEYS[0], KEYS[2], KEYS[3]]
+
+
+def test_kill_9_mid_sweep_then_rerun_gives_the_identical_csv(whole, tmp_path):
+  run_dir, _ = whole
+  killed = tmp_path / "killed"
+  # The reference's parents (M0, pruned, augmented) are reused: the points are killed.
+  shutil.copytree(run_dir / "parents", killed / "parents")
+  proc = _in_subprocess(killed)
+  deadline = time.time() + 240
+  try:
+    while not list((killed / "points").glob("*.json")):
+      assert proc.poll() is None, proc.stderr.read()[-3000:]
+      assert time.time() < deadline, "no point finished in time"
+      time.sleep(0.05)
+  finally:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+  done = list((killed / "points").glob("*.json"))
+  assert 1 <= len(done) < 4, "killed after the last point: nothing left to resume"
+  result = sweep.run(_config(killed))
+  assert result.missing == [] and len(result.computed) == 4 - len(done)
+  assert (killed / "sweep.csv").read_text() == (run_dir / "sweep.csv").read_text()
+
+
+def test_two_concurrent_shards_merge_into_the_unsharded_csv(whole, tmp_path):
+  run_dir, _ = whole
+  shared = tmp_path / "shared"
+  other = _in_subprocess(shared, shard_index=1, num_shards=2, stages=[
+      "train", "prune", "augment", "attack"])
+  try:
+    mine = sweep.run(_config(shared, shard_index=0, num_shards=2, stages=(
+        "train", "prune", "augment", "attack")))
+    assert other.wait(timeout=300) == 0, other.stderr.read()[-3000:]
+  finally:
+    if other.poll() is None:
+      other.kill()
+      other.wait()
+  assert sorted(mine.computed) == KEYS[:2]
+  assert set(mine.missing) <= set(KEYS[2:])  # the other shard may not have finished yet
+  # M0, needed by both shards, was trained once: one run folder, one done record.
+  assert (shared / "parents" / "standard__s0" / "done.json").is_file()
+  assert not list((shared / "parents").glob("*/lock*"))
+  merged = sweep.run(_config(shared, stages=("report",)))
+  assert merged.missing == []
+  assert (shared / "sweep.csv").read_text() == (run_dir / "sweep.csv").read_text()
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (dict(sparsities=((1.0, 0.5),)), "sparsities"),
+    (dict(sparsities=((0.5, 0.5), (0.5, 0.5))), "sparsities"),
+    (dict(logits_epsilons=(-1.0,)), "logits_epsilons"),
+    (dict(logits_epsilons=()), "logits_epsilons"),
+    (dict(methods=("bogus",)), "methods"),
+    (dict(shard_index=2, num_shards=2), "shard_index"),
+    (dict(num_shards=0), "num_shards"),
+    (dict(base_models={"pgd_unknown": "x"}), "base_models"),
+    (dict(stages=("points",)), "stages"),
+    (dict(lock_timeout=0.0), "lock_timeout"),
+])
+def test_bad_config_is_a_clear_error_naming_the_field(tmp_path, overrides, field):
+  with pytest.raises(UserError, match=f"`{field}`"):
+    _config(tmp_path / "run", **overrides).validate()
+
+
+def test_bad_eval_config_is_a_clear_error(tmp_path):
+  config = _config(tmp_path / "run")
+  with pytest.raises(UserError, match="`epsilons`.*exactly one"):
+    dataclasses.replace(config, eval=dataclasses.replace(
+        config.eval, epsilons=(0.1, 0.2))).validate()
+  with pytest.raises(UserError, match="`cw_attacks`"):
+    dataclasses.replace(config, eval=dataclasses.replace(
+        config.eval, cw_attacks=("cw_l2",))).validate()
+
+
+def test_adversarial_methods_follow_train_config(tmp_path, monkeypatch):
+  has_field = "adversarial" in {f.name for f in dataclasses.fields(training.TrainConfig)}
+  if has_field:
+    _config(tmp_path / "run", methods=("standard", training.ADVERSARIAL_METHODS[0])).validate()
+  monkeypatch.setattr(sweep, "methods_available", lambda: ("standard",))
+  with pytest.raises(UserError, match="no `adversarial` field"):
+    _config(tmp_path / "run", methods=("standard", "pgd")).validate()
+
+
+def test_a_changed_setting_is_refused_in_an_existing_run_dir(whole):
+  run_dir, _ = whole
+  config = _config(run_dir)
+  changed = dataclasses.replace(config, eval=dataclasses.replace(config.eval, eval_size=50))
+  with pytest.raises(UserError, match="eval.eval_size: 100 -> 50"):
+    sweep.run(changed)
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  lock = tmp_path / "lock"
+  import socket  # pylint: disable=g-import-not-at-top
+  lock.write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout),
+                              "nonce": "old"}))
+  start = time.time()
+  with file_lock.hold(lock, stale_seconds=600) as me:
+    assert json.loads(lock.read_text())["nonce"] == me["nonce"]
+  assert time.time() - start < 5 and not lock.exists()
+
+
+def test_lock_waits_for_a_live_holder_and_times_out_a_silent_one(tmp_path):
+  lock = tmp_path / "lock"
+  # A live holder on another host: only its heartbeat (mtime) says it is alive.
+  lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "nonce": "live"}))
+  waited = []
+  start = time.time()
+  with file_lock.hold(lock, stale_seconds=1.0, poll_seconds=0.05, on_wait=waited.append):
+    pass
+  assert waited and waited[0]["nonce"] == "live"
+  assert 0.9 < time.time() - start < 10
+
+
+@pytest.mark.parametrize("value", [["0.9"], ["0.5:1.0"], ["a:b"]])
+def test_sparsities_flag_validator_names_the_flag(value):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+  with pytest.raises(flags.ValidationError, match="--sparsities must be dense:conv pairs"):
+    kd_flags._check_sparsities(value)  # pylint: disable=protected-access
+  assert kd_flags._check_sparsities(["0:0", "0.9:0.95"])  # pylint: disable=protected-access
+
+
+def test_a_missing_base_model_is_a_clear_error(tmp_path):
+  missing = str(tmp_path / "no_model")
+  with pytest.raises(UserError, match="`base_models`: no SavedModel at"):
+    sweep.run(_config(tmp_path / "run", base_models={"standard": missing}))
+
+
+def test_tensorboard_serves_the_hparams_sessions(whole, tmp_path):
+  """A real TensorBoard server (loopback, a free port) lists one session per point."""
+  run_dir, _ = whole
+  exe = pathlib.Path(sys.executable).with_name("tensorboard")
+  if not exe.is_file():
+    pytest.skip("no tensorboard executable next to the interpreter")
+  proc = subprocess.Popen([str(exe), "--logdir", str(run_dir / "tensorboard"), "--host",
+                           "127.0.0.1", "--port", "0", "--load_fast", "false"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    port, deadline, log = None, time.time() + 90, []
+    while port is None:
+      assert time.time() < deadline and proc.poll() is None, "".join(log)[-2000:]
+      line = proc.stderr.readline()
+      log.append(line)
+      m = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+      port = m and int(m.group(1))
+    base = f"http://127.0.0.1:{port}/data"
+    body = json.dumps({"experimentName": ""}).encode()
+    sessions = None
+    while time.time() < deadline:  # the first load of the logdir takes a moment
+      listing = json.load(urllib.request.urlopen(f"{base}/plugins_listing", timeout=10))
+      req = urllib.request.Request(f"{base}/plugin/hparams/session_groups", data=json.dumps(
+          {"experimentName": "", "startIndex": 0, "sliceSize": 100, "allowedStatuses": [
+              "STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"],
+           "colParams": []}).encode(), headers={"Content-Type": "application/json"})
+      groups = json.load(urllib.request.urlopen(req, timeout=10))
+      sessions = sorted(g["name"] for g in groups.get("sessionGroups", []))
+      if listing.get("hparams", {}).get("enabled") and len(sessions) == 4:
+        break
+      time.sleep(1)
+    assert listing["hparams"]["enabled"]
+    exp = json.load(urllib.request.urlopen(urllib.request.Request(
+        f"{base}/plugin/hparams/experiment", data=body,
+        headers={"Content-Type": "application/json"}), timeout=10))
+    names = {h["name"] for h in exp["hparamInfos"]}
+    assert {"method", "dense_sparsity", "conv_sparsity", "logits_epsilon", "seed"} <= names
+    metrics = {m["name"]["tag"] for m in exp["metricInfos"]}
+    assert {"clean_acc", "robust_acc", "compression_ratio", "zero_gradient_fraction"} <= metrics
+    assert len(sessions) == 4, sessions
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait()
+
+
+if __name__ == "__main__":
+  # python tests/test_sweep.py RUN_DIR '{"shard_index": 1, ...}': the same sweep, run here.
+  kwargs = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
+  if "stages" in kwargs:
+    kwargs["stages"] = tuple(kwargs["stages"])
+  sweep.run(_config(sys.argv[1], **kwargs))
+  os._exit(0)  # pylint: disable=protected-access
