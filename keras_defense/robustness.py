@@ -98,7 +98,7 @@ class RobustnessConfig:
   output_key: str | None = None
   seed: int = 0
   batch_size: int = DEFAULT_BATCH_SIZE
-  compute_dtype: str = "auto"
+  compute_dtype: str = "float32"  # "auto" may pick bfloat16, which costs strength
   data_dir: str | None = None
   manual_dir: str | None = None
   command: str | None = None

@@ -348,7 +348,7 @@ def test_flags_make_the_config():
   assert config.model == "saved_models/mnist_m0/1" and config.output_key == "logits"
   assert config.epsilons == (0.1, 8 / 255) and config.norm == "l2"
   assert config.attacks == ("apgd-ce", "square") and config.version == "custom"
-  assert (config.n_examples, config.batch_size, config.compute_dtype) == (1000, 250, "auto")
+  assert (config.n_examples, config.batch_size, config.compute_dtype) == (1000, 250, "float32")
   # L2 radii may exceed 1; L-inf ones keep the shared validator.
   l2 = copy.deepcopy(kd_flags.FLAGS)
   l2.unparse_flags()

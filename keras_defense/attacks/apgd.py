@@ -310,7 +310,7 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
          loss: str = "ce", targeted: bool = False, n_target_classes: int = 9,
          steps: int = 100, restarts: int = 1, rho: float = 0.75,
          clip_min: float = 0.0, clip_max: float = 1.0,
-         batch_size: int = DEFAULT_BATCH_SIZE, compute_dtype: str = "auto",
+         batch_size: int = DEFAULT_BATCH_SIZE, compute_dtype: str = "float32",
          seed: int = 0, eot_samples: int = 1,
          return_iterations: bool = False) -> Any:
   """Auto-PGD (Croce & Hein 2020): APGD-CE, APGD-DLR and APGD-T.
@@ -344,11 +344,14 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
     clip_min: lowest pixel value.
     clip_max: highest pixel value.
     batch_size: images per compiled call.
-    compute_dtype: "auto" (the faster of float32/bfloat16 for this model on
-      this machine, see ``runtime.resolve_compute_dtype``), "float32" or
-      "bfloat16" (Keras models only; each misclassification is confirmed
-      by a float32 forward pass of just those images before the image
-      leaves the run).
+    compute_dtype: "float32" (default), "auto" (the faster of
+      float32/bfloat16 for this model on this machine, see
+      ``runtime.resolve_compute_dtype``) or "bfloat16" (Keras models only;
+      each misclassification is confirmed by a float32 forward pass of just
+      those images before the image leaves the run). bfloat16 costs strength where robust accuracy is far from 0:
+      on an FGSM-RS-trained MNIST model (ε 0.3, 500 images), APGD-CE in bfloat16
+      left 52.8% robust vs 47.0% in float32, and AutoAttack ended 2.2 points
+      above the reference (float32: 0.2 above); benchmarks/README.md.
     seed: seed of the random starts (stateless; per batch and run).
     eot_samples: forward/backward passes whose gradients are averaged per
       step (expectation over transformation, for randomized models), >= 1.
