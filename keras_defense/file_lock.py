@@ -43,11 +43,14 @@ def _read(path: pathlib.Path) -> dict | None:
   """The lock's content, or None if it is gone (or still being written)."""
   try:
     with open(path, encoding="utf-8") as f:
-      return json.loads(f.read() or "null")
+      text = f.read()
   except FileNotFoundError:
     return None
-  except ValueError:  # created but not yet written: treat as held, fresh
+  try:  # empty: created but not yet written (or its writer died): held, by someone unknown
+    record = json.loads(text) if text else {}
+  except ValueError:
     return {}
+  return record if isinstance(record, dict) else {}
 
 
 def _pid_alive(pid: int) -> bool:

@@ -258,6 +258,16 @@ def test_lock_of_a_dead_process_is_taken_over(tmp_path):
   assert time.time() - start < 5 and not lock.exists()
 
 
+def test_an_empty_lock_left_by_a_writer_that_died_is_taken_over_once_stale(tmp_path):
+  lock = tmp_path / "lock"
+  lock.write_text("")  # died between O_EXCL create and writing its record
+  old = time.time() - 100
+  os.utime(lock, (old, old))
+  with file_lock.hold(lock, stale_seconds=10, poll_seconds=0.05) as me:
+    assert json.loads(lock.read_text())["nonce"] == me["nonce"]
+  assert not list(tmp_path.iterdir())  # lock and takeover marker removed
+
+
 def test_lock_waits_for_a_live_holder_and_times_out_a_silent_one(tmp_path):
   lock = tmp_path / "lock"
   # A live holder on another host: only its heartbeat (mtime) says it is alive.
