@@ -40,6 +40,8 @@ from keras_defense import distribution
 from keras_defense import evaluation
 from keras_defense import export
 from keras_defense import io_utils
+from keras_defense import models as models_lib
+from keras_defense import progress as progress_lib
 from keras_defense import statistics
 from keras_defense.provenance import versions
 from keras_defense import training
@@ -183,16 +185,11 @@ def _stage_augment(run: _Run) -> dict:
           **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
 
 
-def _weights(model) -> tuple[int, int]:
-  ws = model.get_weights()
-  return int(sum(w.size for w in ws)), int(sum(np.count_nonzero(w) for w in ws))
-
-
 def describe_models(config: ExperimentConfig, models: dict, paths: dict, x, y) -> dict:
   """Clean accuracy (full test set), weights, compression, zero-gradient fraction."""
   from keras_defense import attacks  # pylint: disable=g-import-not-at-top
   n0 = config.names[0]
-  total0, _ = _weights(models[n0])
+  total0, _ = models_lib.count_weights(models[n0])
   p = config.prune
   aug = config.augment
   descriptions = {
@@ -205,7 +202,7 @@ def describe_models(config: ExperimentConfig, models: dict, paths: dict, x, y) -
   n_eval = len(x) if config.eval.eval_size is None else min(len(x), config.eval.eval_size)
   facts = {}
   for name, model in models.items():
-    total, nonzero = _weights(model)
+    total, nonzero = models_lib.count_weights(model)
     pred = attacks.predict_classes(model, x)
     facts[name] = {
         "clean_accuracy": float(np.mean(pred == y)), "n_test": int(len(y)),
@@ -278,13 +275,13 @@ def _stage_autoattack(run: _Run, progress=None) -> dict:
     main = robustness.run(robustness.RobustnessConfig(
         model=path, run_dir=str(root / name),
         epsilons=e.autoattack_eps, n_examples=n, **common),
-        progress=_labelled(progress, f"AutoAttack {name}"))
+        progress=progress_lib.labelled(progress, f"AutoAttack {name}"))
     models[name] = {"dir": str(root / name), "robust_acc": main.robust_acc}
     if e.sanity_size:
       sanity = robustness.run(robustness.RobustnessConfig(
           model=path, run_dir=str(root / f"{name}_sanity"),
           epsilons=(e.sanity_epsilon,), n_examples=min(int(e.sanity_size), n), **common),
-          progress=_labelled(progress, f"AutoAttack {name} sanity"))
+          progress=progress_lib.labelled(progress, f"AutoAttack {name} sanity"))
       models[name]["sanity_dir"] = str(root / f"{name}_sanity")
       models[name]["sanity_robust_acc"] = sanity.robust_acc[0]
   # Relative to the run directory, so a moved or copied run still finds it.
@@ -407,13 +404,6 @@ def _config_dict(run: _Run) -> dict:
           "eval": plain(c.eval)}
 
 
-def _labelled(progress, label: str):
-  """``progress`` with descriptions prefixed ``"<label>: "`` (None stays None)."""
-  if progress is None:
-    return None
-  return lambda done, total, desc: progress(done, total, f"{label}: {desc}")
-
-
 def run(config: ExperimentConfig, *, progress=None) -> dict:
   """Runs the requested stages, skipping finished ones; returns the stage records.
 
@@ -457,7 +447,7 @@ def run(config: ExperimentConfig, *, progress=None) -> dict:
     elif stage == "augment":
       record = _stage_augment(run_)
     elif stage == "attack":
-      record = _stage_attack(run_, _labelled(progress, "attack grid"))
+      record = _stage_attack(run_, progress_lib.labelled(progress, "attack grid"))
     elif stage == "autoattack":
       record = _stage_autoattack(run_, progress)
     else:

@@ -110,3 +110,10 @@ def build_model(
   logits = keras.layers.Dense(int(num_classes), kernel_initializer=init(12),
                               name=LOGITS_LAYER_NAME)(x)
   return keras.Model(inputs, logits, name=name)
+
+
+def count_weights(model: keras.Model) -> tuple[int, int]:
+  """(all weights, nonzero weights) of ``model``, kernels and biases."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  ws = model.get_weights()
+  return int(sum(w.size for w in ws)), int(sum(np.count_nonzero(w) for w in ws))

@@ -65,6 +65,8 @@ from keras_defense import evaluation
 from keras_defense import export
 from keras_defense import file_lock
 from keras_defense import io_utils
+from keras_defense import models as models_lib
+from keras_defense import progress as progress_lib
 from keras_defense import statistics
 from keras_defense import training
 from keras_defense.errors import UserError
@@ -74,7 +76,7 @@ STANDARD = "standard"
 THREAT_MODEL = "Linf"  # RobustBench's name of the L-inf ball every attack here uses
 SOURCE = "m0"  # the attack grid's name of the method's M0 (transfer source)
 
-Progress = Callable[[int, int, str], None]
+Progress = progress_lib.Progress
 
 
 def methods_available() -> tuple[str, ...]:
@@ -387,7 +389,7 @@ class _Sweep:
     cells = self.dir / "work" / p.m0_key / "cells"
     rows, _ = evaluation.evaluate({SOURCE: m0, name: model}, x, y, e, source=SOURCE,
                                   num_classes=info.num_classes, cells_dir=cells,
-                                  progress=_labelled(self.progress, f"{p.key} attacks"))
+                                  progress=progress_lib.labelled(self.progress, f"{p.key} attacks"))
     n = len(x) if e.eval_size is None else min(len(x), int(e.eval_size))
     pred = attacks.predict_classes(model, x)
     correct = pred[:n] == y[:n]
@@ -399,8 +401,8 @@ class _Sweep:
       autoattack, aa_robust = self._autoattack(p, path)
       n = min(n, len(aa_robust))
       robust = robust[:n] & aa_robust[:n]
-    total0, _ = _count_weights(m0)
-    total, nonzero = _count_weights(model)
+    total0, _ = models_lib.count_weights(m0)
+    total, nonzero = models_lib.count_weights(model)
     k = int(robust.sum())
     lo, hi = statistics.wilson_interval(k, n)
     success = {}
@@ -441,7 +443,7 @@ class _Sweep:
         epsilons=(c.epsilon,), n_examples=n, version=e.autoattack_version,
         output_key="logits", seed=e.seed, batch_size=e.autoattack_batch_size,
         compute_dtype=e.compute_dtype, data_dir=c.data_dir, manual_dir=c.manual_dir),
-        progress=_labelled(self.progress, f"{p.key} AutoAttack"))
+        progress=progress_lib.labelled(self.progress, f"{p.key} AutoAttack"))
     masks = robustness.robust_masks(aa_dir)
     mask = next(v for eps, v in masks.items() if np.isclose(eps, c.epsilon))
     lo, hi = statistics.wilson_interval(int(mask.sum()), len(mask))
@@ -463,12 +465,6 @@ def _train_fields() -> set[str]:
   return {f.name for f in dataclasses.fields(training.TrainConfig)}
 
 
-def _count_weights(model) -> tuple[int, int]:
-  """(all weights, nonzero weights), kernels and biases."""
-  ws = model.get_weights()
-  return int(sum(w.size for w in ws)), int(sum(np.count_nonzero(w) for w in ws))
-
-
 def _success_column(threat_model: str, attack: str, targeted: bool) -> str:
   return f"{threat_model}_{attack}{'_targeted' if targeted else ''}_success"
 
@@ -477,10 +473,6 @@ def success_columns(config: SweepConfig) -> list[str]:
   """The success-rate columns of the grid, in a stable order."""
   return [_success_column(t, a, tg) for t in config.eval.threat_models
           for a in config.eval.attacks for tg in config.eval.targeted_modes]
-
-
-def _labelled(progress: Progress, label: str) -> Progress:
-  return lambda done, total, desc: progress(done, total, f"{label}: {desc}")
 
 
 def _bind(run_dir: pathlib.Path, identity: dict) -> None:

@@ -10,37 +10,18 @@ plots/, and TensorBoard under <run_dir>.
 import sys
 
 from absl import logging
-import tqdm
 
 from keras_defense import bin as kd_bin
 from keras_defense import experiment
 from keras_defense import flags as kd_flags
+from keras_defense import progress
 from keras_defense import provenance
-
-
-class _Progress:
-  """One progress bar per run of steps: the attack grid's groups, each AutoAttack run."""
-
-  def __init__(self):
-    self.bar = None
-
-  def __call__(self, done, total, desc):
-    stage, _, text = desc.partition(": ")
-    if (self.bar is None or self.bar.total != total or done < self.bar.n
-        or self.bar.desc != stage):
-      if self.bar is not None:
-        self.bar.close()
-      self.bar = tqdm.tqdm(total=total, unit="step", desc=stage, dynamic_ncols=True,
-                           file=sys.stderr)
-    self.bar.n = done
-    self.bar.set_postfix_str(text)
-    self.bar.refresh()
 
 
 def main(argv):
   del argv
   command = provenance.command_line(sys.argv)
-  records = experiment.run(kd_flags.experiment_config(command), progress=_Progress())
+  records = experiment.run(kd_flags.experiment_config(command), progress=progress.ProgressBar())
   report = records.get("report")
   if report:
     for w in report["warnings"]:

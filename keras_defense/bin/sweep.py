@@ -16,14 +16,14 @@ from absl import logging
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
 from keras_defense import provenance
+from keras_defense import progress
 from keras_defense import sweep
-from keras_defense.bin.experiment import _Progress
 
 
 def main(argv):
   del argv
   config = kd_flags.sweep_config(provenance.command_line(sys.argv))
-  result = sweep.run(config, progress=_Progress())
+  result = sweep.run(config, progress=progress.ProgressBar())
   total = len(config.points())
   print(f"points: {total - len(result.missing)} of {total} finished "
         f"({len(result.computed)} computed now)")
