@@ -299,13 +299,6 @@ class _AutoPGD:
                                         s["iterations"]))
 
 
-def _check_bool(name: str, value: Any) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"`{name}` must be a bool; got {type(value).__name__} "
-                    f"{value!r}.")
-  return bool(value)
-
-
 def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
          loss: str = "ce", targeted: bool = False, n_target_classes: int = 9,
          steps: int = 100, restarts: int = 1, rho: float = 0.75,
@@ -380,7 +373,7 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
   validation.check_choice("norm", norm, validation.NORMS)
   validation.check_choice("loss", loss, APGD_LOSSES)
-  targeted = _check_bool("targeted", targeted)
+  targeted = validation.check_bool("targeted", targeted)
   if targeted and loss != "dlr":
     raise ValueError("`targeted=True` is APGD-T, which uses the targeted DLR "
                      f"loss: pass loss='dlr'; got loss={loss!r}.")
@@ -394,7 +387,7 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)
   eot_samples = validation.check_int("eot_samples", eot_samples, minimum=1)
-  return_iterations = _check_bool("return_iterations", return_iterations)
+  return_iterations = validation.check_bool("return_iterations", return_iterations)
   validation.check_choice("compute_dtype", compute_dtype,
                           validation.COMPUTE_DTYPES_AUTO)
   exact = runtime.logits_function(model, "float32")

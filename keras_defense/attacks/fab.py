@@ -259,9 +259,7 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
   epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
   validation.check_choice("norm", norm, validation.NORMS)
-  if not isinstance(targeted, (bool, np.bool_)):
-    raise TypeError(f"`targeted` must be a bool; got {type(targeted).__name__} "
-                    f"{targeted!r}.")
+  targeted = validation.check_bool("targeted", targeted)
   n_target_classes = validation.check_int("n_target_classes", n_target_classes,
                                           minimum=1)
   steps = validation.check_int("steps", steps, minimum=1)

@@ -47,6 +47,14 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
   return int(value)
 
 
+def check_bool(name: str, value: Any) -> bool:
+  """``value`` as a bool; a non-bool (1, "yes") is a TypeError naming ``name``."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool; got {type(value).__name__} "
+                    f"{value!r}.")
+  return bool(value)
+
+
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
   """Checks that ``value`` is one of the readable string ``choices``."""
   if value not in choices:
