@@ -15,13 +15,13 @@ from keras_defense.experiment import ExperimentConfig
 from keras_defense.experiment import run as run_experiment
 from keras_defense.export import export_saved_model
 from keras_defense.export import load_model
-from keras_defense.logits_augmentation import augment_logits
-from keras_defense.logits_augmentation import gradient_inhibition
+from keras_defense.defenses.logits_augmentation import augment_logits
+from keras_defense.defenses.logits_augmentation import gradient_inhibition
 from keras_defense.models import build_model
 from keras_defense.models import MODEL_NAMES
-from keras_defense.pruning import prune_model
-from keras_defense.pruning import sparsity_report
-from keras_defense.pruning import strip_pruning
+from keras_defense.defenses.pruning import prune_model
+from keras_defense.defenses.pruning import sparsity_report
+from keras_defense.defenses.pruning import strip_pruning
 from keras_defense.training import train
 from keras_defense.training import TrainConfig
 

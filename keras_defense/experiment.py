@@ -172,14 +172,14 @@ def _stage_train(run: _Run) -> dict:
 
 
 def _stage_prune(run: _Run) -> dict:
-  from keras_defense import pruning  # pylint: disable=g-import-not-at-top
+  from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
   result = pruning.prune(_stage_config(run, "prune"))
   return {"saved_model": result.saved_model_path,
           **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
 
 
 def _stage_augment(run: _Run) -> dict:
-  from keras_defense import logits_augmentation  # pylint: disable=g-import-not-at-top
+  from keras_defense.defenses import logits_augmentation  # pylint: disable=g-import-not-at-top
   result = logits_augmentation.augment(_stage_config(run, "augment"))
   return {"saved_model": result.saved_model_path,
           **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}

@@ -149,7 +149,7 @@ def train_config(fv=None) -> training.TrainConfig:
 # --learning_rate, --optimizer, --momentum, --nesterov, --lr_decay_epochs,
 # --lr_decay_factor, --batch_size, --run_dir, --export_dir, --export_version,
 # --seed, --dataset, --train_limit, --test_limit, --validation_size.)
-from keras_defense import logits_augmentation as _la  # noqa: E402  pylint: disable=g-import-not-at-top
+from keras_defense.defenses import logits_augmentation as _la  # noqa: E402  pylint: disable=g-import-not-at-top
 
 flags.DEFINE_string("base_model_path", None,
                     "SavedModel to transform: M0 for kd-prune (saved_models/mnist_m0/1), "
@@ -198,7 +198,7 @@ flags.register_validator("initial_sparsity", lambda v: 0 <= v < 1,
 def prune_config(fv=None):
   """The PruneConfig the pruning flags describe."""
   fv = FLAGS if fv is None else fv
-  from keras_defense import pruning  # pylint: disable=g-import-not-at-top  (imports tfmot)
+  from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top  (imports tfmot)
   name = dataset_name(fv)
   return pruning.PruneConfig(
       base_model_path=fv.base_model_path or f"saved_models/{data.slug(name)}_m0/1",
@@ -418,7 +418,7 @@ def experiment_config(command: str | None = None):
     UserError: a stage flagfile names other data than the run.
   """
   from keras_defense import experiment  # pylint: disable=g-import-not-at-top
-  from keras_defense import pruning  # pylint: disable=g-import-not-at-top
+  from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
   train_fv = _stage_flags("train", FLAGS.train_flagfile)
   prune_fv = _stage_flags("prune", FLAGS.prune_flagfile)
   augment_fv = _stage_flags("augment", FLAGS.augment_flagfile)

@@ -338,7 +338,7 @@ class _Sweep:
       return base
 
     def build(pdir):
-      from keras_defense import pruning  # pylint: disable=g-import-not-at-top
+      from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
       cfg = dataclasses.replace(
           self.c.prune, base_model_path=base, dense_sparsity=p.dense_sparsity,
           conv_sparsity=p.conv_sparsity, initial_sparsity=min(
@@ -358,7 +358,7 @@ class _Sweep:
       return base
 
     def build(pdir):
-      from keras_defense import logits_augmentation  # pylint: disable=g-import-not-at-top
+      from keras_defense.defenses import logits_augmentation  # pylint: disable=g-import-not-at-top
       cfg = dataclasses.replace(self.c.augment, base_model_path=base,
                                 logits_epsilon=p.logits_epsilon,
                                 export_dir=str(pdir / "model"), export_version=1)

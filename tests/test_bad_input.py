@@ -27,8 +27,8 @@ from keras_defense import evaluation
 from keras_defense import experiment
 from keras_defense import export
 from keras_defense import flags as kd_flags
-from keras_defense import logits_augmentation
-from keras_defense import pruning
+from keras_defense.defenses import logits_augmentation
+from keras_defense.defenses import pruning
 from keras_defense import training
 from keras_defense.compat import keras
 from keras_defense.errors import UserError

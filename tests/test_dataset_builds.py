@@ -184,8 +184,8 @@ def test_experiment_on_the_second_dataset_uses_its_data_everywhere(two_datasets,
   from keras_defense import evaluation  # pylint: disable=g-import-not-at-top
   from keras_defense import experiment  # pylint: disable=g-import-not-at-top
   from keras_defense import export  # pylint: disable=g-import-not-at-top
-  from keras_defense import logits_augmentation  # pylint: disable=g-import-not-at-top
-  from keras_defense import pruning  # pylint: disable=g-import-not-at-top
+  from keras_defense.defenses import logits_augmentation  # pylint: disable=g-import-not-at-top
+  from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
   from keras_defense import training  # pylint: disable=g-import-not-at-top
   (name_a, dir_a, _), (name_b, dir_b, arrays_b) = two_datasets
   tfds_dir = str(tmp_path / "tfds")

@@ -8,9 +8,9 @@ import pytest
 from keras_defense import data
 from keras_defense import defenses
 from keras_defense import export
-from keras_defense import logits_augmentation
+from keras_defense.defenses import logits_augmentation
 from keras_defense import models
-from keras_defense import pruning
+from keras_defense.defenses import pruning
 from keras_defense import training
 from keras_defense.compat import tf
 from keras_defense.defenses import distillation

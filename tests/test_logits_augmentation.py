@@ -1,4 +1,4 @@
-"""Tests of keras_defense.logits_augmentation: the two Dense-weight transforms."""
+"""Tests of keras_defense.defenses.logits_augmentation: the two Dense-weight transforms."""
 
 import os
 import pathlib
@@ -10,7 +10,7 @@ import pytest
 
 from keras_defense import data
 from keras_defense import export
-from keras_defense import logits_augmentation as la
+from keras_defense.defenses import logits_augmentation as la
 from keras_defense import models
 from keras_defense.compat import keras
 from keras_defense.training import ConfigError

@@ -1,4 +1,4 @@
-"""Tests of keras_defense.pruning: tfmot magnitude pruning, strip, report, run."""
+"""Tests of keras_defense.defenses.pruning: tfmot magnitude pruning, strip, report, run."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import pytest
 from keras_defense import data
 from keras_defense import export
 from keras_defense import models
-from keras_defense import pruning
+from keras_defense.defenses import pruning
 from keras_defense import training
 from keras_defense.compat import keras
 from keras_defense.compat import tf

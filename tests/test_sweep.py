@@ -24,8 +24,8 @@ import pytest
 
 from keras_defense import evaluation
 from keras_defense import file_lock
-from keras_defense import logits_augmentation
-from keras_defense import pruning
+from keras_defense.defenses import logits_augmentation
+from keras_defense.defenses import pruning
 from keras_defense import sweep
 from keras_defense import training
 from keras_defense.errors import UserError

@@ -7,7 +7,7 @@ from absl import logging
 
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
-from keras_defense import logits_augmentation
+from keras_defense.defenses import logits_augmentation
 
 
 def main(argv):

@@ -13,26 +13,22 @@ model a plain functional model that ``export.export_saved_model`` exports and
   (``trainer.DefenseTrainer`` and the robust-accuracy guard).
 - ``distillation``: defensive distillation at temperature T.
 - ``dropout``: Defensive Dropout, dropout active at inference.
-- ``pruning`` and ``logits_augmentation``: registered through thin entries
-  (``compression``) that call ``keras_defense.pruning`` and
-  ``keras_defense.logits_augmentation``. Moving those two modules into this
-  package is pending (issue 14, item 1): other code that imports them is being
-  edited, so they stay where they are for now.
+- ``pruning``: tfmot magnitude pruning, M0 -> M1 (``prune``, ``prune_defense``).
+- ``logits_augmentation``: logits augmentation and gradient inhibition, M1 -> M2
+  (``augment``, ``augment_defense``).
 
 Example:
   >>> config_class, fn = REGISTRY["defensive_dropout"]
   >>> defended, record = fn(m0, DataSpec("mnist"), config_class(rate=0.3))
 """
 
-from keras_defense import logits_augmentation as _logits_augmentation
-from keras_defense import pruning as _pruning
+from keras_defense.defenses import logits_augmentation as _logits_augmentation
+from keras_defense.defenses import pruning as _pruning
 from keras_defense.defenses.adversarial_training import adversarially_train
 from keras_defense.defenses.adversarial_training import AdversarialTrainingConfig
 from keras_defense.defenses.adversarial_training import craft
 from keras_defense.defenses.adversarial_training import METHODS as ADVERSARIAL_METHODS
 from keras_defense.defenses.base import DataSpec
-from keras_defense.defenses.compression import augment_defense
-from keras_defense.defenses.compression import prune_defense
 from keras_defense.defenses.distillation import distill
 from keras_defense.defenses.distillation import DistillationConfig
 from keras_defense.defenses.dropout import add_inference_dropout
@@ -46,6 +42,7 @@ REGISTRY = {
     "adversarial_training": (AdversarialTrainingConfig, adversarially_train),
     "distillation": (DistillationConfig, distill),
     "defensive_dropout": (DefensiveDropoutConfig, defensive_dropout),
-    "pruning": (_pruning.PruneConfig, prune_defense),
-    "logits_augmentation": (_logits_augmentation.AugmentConfig, augment_defense),
+    "pruning": (_pruning.PruneConfig, _pruning.prune_defense),
+    "logits_augmentation": (_logits_augmentation.AugmentConfig,
+                            _logits_augmentation.augment_defense),
 }

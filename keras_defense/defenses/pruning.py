@@ -56,6 +56,7 @@ from keras_defense import models
 from keras_defense import provenance
 from keras_defense import training
 from keras_defense.compat import keras
+from keras_defense.defenses import base
 from keras_defense.training import ConfigError
 
 _sparsity = tfmot.sparsity.keras
@@ -591,3 +592,21 @@ def prune(config: PruneConfig) -> PruneResult:
   if chief:
     io_utils.write_json(run_dir / "prune_result.json", result.to_dict())
   return result
+
+
+def prune_defense(model: str | None, data_spec: base.DataSpec,
+                  config: PruneConfig) -> tuple[keras.Model, dict]:
+  """The registry's entry: ``prune`` of the SavedModel at ``model`` (default: the config's).
+
+  Args:
+    model: path of the SavedModel to prune, or None for ``config.base_model_path``.
+    data_spec: the dataset and its limits.
+    config: a ``PruneConfig``.
+
+  Returns:
+    (the stripped pruned model, provenance with the pruning results).
+  """
+  config = data_spec.apply(dataclasses.replace(
+      config, base_model_path=model or config.base_model_path))
+  result = prune(config)
+  return result.model, base.record("pruning", config, result.to_dict())

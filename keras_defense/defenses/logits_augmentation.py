@@ -36,6 +36,7 @@ from keras_defense import export
 from keras_defense import provenance
 from keras_defense import training
 from keras_defense.compat import keras
+from keras_defense.defenses import base
 from keras_defense.training import ConfigError
 
 TRANSFORMS = ("logits_augmentation", "gradient_inhibition")
@@ -251,3 +252,21 @@ def augment(config: AugmentConfig) -> AugmentResult:
   return AugmentResult(model=model, transform=config.transform, epsilon=config.epsilon,
                        agreement=same / max(n, 1), base_accuracy=base_ok / max(n, 1),
                        accuracy=ok / max(n, 1), test_examples=n, saved_model_path=saved)
+
+
+def augment_defense(model: str | None, data_spec: base.DataSpec,
+                    config: AugmentConfig) -> tuple[keras.Model, dict]:
+  """The registry's entry: ``augment`` of the SavedModel at ``model`` (default: the config's).
+
+  Args:
+    model: path of the SavedModel to transform, or None for ``config.base_model_path``.
+    data_spec: the dataset (measured on its test split).
+    config: an ``AugmentConfig``.
+
+  Returns:
+    (the transformed model, provenance with agreement and accuracies).
+  """
+  config = data_spec.apply(dataclasses.replace(
+      config, base_model_path=model or config.base_model_path))
+  result = augment(config)
+  return result.model, base.record(config.transform, config, result.to_dict())
