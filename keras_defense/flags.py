@@ -97,11 +97,12 @@ flags.register_validator(
     "lr_decay_epochs", lambda v: all(s.strip().isdigit() and int(s) >= 1 for s in v),
     "--lr_decay_epochs must be a comma-separated list of epochs >= 1.")
 
-# --- adversarial training (kd-train; keras_defense.defenses.adversarial_training)
+# --- adversarial training (kd-train; kd-prune: robust pruning; keras_defense.defenses)
 flags.DEFINE_enum("adversarial", None, list(training.ADVERSARIAL_METHODS),
-                  "Train on adversarial examples crafted in every step: pgd (Madry et al. "
-                  "2018), fgsm_rs (FGSM from a random start, Wong et al. 2020) or trades "
-                  "(Zhang et al. 2019). Default: standard training.")
+                  "Train (kd-train) or fine-tune while pruning (kd-prune: robust pruning) on "
+                  "adversarial examples crafted in every step: pgd (Madry et al. 2018), "
+                  "fgsm_rs (FGSM from a random start, Wong et al. 2020) or trades (Zhang et "
+                  "al. 2019). Default: standard training.")
 flags.DEFINE_float("adv_epsilon", 0.3, "L-inf radius of the training attack (MNIST papers: 0.3).")
 flags.DEFINE_integer("adv_steps", None,
                      "Steps of the training attack (default: 40 for pgd/trades, Madry's MNIST; "
@@ -218,7 +219,10 @@ def prune_config(fv=None):
       manual_dir=fv.manual_dir, export_dir=fv.export_dir,
       export_version=fv.export_version, report_path=fv.report_path,
       deterministic=fv.deterministic, strategy=fv.strategy,
-      num_cpu_devices=fv.num_cpu_devices, verbose=2)  # one log line per epoch
+      num_cpu_devices=fv.num_cpu_devices, verbose=2,  # one log line per epoch
+      adversarial=fv.adversarial, adv_epsilon=fv.adv_epsilon, adv_steps=fv.adv_steps,
+      adv_step_size=fv.adv_step_size, trades_beta=fv.trades_beta,
+      robust_val_size=fv.robust_val_size)
 
 
 def augment_config(fv=None) -> _la.AugmentConfig:

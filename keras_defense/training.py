@@ -162,20 +162,33 @@ class TrainConfig:
 
   def adversarial_steps(self) -> tuple[int, float]:
     """(steps, step size) of the inner maximisation, defaults filled in."""
-    steps = self.adv_steps or (1 if self.adversarial == "fgsm_rs" else 40)
-    if self.adv_step_size is not None:
-      return int(steps), float(self.adv_step_size)
-    if self.adversarial == "fgsm_rs":
-      return 1, 1.25 * float(self.adv_epsilon)  # Wong et al. 2020: alpha = 1.25 eps
-    return int(steps), 2.5 * float(self.adv_epsilon) / int(steps)
+    return adversarial_steps(self)
 
   def model_name(self, image_shape) -> str:
     """``model``, or the C&W network for ``image_shape`` (models.model_for_shape)."""
     return self.model or models.model_for_shape(image_shape)
 
 
-def check_defense_fields(config: TrainConfig) -> None:
-  """Checks the trained-defense fields of a ``TrainConfig``; raises ConfigError naming one."""
+def adversarial_steps(config) -> tuple[int, float]:
+  """(steps, step size) of ``config``'s training attack, defaults filled in.
+
+  ``config`` is a ``TrainConfig`` or a ``defenses.pruning.PruneConfig`` (robust
+  pruning): both have ``adversarial``, ``adv_epsilon``, ``adv_steps`` and
+  ``adv_step_size``.
+  """
+  steps = config.adv_steps or (1 if config.adversarial == "fgsm_rs" else 40)
+  if config.adv_step_size is not None:
+    return int(steps), float(config.adv_step_size)
+  if config.adversarial == "fgsm_rs":
+    return 1, 1.25 * float(config.adv_epsilon)  # Wong et al. 2020: alpha = 1.25 eps
+  return int(steps), 2.5 * float(config.adv_epsilon) / int(steps)
+
+
+def check_defense_fields(config) -> None:
+  """Checks the trained-defense fields of a ``TrainConfig`` (or a ``PruneConfig``).
+
+  Raises ConfigError naming the field.
+  """
   def need(cond, msg):
     if not cond:
       raise ConfigError(msg)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -293,3 +294,94 @@ def test_kept_at_most_never_keeps_more_than_asked():
     assert kept <= max(1, n * (1 - s) + 1e-9), (n, s, kept)
     assert kept >= min(n, max(1, int(n * (1 - s)))), (n, s, kept)
     assert 0 <= s2 < 1
+
+
+def test_robust_pruning_fine_tunes_on_adversarial_batches_and_keeps_a_sparse_best_epoch(
+    tmp_path):
+  """Robust pruning (issue 14): FGSM-RS fine-tuning inside the pruning run.
+
+  The guard's measurement is scripted: epoch 1 scores best but ends before the
+  schedule's last mask update, so it must not be kept; epoch 2 is the best
+  eligible one and epoch 3 collapses below half of it.
+  """
+  from unittest import mock
+  from keras_defense.defenses import trainer
+  x_probe, _ = data.load_arrays("mnist", "test", limit=32)
+  scripted = iter([0.90, 0.60, 0.20])
+  probes = []
+
+  def fake_measure(guard):
+    probes.append(guard.classifier(x_probe, training=False).numpy())
+    return next(scripted)
+
+  config = pruning.PruneConfig(
+      base_model_path="saved_models/mnist_m0/1", run_dir=str(tmp_path / "run"),
+      dense_sparsity=0.9, conv_sparsity=0.95, pruning_end_epoch=1.5, pruning_frequency=5,
+      finetune_epochs=3, batch_size=64, learning_rate=0.01, lr_decay_epochs=(3,),
+      train_limit=640, test_limit=300, validation_size=200, export_dir=str(tmp_path / "m1"),
+      export_version=1, adversarial="fgsm_rs", adv_epsilon=0.3, robust_val_size=100,
+      verbose=0)
+  with mock.patch.object(trainer.RobustAccuracyGuard, "measure", fake_measure), \
+      mock.patch.object(trainer.logging, "warning") as warning:
+    result = pruning.prune(config)
+  assert result.end_step == 15  # 10 steps/epoch, 1.5 epochs, on the 5-step grid
+  guard = result.defense["robust_guard"]
+  assert guard["first_eligible_epoch"] == 1  # epoch 1 ends at step 10 < 15
+  assert guard["history"] == {"0": 0.9, "1": 0.6, "2": 0.2}
+  assert guard["best_epoch"] == 1 and guard["collapses"] == [2]
+  assert warning.call_count == 1
+  assert result.defense["adversarial"] == "fgsm_rs"
+  assert result.defense["adv_step_size"] == pytest.approx(0.375)  # 1.25 eps
+  # The kept weights are epoch 2's (the best eligible), at the final sparsity.
+  np.testing.assert_allclose(result.model(x_probe).numpy(), probes[1], atol=1e-5)
+  assert not np.allclose(probes[1], probes[2], atol=1e-3)
+  kept = {k: v["kept_fraction"] for k, v in result.report.pruned["by_type"].items()}
+  assert kept["Dense"] == pytest.approx(0.10, abs=1e-3)
+  assert kept["Conv2D"] == pytest.approx(0.05, abs=1e-3)
+  # Exported with its defense in the provenance; plain TF serves the same logits.
+  assert export.read_provenance(result.saved_model_path)["defense"]["adversarial"] == "fgsm_rs"
+  served = tf.saved_model.load(result.saved_model_path).signatures[export.SERVING_SIGNATURE]
+  np.testing.assert_allclose(served(images=tf.constant(x_probe))["logits"].numpy(),
+                             probes[1], atol=1e-4)
+  # The fine-tuning ran the adversarial step: its training log is the accuracy on
+  # the crafted batches, next to tfmot's pruning summaries.
+  from tensorboard.backend.event_processing import event_accumulator
+  ea = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard" / "train"))
+  ea.Reload()
+  tags = set(ea.Tags()["tensors"]) | set(ea.Tags()["scalars"])
+  assert "epoch_robust_accuracy" in tags, tags
+  assert json.loads((tmp_path / "run" / "prune_result.json").read_text())[
+      "defense"]["robust_guard"]["best_epoch"] == 1
+
+
+def test_prune_flags_fill_the_robust_pruning_fields():
+  import copy  # pylint: disable=g-import-not-at-top
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+  fv = copy.deepcopy(kd_flags.FLAGS)
+  fv.unparse_flags()
+  fv(["kd-prune", "--adversarial=pgd", "--adv_epsilon=0.2", "--adv_steps=7",
+      "--trades_beta=3", "--robust_val_size=50"])
+  config = kd_flags.prune_config(fv).validate()
+  assert (config.adversarial, config.adv_epsilon, config.adv_steps, config.trades_beta,
+          config.robust_val_size) == ("pgd", 0.2, 7, 3.0, 50)
+  assert config.adversarial_steps() == (7, pytest.approx(2.5 * 0.2 / 7))
+  fv.unparse_flags()
+  fv(["kd-prune"])
+  assert kd_flags.prune_config(fv).adversarial is None  # no flag: plain fine-tuning
+  with pytest.raises(ConfigError, match="adv_steps"):
+    dataclasses.replace(config, adversarial="fgsm_rs").validate()
+  # The robust-pruning flagfile: M1's recipe on M0-AT, fine-tuned with FGSM-RS.
+  flags_dir = pathlib.Path(__file__).resolve().parents[1] / "flags"
+  robust, plain = ([l for l in (flags_dir / f"{n}.flags").read_text().splitlines()
+                    if l.startswith("--")] for n in ("mnist_m1_at_fgsm_rs", "mnist_m1"))
+  fv.unparse_flags()
+  fv(["kd-prune", f"--flagfile={flags_dir / 'mnist_m1_at_fgsm_rs.flags'}"])
+  config = kd_flags.prune_config(fv).validate()
+  assert config.base_model_path == "saved_models/mnist_m0_at_fgsm_rs/1"
+  assert config.adversarial == "fgsm_rs" and config.adversarial_steps() == (
+      1, pytest.approx(0.375))
+  same = ("--dense_sparsity", "--conv_sparsity", "--pruning_end_epoch", "--pruning_frequency",
+          "--finetune_epochs", "--optimizer", "--learning_rate", "--lr_decay_epochs")
+  assert ([l for l in robust if l.startswith(same)]
+          == [l for l in plain if l.startswith(same)])

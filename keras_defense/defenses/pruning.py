@@ -398,6 +398,23 @@ class PruneConfig:
   strategy: str = "default"  # distribution.STRATEGIES; default: one device, as before
   num_cpu_devices: int | None = None  # mirrored without GPUs: logical CPU devices
   verbose: int = 1
+  # Robust pruning (Ye et al. 2019, HYDRA 2020): fine-tune on adversarial batches,
+  # the same training step as adversarial training (defenses.trainer). None: plain
+  # fine-tuning, as before. The fields mean what TrainConfig's do.
+  adversarial: str | None = None  # None, or "pgd" | "fgsm_rs" | "trades"
+  adv_epsilon: float = 0.3
+  adv_steps: int | None = None  # None: 40 for pgd/trades, 1 for fgsm_rs
+  adv_step_size: float | None = None  # None: 2.5 eps / steps; fgsm_rs 1.25 eps
+  trades_beta: float = 6.0
+  robust_val_size: int = 1000  # held-out images of the per-epoch PGD-10 check; 0: none
+
+  # Distillation is not a pruning option; DefenseSetup reads these two.
+  temperature = 1.0
+  teacher_model_path = None
+
+  def adversarial_steps(self) -> tuple[int, float]:
+    """(steps, step size) of the fine-tuning attack, defaults filled in."""
+    return training.adversarial_steps(self)
 
   def validate(self) -> "PruneConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
@@ -425,6 +442,7 @@ class PruneConfig:
     need(int(self.pruning_frequency) >= 1,
          f"`pruning_frequency` must be >= 1 step; got {self.pruning_frequency}.")
     training.check_fit_fields(self)
+    training.check_defense_fields(self)
     return self
 
 
@@ -442,8 +460,10 @@ class PruneResult:
   wall_seconds: float
   saved_model_path: str | None
   report_paths: tuple[str, ...] = ()
+  defense: dict | None = None  # robust pruning: its settings and the guard's history
 
   def to_dict(self) -> dict[str, Any]:
+    extra = {} if self.defense is None else {"defense": self.defense}
     return {"base_accuracy": self.base_accuracy, "test_accuracy": self.test_accuracy,
             "validation_accuracy": self.validation_accuracy,
             "compression_ratio": self.report.compression_ratio,
@@ -451,7 +471,7 @@ class PruneResult:
                                       for k, v in self.report.pruned["by_type"].items()},
             "begin_step": self.begin_step, "end_step": self.end_step, "steps": self.steps,
             "wall_seconds": self.wall_seconds, "saved_model_path": self.saved_model_path,
-            "report_paths": list(self.report_paths)}
+            "report_paths": list(self.report_paths), **extra}
 
   def summary(self) -> str:
     kept = ", ".join(f"{k} {100 * v['kept_fraction']:.2f}%"
@@ -507,16 +527,21 @@ def prune(config: PruneConfig) -> PruneResult:
   if base_record is not None and base_record.get("dataset") != config.dataset:
     export.check_model_dataset(config.base_model_path, config.dataset, what="base model")
   base = training.to_float32(export.load_model(config.base_model_path))
+  first_epoch = min(training.resume_epoch(run_dir / "backup"), int(config.finetune_epochs))
+  identity = {"stage": "prune", "model": base.name, "dataset": config.dataset}
+  defense = None
+  if config.adversarial:  # robust pruning: adversarial fine-tuning
+    from keras_defense.defenses import trainer as defense_trainer  # pylint: disable=g-import-not-at-top
+    defense = defense_trainer.DefenseSetup(config, run_dir, first_epoch=first_epoch,
+                                           chief=chief, **common)
+    identity["defense"] = defense.identity()
   if chief:
-    training.claim_run_dir(run_dir, {"stage": "prune", "model": base.name,
-                                     "dataset": config.dataset})
+    training.claim_run_dir(run_dir, identity)
 
   # Epoch e's batch order depends only on (seed, e), so a resumed run matches.
   train_ds, steps_per_epoch = data.load_epochs(
       config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
-      epochs=int(config.finetune_epochs),
-      first_epoch=min(training.resume_epoch(run_dir / "backup"), int(config.finetune_epochs)),
-      limit=config.train_limit,
+      epochs=int(config.finetune_epochs), first_epoch=first_epoch, limit=config.train_limit,
       **common)
   val_ds = None
   if ds_info.num_validation > 0:
@@ -548,8 +573,17 @@ def prune(config: PruneConfig) -> PruneResult:
                         end_step=end_step, frequency=config.pruning_frequency,
                         initial_sparsity=config.initial_sparsity,
                         prune_logits=config.prune_logits, dropout=config.finetune_dropout)
-    training.compile_classifier(model, training.make_optimizer(
-        config.optimizer, config.learning_rate, config.momentum, config.nesterov))
+    optimizer = training.make_optimizer(config.optimizer, config.learning_rate,
+                                        config.momentum, config.nesterov)
+    if defense is None:
+      training.compile_classifier(model, optimizer)
+      fitted = model
+    else:
+      # The guard keeps the best robust epoch among those that end after the
+      # schedule's last mask update (an earlier epoch holds a denser model);
+      # if none does, the last epoch's weights are kept.
+      fitted = defense.wrap(model, optimizer,
+                            first_eligible_epoch=end_step // steps_per_epoch)
     callbacks = [
         keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
         training.EpochSeeder(config.seed),
@@ -557,20 +591,26 @@ def prune(config: PruneConfig) -> PruneResult:
         keras.callbacks.LearningRateScheduler(training.step_schedule(
             config.learning_rate, config.lr_decay_epochs, config.lr_decay_factor)),
     ]
-    history = model.fit(train_ds, epochs=int(config.finetune_epochs),
-                        steps_per_epoch=steps_per_epoch, validation_data=val_ds,
-                        callbacks=callbacks, verbose=config.verbose)
+    if defense is not None:
+      callbacks = defense.callbacks() + callbacks  # the guard saves before the checkpoint
+    history = fitted.fit(train_ds, epochs=int(config.finetune_epochs),
+                         steps_per_epoch=steps_per_epoch, validation_data=val_ds,
+                         callbacks=callbacks, verbose=config.verbose)
+    if defense is not None:
+      defense.restore_best()
     stripped = strip_pruning(model)
   val_acc = history.history.get("val_accuracy", [None])[-1] if history.history else None
 
   test_accuracy = evaluate_accuracy(stripped, test_ds)
   saved = None
   if config.export_dir:  # multi-worker: only the chief's copy is kept
+    record = provenance.model_provenance("prune", ds_info,
+                                         base_model=str(config.base_model_path))
+    if defense is not None:
+      record["defense"] = defense.identity()
     saved = distribution.export_saved_model(
         stripped, config.export_dir, strategy, version=config.export_version,
-        provenance=provenance.model_provenance(
-            "prune", ds_info,
-            base_model=str(config.base_model_path)))
+        provenance=record)
   n_test = sum(int(y.shape[0]) for _, y in test_ds)
   base_path = pathlib.Path(config.base_model_path)
   report = CompressionReport(
@@ -588,7 +628,8 @@ def prune(config: PruneConfig) -> PruneResult:
       test_accuracy=test_accuracy,
       validation_accuracy=None if val_acc is None else float(val_acc),
       begin_step=begin_step, end_step=end_step, steps=total_steps,
-      wall_seconds=time.time() - start, saved_model_path=saved, report_paths=tuple(paths))
+      wall_seconds=time.time() - start, saved_model_path=saved, report_paths=tuple(paths),
+      defense=None if defense is None else defense.summary())
   if chief:
     io_utils.write_json(run_dir / "prune_result.json", result.to_dict())
   return result

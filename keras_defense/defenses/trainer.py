@@ -162,11 +162,14 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
       entries of later epochs, left by a killed run, are dropped.
     seed: PGD's seed (the same images and starts every epoch).
     write: False on non-chief workers (they keep the state in memory only).
+    first_eligible_epoch: epochs before it are measured and logged but never
+      kept as the best (robust pruning: an epoch that ends before the pruning
+      schedule has reached its final sparsity holds a denser model).
   """
 
   def __init__(self, classifier: keras.Model, x: np.ndarray, y: np.ndarray, *,
                epsilon: float, state_dir: str | os.PathLike, first_epoch: int = 0,
-               seed: int = 0, write: bool = True):
+               seed: int = 0, write: bool = True, first_eligible_epoch: int = 0):
     super().__init__()
     self.classifier = classifier
     self.x, self.y = x, y
@@ -174,6 +177,7 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
     self.state_dir = pathlib.Path(state_dir)
     self.seed = int(seed)
     self.write = write
+    self.first_eligible_epoch = int(first_eligible_epoch)
     self.history: dict[int, float] = {}
     self.collapses: list[int] = []
     self.best_epoch: int | None = None
@@ -194,8 +198,9 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
     self.history = {int(e): float(a) for e, a in state["history"].items()
                     if int(e) < first_epoch}
     self.collapses = [e for e in state.get("collapses", []) if e < first_epoch]
-    if self.history:
-      best = max(self.history, key=lambda e: (self.history[e], -e))
+    eligible = [e for e in self.history if e >= self.first_eligible_epoch]
+    if eligible:
+      best = max(eligible, key=lambda e: (self.history[e], -e))
       with np.load(self._npz(best)) as f:
         self.best_weights = [f[f"w{i}"] for i in range(len(f.files))]
       self.best_epoch = best
@@ -214,7 +219,9 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
     if logs is not None:
       logs["val_pgd_accuracy"] = acc
     best = self.best_accuracy
-    if best is None or acc > best:
+    if epoch < self.first_eligible_epoch:
+      pass  # measured and logged, never kept (see first_eligible_epoch)
+    elif best is None or acc > best:
       self.best_epoch = int(epoch)
       self.best_weights = [np.array(w) for w in self.classifier.get_weights()]
       if self.write:
@@ -228,8 +235,12 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
           "held-out images, below half the best (%.4f, epoch %d) - catastrophic "
           "overfitting? The best epoch's weights will be kept.", epoch + 1, GUARD_STEPS,
           acc, self.epsilon, len(self.y), best, self.best_epoch + 1)
-    logging.info("epoch %d: PGD-%d robust accuracy %.4f (best %.4f at epoch %d)",
-                 epoch + 1, GUARD_STEPS, acc, self.best_accuracy, self.best_epoch + 1)
+    if self.best_epoch is None:
+      logging.info("epoch %d: PGD-%d robust accuracy %.4f (not eligible as the best before "
+                   "epoch %d)", epoch + 1, GUARD_STEPS, acc, self.first_eligible_epoch + 1)
+    else:
+      logging.info("epoch %d: PGD-%d robust accuracy %.4f (best %.4f at epoch %d)",
+                   epoch + 1, GUARD_STEPS, acc, self.best_accuracy, self.best_epoch + 1)
     if self.write:
       io_utils.write_json(self._json, self.state())
 
@@ -249,6 +260,7 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
   def state(self) -> dict:
     """JSON-able: per-epoch accuracies, best epoch (0-based) and accuracy, collapses."""
     return {"epsilon": self.epsilon, "pgd_steps": GUARD_STEPS, "images": int(len(self.y)),
+            "first_eligible_epoch": self.first_eligible_epoch,
             "history": {str(e): a for e, a in sorted(self.history.items())},
             "best_epoch": self.best_epoch, "best_accuracy": self.best_accuracy,
             "collapses": list(self.collapses)}
@@ -298,8 +310,12 @@ class DefenseSetup:
       return out
     return {"temperature": c.temperature, "teacher_model_path": c.teacher_model_path}
 
-  def wrap(self, model: keras.Model, optimizer) -> DefenseTrainer:
-    """The compiled training wrapper around ``model`` (and the guard, if any)."""
+  def wrap(self, model: keras.Model, optimizer, *,
+           first_eligible_epoch: int = 0) -> DefenseTrainer:
+    """The compiled training wrapper around ``model`` (and the guard, if any).
+
+    ``first_eligible_epoch``: the guard's (``RobustAccuracyGuard``).
+    """
     c = self.config
     teacher = export.load_model(c.teacher_model_path) if c.teacher_model_path else None
     steps, step_size = c.adversarial_steps()
@@ -312,7 +328,8 @@ class DefenseSetup:
     if self._slice is not None:
       self.guard = RobustAccuracyGuard(model, *self._slice, epsilon=c.adv_epsilon,
                                        state_dir=self.run_dir, first_epoch=self.first_epoch,
-                                       seed=c.seed, write=self.chief)
+                                       seed=c.seed, write=self.chief,
+                                       first_eligible_epoch=first_eligible_epoch)
     return trainer
 
   def callbacks(self) -> list:
