@@ -286,8 +286,33 @@ def markdown(points, missing, config: sweep_lib.SweepConfig, plots: Sequence[str
             "Wilson intervals, AutoAttack, seconds)",
             "- `tensorboard/`: `tensorboard --logdir " + "tensorboard` → HParams (one session "
             "per point) and Scalars (`sweep/*` curves)", "",
+            *time_lines(points, config),
             "## Settings", "", "```json", json.dumps(config.identity(), indent=2), "```", ""]
   return "\n".join(lines)
+
+
+def time_lines(points, config: sweep_lib.SweepConfig) -> list[str]:
+  """The compute time the run directory records: parents built, points evaluated.
+
+  Summed over whichever processes did the work (shards add up, they do not
+  overlap here), so with one process it is the run's wall time less start-up.
+  """
+  parents = []
+  for done in sorted(pathlib.Path(config.run_dir).glob("parents/*/done.json")):
+    record = io_utils.read_json(done)
+    if isinstance(record.get("seconds"), (int, float)):
+      parents.append((done.parent.name, float(record["seconds"])))
+  point_seconds = [float(p["seconds"]) for p in points
+                   if isinstance(p.get("seconds"), (int, float))]
+  total = sum(s for _, s in parents) + sum(point_seconds)
+  lines = ["## Time", "",
+           f"{total / 60:.1f} min of compute in all: {len(parents)} parent models built in "
+           f"{sum(s for _, s in parents) / 60:.1f} min"
+           + (" (" + ", ".join(f"`{k}` {s:.0f} s" for k, s in parents) + ")" if parents else "")
+           + f"; {len(point_seconds)} points evaluated in {sum(point_seconds) / 60:.1f} min"
+           + (f" ({min(point_seconds):.0f}-{max(point_seconds):.0f} s each)"
+              if point_seconds else "") + ".", ""]
+  return lines
 
 
 def write(config: sweep_lib.SweepConfig, points: list[dict], missing: list[str]

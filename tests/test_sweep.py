@@ -90,6 +90,14 @@ def test_run_writes_one_json_per_point_the_csv_and_the_report(whole):
   assert [line.split(",")[0] for line in csv_lines[1:]] == KEYS  # grid order
   report = (run_dir / "report.md").read_text()
   assert "4 of 4 points finished" in report and "Missing" not in report
+  # The time section adds up what the run directory records.
+  parent_s = [json.loads(f.read_text())["seconds"]
+              for f in sorted((run_dir / "parents").glob("*/done.json"))]
+  total_min = (sum(parent_s) + sum(p["seconds"] for p in points.values())) / 60
+  assert (f"{total_min:.1f} min of compute in all: {len(parent_s)} parent models built"
+          in report), report
+  assert f"4 points evaluated in {sum(p['seconds'] for p in points.values()) / 60:.1f} min" \
+      in report
   for plot in ("robust_vs_compression.png", "clean_vs_robust.png",
                "zero_gradient_vs_logits_eps.png"):
     assert (run_dir / "plots" / plot).stat().st_size > 5000
