@@ -73,6 +73,10 @@ from keras_defense.errors import UserError
 
 STAGES = ("train", "prune", "augment", "attack", "autoattack", "report")
 STANDARD = "standard"
+# PruneConfig's robust-pruning fields (defenses.pruning): part of a sweep's
+# identity only when prune.adversarial is set.
+ROBUST_PRUNING_FIELDS = ("adversarial", "adv_epsilon", "adv_steps", "adv_step_size",
+                         "trades_beta", "robust_val_size")
 THREAT_MODEL = "Linf"  # RobustBench's name of the L-inf ball every attack here uses
 SOURCE = "m0"  # the attack grid's name of the method's M0 (transfer source)
 
@@ -250,18 +254,26 @@ class SweepConfig:
     return pts[self.shard_index * n // k:(self.shard_index + 1) * n // k]
 
   def identity(self) -> dict[str, Any]:
-    """What a run directory is bound to: everything but the grid, shards and stages."""
-    def plain(v):
+    """What a run directory is bound to: everything but the grid, shards and stages.
+
+    The training method sets ``train.adversarial`` per point, so it is left out.
+    Pruning's robust-pruning fields (``ROBUST_PRUNING_FIELDS``) count only when
+    ``prune.adversarial`` is set: they do nothing otherwise, and a plain sweep
+    keeps the identity it had before pruning had them.
+    """
+    def plain(v, drop=()):
       d = dataclasses.asdict(v)
       return {k: list(x) if isinstance(x, tuple) else x for k, x in d.items()
               if k not in ("verbose", "run_dir", "export_dir", "export_version",
                            "base_model_path", "report_path", "dense_sparsity",
-                           "conv_sparsity", "logits_epsilon", "adversarial")}
+                           "conv_sparsity", "logits_epsilon", *drop)}
+    prune_drop = ROBUST_PRUNING_FIELDS if getattr(self.prune, "adversarial", None) is None else ()
     return json.loads(json.dumps({
         "dataset": self.dataset, "seed": self.seed, "deterministic": self.deterministic,
-        "base_models": dict(sorted(self.base_models.items())), "train": plain(self.train),
-        "prune": plain(self.prune), "augment": plain(self.augment), "eval": plain(self.eval)},
-        default=str))
+        "base_models": dict(sorted(self.base_models.items())),
+        "train": plain(self.train, drop=("adversarial",)),
+        "prune": plain(self.prune, drop=prune_drop), "augment": plain(self.augment),
+        "eval": plain(self.eval)}, default=str))
 
 
 @dataclasses.dataclass

@@ -108,6 +108,26 @@ def test_run_writes_one_json_per_point_the_csv_and_the_report(whole):
   assert not list((run_dir / "parents").glob("*/lock*"))  # every lock released
 
 
+
+def test_run_dir_is_bound_to_its_settings_robust_pruning_fields_only_when_on(tmp_path):
+  config = _config(tmp_path / "run")
+  identity = config.identity()
+  # Plain pruning: the robust-pruning fields do nothing, so they are not part of
+  # the identity (a sweep made before pruning had them keeps its run directory).
+  assert not set(sweep.ROBUST_PRUNING_FIELDS) & set(identity["prune"])
+  assert dataclasses.replace(config, prune=dataclasses.replace(
+      config.prune, adv_epsilon=0.1, robust_val_size=5)).identity() == identity
+  robust = dataclasses.replace(config, prune=dataclasses.replace(
+      config.prune, adversarial="fgsm_rs", adv_epsilon=0.1))
+  assert robust.identity()["prune"]["adversarial"] == "fgsm_rs"
+  assert robust.identity()["prune"]["adv_epsilon"] == 0.1
+  sweep._bind(tmp_path, identity)  # pylint: disable=protected-access
+  sweep._bind(tmp_path, identity)  # the same settings: accepted
+  with pytest.raises(UserError, match=r"other settings \(prune\.adv_epsilon: None -> 0\.1, "
+                     r"prune\.adversarial: None -> 'fgsm_rs', "):
+    sweep._bind(tmp_path, robust.identity())  # pylint: disable=protected-access
+
+
 def test_rerun_recomputes_nothing(whole, monkeypatch):
   run_dir, _ = whole
   before = {p: p.stat().st_mtime_ns for p in (run_dir / "points").iterdir()}
