@@ -569,7 +569,7 @@ def main(argv=None) -> int:
   common.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
   common.add_argument("--batch_size", type=int, default=500, help="reference batch size")
   common.add_argument("--ours_compute_dtype", default=None,
-                      help="compute_dtype for auto_attack (default: its own default, 'auto')")
+                      help="compute_dtype for auto_attack (default: its own default, float32)")
   e = sub.add_parser("export", parents=[common])
   e.add_argument("--model_path", required=True)
   e.add_argument("--npz", required=True)
