@@ -118,6 +118,16 @@ flags.DEFINE_integer("robust_val_size", 1000,
 flags.register_validator("adv_epsilon", lambda v: 0 < v <= 1, "--adv_epsilon must be in (0, 1].")
 flags.register_validator("adv_step_size", lambda v: v is None or v > 0,
                          "--adv_step_size must be > 0.")
+# --- defensive distillation (kd-train twice; keras_defense.defenses.distillation)
+flags.DEFINE_float("temperature", 1.0,
+                   "Softmax temperature of the training loss (defensive distillation, Papernot "
+                   "et al. 2016: 100 for the teacher and the student; the exported model is "
+                   "deployed at T = 1). 1: standard training.")
+flags.DEFINE_string("teacher_model_path", None,
+                    "Distillation's student: learn this SavedModel's soft labels "
+                    "softmax(logits / T) instead of the labels (train the teacher first with "
+                    "the same --temperature).")
+flags.register_validator("temperature", lambda v: v > 0, "--temperature must be > 0.")
 flags.register_multi_flags_validator(
     ["adversarial", "adv_steps"],
     lambda d: d["adversarial"] != "fgsm_rs" or d["adv_steps"] in (None, 1),
@@ -142,7 +152,8 @@ def train_config(fv=None) -> training.TrainConfig:
       deterministic=fv.deterministic, strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices, adversarial=fv.adversarial,
       adv_epsilon=fv.adv_epsilon, adv_steps=fv.adv_steps, adv_step_size=fv.adv_step_size,
-      trades_beta=fv.trades_beta, robust_val_size=fv.robust_val_size)
+      trades_beta=fv.trades_beta, robust_val_size=fv.robust_val_size,
+      temperature=fv.temperature, teacher_model_path=fv.teacher_model_path)
 
 
 # --- pruning and logits augmentation ---------------------------------------

@@ -131,3 +131,40 @@ def test_distillation_student_learns_the_teacher_and_is_deployed_at_t1(tmp_path)
   confidence = np.mean(np.max(tf.nn.softmax(logits).numpy(), 1))
   assert confidence > 0.9, confidence
   assert distillation.DEFAULT_TEMPERATURE == 100.0
+
+
+def test_distillation_flagfiles_are_m0s_recipe_at_t100():
+  import copy  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+
+  def parsed(*argv):
+    fv = copy.deepcopy(kd_flags.FLAGS)
+    fv.unparse_flags()
+    fv(["kd-train", *argv])
+    return kd_flags.train_config(fv).validate()
+
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  cwd = os.getcwd()
+  os.chdir(repo)  # the flagfiles name each other relative to the repository
+  try:
+    m0 = parsed("--flagfile=flags/mnist_m0.flags")
+    teacher = parsed("--flagfile=flags/mnist_distilled_teacher.flags")
+    student = parsed("--flagfile=flags/mnist_distilled.flags")
+  finally:
+    os.chdir(cwd)
+  assert m0.temperature == 1.0 and m0.teacher_model_path is None and not m0.defended()
+  assert teacher.temperature == 100.0 and teacher.teacher_model_path is None
+  assert student.temperature == 100.0
+  assert student.teacher_model_path == "saved_models/mnist_distilled_teacher/1"
+  assert teacher.export_dir == "saved_models/mnist_distilled_teacher"
+  assert student.export_dir == "saved_models/mnist_distilled"
+  assert teacher.defended() and student.defended()
+  differ = {"temperature", "teacher_model_path", "run_dir", "export_dir"}
+  for config in (teacher, student):
+    a, b = dataclasses.asdict(m0), dataclasses.asdict(config)
+    assert {k for k in a if a[k] != b[k]} <= differ, config
+  with pytest.raises(absl_flags.IllegalFlagValueError, match="temperature"):
+    parsed("--temperature=0")
