@@ -150,10 +150,13 @@ def train_config(fv=None) -> training.TrainConfig:
       manual_dir=fv.manual_dir, export_dir=fv.export_dir,
       export_version=fv.export_version, compute_dtype=fv.compute_dtype,
       deterministic=fv.deterministic, strategy=fv.strategy,
-      num_cpu_devices=fv.num_cpu_devices, adversarial=fv.adversarial,
-      adv_epsilon=fv.adv_epsilon, adv_steps=fv.adv_steps, adv_step_size=fv.adv_step_size,
-      trades_beta=fv.trades_beta, robust_val_size=fv.robust_val_size,
+      num_cpu_devices=fv.num_cpu_devices, **_adversarial_fields(fv),
       temperature=fv.temperature, teacher_model_path=fv.teacher_model_path)
+
+
+def _adversarial_fields(fv) -> dict:
+  """The adversarial-training flags, for TrainConfig and PruneConfig (robust pruning)."""
+  return {name: fv[name].value for name in training.ADVERSARIAL_FIELDS}
 
 
 # --- pruning and logits augmentation ---------------------------------------
@@ -231,9 +234,7 @@ def prune_config(fv=None):
       export_version=fv.export_version, report_path=fv.report_path,
       deterministic=fv.deterministic, strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices, verbose=2,  # one log line per epoch
-      adversarial=fv.adversarial, adv_epsilon=fv.adv_epsilon, adv_steps=fv.adv_steps,
-      adv_step_size=fv.adv_step_size, trades_beta=fv.trades_beta,
-      robust_val_size=fv.robust_val_size)
+      **_adversarial_fields(fv))
 
 
 def augment_config(fv=None) -> _la.AugmentConfig:

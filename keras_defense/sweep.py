@@ -75,8 +75,7 @@ STAGES = ("train", "prune", "augment", "attack", "autoattack", "report")
 STANDARD = "standard"
 # PruneConfig's robust-pruning fields (defenses.pruning): part of a sweep's
 # identity only when prune.adversarial is set.
-ROBUST_PRUNING_FIELDS = ("adversarial", "adv_epsilon", "adv_steps", "adv_step_size",
-                         "trades_beta", "robust_val_size")
+ROBUST_PRUNING_FIELDS = training.ADVERSARIAL_FIELDS
 THREAT_MODEL = "Linf"  # RobustBench's name of the L-inf ball every attack here uses
 SOURCE = "m0"  # the attack grid's name of the method's M0 (transfer source)
 

@@ -304,10 +304,10 @@ def time_lines(points, config: sweep_lib.SweepConfig) -> list[str]:
       parents.append((done.parent.name, float(record["seconds"])))
   point_seconds = [float(p["seconds"]) for p in points
                    if isinstance(p.get("seconds"), (int, float))]
-  total = sum(s for _, s in parents) + sum(point_seconds)
+  parent_total = sum(s for _, s in parents)
   lines = ["## Time", "",
-           f"{total / 60:.1f} min of compute in all: {len(parents)} parent models built in "
-           f"{sum(s for _, s in parents) / 60:.1f} min"
+           f"{(parent_total + sum(point_seconds)) / 60:.1f} min of compute in all: "
+           f"{len(parents)} parent models built in {parent_total / 60:.1f} min"
            + (" (" + ", ".join(f"`{k}` {s:.0f} s" for k, s in parents) + ")" if parents else "")
            + f"; {len(point_seconds)} points evaluated in {sum(point_seconds) / 60:.1f} min"
            + (f" ({min(point_seconds):.0f}-{max(point_seconds):.0f} s each)"

@@ -41,6 +41,10 @@ from keras_defense.errors import UserError
 OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ADVERSARIAL_METHODS = ("pgd", "fgsm_rs", "trades")  # keras_defense.defenses.adversarial_training
+# The adversarial-training fields TrainConfig and defenses.pruning.PruneConfig
+# (robust pruning) both have, with the same meaning and flags.
+ADVERSARIAL_FIELDS = ("adversarial", "adv_epsilon", "adv_steps", "adv_step_size",
+                      "trades_beta", "robust_val_size")
 
 
 class ConfigError(UserError):
