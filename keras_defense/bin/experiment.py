@@ -2,6 +2,10 @@
 
   kd-experiment --flagfile=flags/mnist.flags
 
+With --defense rows it compares defenses instead (defense_comparison.py):
+
+  kd-experiment --flagfile=flags/mnist_defenses.flags   # -> reports/mnist/defenses.md
+
 A rerun with the same --run_dir skips finished stages and resumes an
 interrupted one. Results: <run_dir>/report.md, results.json, results.csv,
 plots/, and TensorBoard under <run_dir>.
@@ -18,9 +22,24 @@ from keras_defense import progress
 from keras_defense import provenance
 
 
+def _compare(command: str) -> None:
+  from keras_defense import defense_comparison  # pylint: disable=g-import-not-at-top
+  result = defense_comparison.run(kd_flags.comparison_config(command),
+                                  progress=progress.ProgressBar())
+  for row in result.rows:
+    for w in row["warnings"]:
+      print(f"WARNING: {w}")
+  if result.missing:
+    print(f"not finished: {', '.join(result.missing)}")
+  print(f"report: {result.artifacts.get('defenses.md', '')}")
+
+
 def main(argv):
   del argv
   command = provenance.command_line(sys.argv)
+  if kd_flags.FLAGS.defense:
+    _compare(command)
+    return
   records = experiment.run(kd_flags.experiment_config(command), progress=progress.ProgressBar())
   report = records.get("report")
   if report:

@@ -1,0 +1,123 @@
+"""The defenses comparison on real MNIST: shipped M0 and Defensive Dropout on it, tiny budgets.
+
+One run (module fixture): rows, the report files, the per-image worst case
+never above AutoAttack alone, the EOT run of the randomized row, a rerun that
+computes nothing; then the config and flag errors, which fail before any work.
+"""
+
+import csv
+import dataclasses
+import io
+import pathlib
+
+import pytest
+
+from keras_defense import defense_comparison as dc
+from keras_defense import evaluation
+from keras_defense import flags as kd_flags
+from keras_defense import io_utils
+from keras_defense.defenses import dropout
+from keras_defense.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+M0 = str(ROOT / "saved_models" / "mnist_m0" / "1")
+
+
+def _config(tmp, **overrides) -> dc.ComparisonConfig:
+  rows = (dc.Row("M0", (dc.Step("saved", path=M0, source="shipped M0"),)),
+          dc.Row("Dropout p=0.5", (dc.Step("dropout", path=M0, source="dropout on M0",
+                                           config=dropout.DefensiveDropoutConfig(rate=0.5)),)))
+  config = dc.ComparisonConfig(
+      run_dir=str(tmp / "run"), report_dir=str(tmp / "report"), rows=rows,
+      eval=evaluation.EvalConfig(attacks=("fgsm",), epsilons=(0.3,), eval_size=30,
+                                 targeted_modes=(False,), threat_models=("grey_box", "transfer"),
+                                 cw_attacks=(), batch_size=100, autoattack_version="standard",
+                                 autoattack_epsilons=(0.3,), autoattack_size=12,
+                                 sanity_size=0),
+      command="test")
+  return dataclasses.replace(config, **overrides)
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, tfds_dir):  # pylint: disable=unused-argument
+  tmp = tmp_path_factory.mktemp("comparison")
+  return tmp, dc.run(_config(tmp))
+
+
+def test_rows_and_report(result):
+  tmp, res = result
+  assert [r["name"] for r in res.rows] == ["M0", "Dropout p=0.5"] and not res.missing
+  assert res.computed == ["M0", "Dropout p=0.5"]
+  m0, drop = res.rows
+  assert m0["facts"]["compression"] == pytest.approx(1.0)
+  assert 0.98 < m0["clean_acc"] <= 1.0  # the shipped M0 on all 10,000 test images
+  assert drop["randomized"] and not m0["randomized"]
+  assert drop["autoattack_eot"]["version"] == "rand" and m0["autoattack_eot"] is None
+  assert (tmp / "run" / "models" / "dropout_p_0_5" / "1" / "saved_model.pb").is_file()
+  for row in res.rows:
+    e = row["per_eps"]["0.3"]
+    # The worst case counts an image robust only if AutoAttack and the grid left it.
+    assert e["worst_case_n_robust"] <= e["autoattack_n_robust"]
+    assert e["n_examples"] == 12 and e["worst_case_n"] == 12 and e["grid_cells"] >= 1
+    assert 0 <= e["worst_case_ci95"][0] <= e["worst_case_robust_acc"] <= e["worst_case_ci95"][1]
+  text = (tmp / "report" / "defenses.md").read_text()
+  assert "| M0 |" in text and "| Dropout p=0.5 |" in text and "(EOT: " in text
+  assert "first 12" in text
+  lines = list(csv.DictReader(io.StringIO(
+      (tmp / "report" / "defenses" / "defenses.csv").read_text())))
+  assert [l["key"] for l in lines] == ["m0", "dropout_p_0_5"]
+  bench = io_utils.read_json(tmp / "report" / "defenses" / "defenses.json")
+  assert set(bench["rows"][0]["results"][0]) >= {"clean_acc", "robust_acc", "eps",
+                                                  "threat_model", "n_examples"}
+  assert (tmp / "report" / "defenses" / "plots" / "robust_vs_eps.png").is_file()
+  assert any((tmp / "report" / "defenses" / "tensorboard").iterdir())
+
+
+def test_rerun_computes_nothing(result):
+  tmp, res = result
+  again = dc.run(_config(tmp))
+  assert again.computed == [] and [r["key"] for r in again.rows] == ["m0", "dropout_p_0_5"]
+  assert again.rows == res.rows
+
+
+def test_other_settings_refused(result):
+  tmp, _ = result
+  config = _config(tmp)
+  with pytest.raises(UserError, match="other settings .*eval"):
+    dc.run(dataclasses.replace(config, eval=dataclasses.replace(config.eval, eval_size=31)))
+
+
+def test_bad_configs(tmp_path):
+  config = _config(tmp_path)
+  with pytest.raises(UserError, match="first row .* must not be randomized"):
+    dc.run(dataclasses.replace(config, rows=config.rows[::-1]))
+  twin = dc.Row("m0!", config.rows[0].steps)
+  with pytest.raises(UserError, match="same key 'm0'"):
+    dc.run(dataclasses.replace(config, rows=(config.rows[0], twin)))
+  with pytest.raises(UserError, match="no SavedModel at"):
+    dc.run(dataclasses.replace(config, rows=(dc.Row("X", (dc.Step("saved",
+                                                                  path=str(tmp_path)),)),)))
+  with pytest.raises(UserError, match="autoattack_version"):
+    dc.run(dataclasses.replace(config, eval=dataclasses.replace(config.eval,
+                                                                autoattack_version="none")))
+
+
+@pytest.mark.parametrize("step, message", [
+    ("nonsense", "KIND:ARGUMENT"),
+    ("train:flags/missing.flags", "does not exist"),
+    ("dropout:0.3", "dropout:RATE@SAVEDMODEL"),
+    ("dropout:x@saved_models/mnist_m0/1", "dropout:RATE@SAVEDMODEL"),
+    ("teleport:x", "step kind must be one of"),
+])
+def test_bad_step_specs(step, message):
+  with pytest.raises(UserError, match=message):
+    kd_flags._defense_step(step, "row")  # pylint: disable=protected-access
+
+
+def test_flagfile_steps_become_configs():
+  step = kd_flags._defense_step(  # pylint: disable=protected-access
+      f"prune:{ROOT / 'flags' / 'mnist_m1_at_fgsm_rs.flags'}", "M1-AT")
+  assert step.kind == "prune" and step.config.adversarial == "fgsm_rs"
+  assert step.config.export_dir == "saved_models/mnist_m1_at_fgsm_rs"
+  drop = kd_flags._defense_step("dropout:0.1@saved_models/mnist_m0/1", "D")  # pylint: disable=protected-access
+  assert drop.config.rate == 0.1 and drop.path == "saved_models/mnist_m0/1"
