@@ -201,16 +201,7 @@ class ComparisonConfig:
 
 
 def _bind(run_dir: pathlib.Path, identity: dict) -> None:
-  path = run_dir / "comparison.json"
-  if path.is_file():
-    bound = io_utils.read_json(path)
-    if bound != identity:
-      changed = sorted(k for k in set(bound) | set(identity) if bound.get(k) != identity.get(k))
-      raise UserError(
-          f"`run_dir` {str(run_dir)!r} holds a comparison made with other settings "
-          f"({', '.join(changed)} differ): use a new --run_dir, or delete it to start over.")
-  else:
-    io_utils.write_json(path, identity)
+  io_utils.bind_settings(run_dir / "comparison.json", identity, what="a defenses comparison")
 
 
 def _version_dir(config) -> pathlib.Path:

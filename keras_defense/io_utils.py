@@ -71,3 +71,36 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
   with open(path, encoding="utf-8") as f:
     return json.load(f)
+
+
+def bind_settings(path: str | os.PathLike, identity: dict, *, what: str) -> None:
+  """Writes ``identity`` to ``path`` (JSON), or refuses a run made with other settings.
+
+  Args:
+    path: the binding file in the run directory (e.g. ``<run_dir>/sweep.json``).
+    identity: the settings that decide the run's numbers (JSON-able).
+    what: the run, for the message ("a sweep", "a defenses comparison").
+
+  Raises:
+    UserError: ``path`` holds other settings; the message lists each that differs.
+  """
+  from keras_defense.errors import UserError  # pylint: disable=g-import-not-at-top
+  path = pathlib.Path(path)
+  if not path.is_file():
+    write_json(path, identity)
+    return
+  old = read_json(path)
+  if old == identity:
+    return
+
+  def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+      out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+  a, b = flat(old), flat(identity)
+  diff = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                   for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+  raise UserError(f"`run_dir` {str(path.parent)!r} holds {what} made with other settings "
+                  f"({diff}); its results cannot be mixed with these. Fix: use a new "
+                  f"`run_dir`, or the settings it was made with.")

@@ -488,23 +488,7 @@ def success_columns(config: SweepConfig) -> list[str]:
 
 def _bind(run_dir: pathlib.Path, identity: dict) -> None:
   """Writes sweep.json, or refuses a run directory made with other settings."""
-  path = run_dir / "sweep.json"
-  if path.is_file():
-    old = io_utils.read_json(path)
-    if old != identity:
-      def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-          out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-      a, b = flat(old), flat(identity)
-      diff = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-      raise UserError(f"`run_dir` {str(run_dir)!r} holds a sweep made with other settings "
-                      f"({diff}); its points cannot be mixed with these. Fix: use a new "
-                      f"`run_dir`, or the settings it was made with.")
-    return
-  io_utils.write_json(path, identity)
+  io_utils.bind_settings(run_dir / "sweep.json", identity, what="a sweep")
 
 
 def load_points(config: SweepConfig) -> tuple[list[dict], list[str]]:
