@@ -11,6 +11,7 @@ and run it.
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -104,11 +105,12 @@ def _ids(paths):
   return ["/".join(p.parts[-2:]) for p in paths]
 
 
-# What the README's model table ships: M0, M1 (M0 pruned), M2 (M1 with
-# augmented logits). The tests below are parametrized by the glob above, so a
+# What the README's model tables ship: M0, M1 (M0 pruned), M2 (M1 with
+# augmented logits), and the robust pair of the defenses comparison: M0-AT (PGD
+# adversarial training) and M1-AT (M0-AT pruned while fine-tuning on PGD batches). The tests below are parametrized by the glob above, so a
 # model that went missing would silently drop out of them; this list makes it
 # fail instead (and a new model must be added here on purpose).
-SHIPPED = ("mnist_m0/1", "mnist_m1/1", "mnist_m2/1")
+SHIPPED = ("mnist_m0/1", "mnist_m0_at_pgd/1", "mnist_m1/1", "mnist_m1_at_pgd/1", "mnist_m2/1")
 
 
 def test_shipped_models_exist():
@@ -196,7 +198,7 @@ def test_pruned_zeros_survive_export(served):
   keras_zeros = sum(int(np.sum(w == 0)) for layer in model.layers
                     for w in layer.get_weights()[:1] if w.ndim > 1)
   assert report["kernel_zeros"] == keras_zeros
-  if path.parts[-2][-1] in "12":  # m1/m2, c1/c2: pruned models
+  if re.search(r"_[mc][12](_|$)", path.parts[-2]):  # m1/m2, c1/c2 (and m1_at_pgd): pruned
     # Dense 90% / Conv 95% zeroed (flags/mnist_m1.flags); at least most kernels.
     assert report["kernel_zeros"] > 0.8 * report["kernel_total"]
 
