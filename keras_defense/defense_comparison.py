@@ -42,7 +42,9 @@ Run-directory layout::
 
 A rerun skips finished rows and resumes an interrupted one (its build from
 the step's checkpoints, the grid from its last cell, AutoAttack from its last
-(ε, attack)). ``defense_comparison_report.write`` renders the report.
+(ε, attack)). ``defense_comparison_report.write`` renders the report;
+``report_only`` renders it from the rows finished so far (while another
+process is still working on the rest), listing the missing ones.
 
 Example:
   >>> run(ComparisonConfig(run_dir="runs/mnist_defenses", report_dir="reports/mnist/defenses",
@@ -146,6 +148,7 @@ class ComparisonConfig:
   seed: int = 0
   deterministic: bool = True
   build: bool = True  # False: a row whose model is missing is an error, not built
+  report_only: bool = False  # True: render the report from the finished rows, run nothing
   command: str | None = None
 
   def validate(self) -> "ComparisonConfig":
@@ -444,7 +447,7 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
   training.setup_determinism(config.seed, config.deterministic)
   computed = []
   reference = None
-  for i, row in enumerate(config.rows):
+  for i, row in enumerate(() if config.report_only else config.rows):
     comp.progress(i, len(config.rows), row.name)
     if comp.row_path(row).is_file():
       logging.info("row %s: finished, skipped", row.name)
@@ -456,7 +459,7 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
     reference = reference or path
     built = time.time()
     record = comp.evaluate(row, path, reference)
-    record.update({"saved_model": path, "steps": steps,
+    record.update({"saved_model": path, "steps": steps, "command": config.command,
                    "build_seconds": sum(s["seconds"] or 0 for s in steps)
                    if any(s["seconds"] is not None for s in steps) else None,
                    "built_here_seconds": built - start,

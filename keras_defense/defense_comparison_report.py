@@ -144,8 +144,10 @@ def markdown(rows: Sequence[dict], missing: Sequence[str], config, plots: Sequen
   aa_eps = sorted(e.autoattack_eps)
   grid_eps = max(e.epsilons) if e.attacks else None
   lines = ["# Defenses side by side", ""]
-  if config.command:
-    lines += [f"Made by `{config.command}`.", ""]
+  commands = sorted({r.get("command") or config.command for r in rows} - {None})
+  if commands:
+    lines += ["Made by " + " and ".join(f"`{c}`" for c in commands)
+              + " (each row records the command that evaluated it).", ""]
   n_aa = rows[0]["per_eps"][f"{aa_eps[0]:g}"]["n_examples"] if rows else None
   lines += [
       f"Dataset `{config.dataset}`; clean accuracy on all {rows[0]['facts']['n_test'] if rows else '?'} "

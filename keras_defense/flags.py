@@ -619,7 +619,8 @@ def sweep_config(command: str | None = None):
 # --- defenses comparison (kd-experiment --defense=...) -------------------------
 # kd-experiment runs the defenses comparison (defense_comparison.py) instead of
 # the M0/M1/M2 reproduction when --defense is given; it reuses the attack grid
-# and --autoattack_* flags, the data flags, --seed, --deterministic, --run_dir.
+# and --autoattack_* flags, the data flags, --seed, --deterministic, --run_dir;
+# --stages=report renders the report from the rows finished so far.
 flags.DEFINE_multi_string(
     "defense", [],
     "kd-experiment: one row of the defenses comparison, NAME|STEP[+STEP...]; repeat per "
@@ -689,4 +690,4 @@ def comparison_config(command: str | None = None):
       eval=dataclasses.replace(exp_eval, cw_attacks=()),
       dataset=dataset_name(), data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
       seed=FLAGS.seed, deterministic=FLAGS.deterministic, build=FLAGS.build_missing,
-      command=command)
+      report_only=list(FLAGS.stages) == ["report"], command=command)

@@ -121,3 +121,16 @@ def test_flagfile_steps_become_configs():
   assert step.config.export_dir == "saved_models/mnist_m1_at_fgsm_rs"
   drop = kd_flags._defense_step("dropout:0.1@saved_models/mnist_m0/1", "D")  # pylint: disable=protected-access
   assert drop.config.rate == 0.1 and drop.path == "saved_models/mnist_m0/1"
+
+
+def test_report_only_renders_finished_rows_and_names_the_missing(result, tmp_path):
+  tmp, res = result
+  extra = dc.Row("Dropout p=0.2", (dc.Step("dropout", path=M0, source="dropout on M0",
+                                           config=dropout.DefensiveDropoutConfig(rate=0.2)),))
+  config = _config(tmp, report_dir=str(tmp_path), report_only=True,
+                   rows=(*_config(tmp).rows, extra))
+  out = dc.run(config)
+  assert out.computed == [] and out.missing == ["Dropout p=0.2"]
+  assert out.rows == res.rows
+  text = (tmp_path / "defenses.md").read_text()
+  assert "Not finished yet: Dropout p=0.2" in text and "Made by `test`" in text
