@@ -144,10 +144,11 @@ def markdown(rows: Sequence[dict], missing: Sequence[str], config, plots: Sequen
   aa_eps = sorted(e.autoattack_eps)
   grid_eps = max(e.epsilons) if e.attacks else None
   lines = ["# Defenses side by side", ""]
-  commands = sorted({r.get("command") or config.command for r in rows} - {None})
-  if commands:
-    lines += ["Made by " + " and ".join(f"`{c}`" for c in commands)
-              + " (each row records the command that evaluated it).", ""]
+  if config.command:
+    command = config.command.replace(" --stages=report", "")
+    lines += [f"Made by `{command}` (rows are bound to these settings by the run's "
+              f"comparison.json and resumable one by one; each row's JSON records the "
+              f"invocation that evaluated it).", ""]
   n_aa = rows[0]["per_eps"][f"{aa_eps[0]:g}"]["n_examples"] if rows else None
   lines += [
       f"Dataset `{config.dataset}`; clean accuracy on all {rows[0]['facts']['n_test'] if rows else '?'} "
