@@ -424,6 +424,30 @@ def _epsilons() -> tuple[float, ...]:
   return tuple(_parse_epsilon(e) for e in values)
 
 
+def _eval_config() -> _ev.EvalConfig:
+  """The attack grid and AutoAttack settings of kd-experiment (and the sweep, the comparison)."""
+  cw = {"cw_l2": {"binary_search_steps": FLAGS.cw_binary_search_steps,
+                  "max_iterations": FLAGS.cw_max_iterations},
+        "cw_linf": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
+                    "eval_size": FLAGS.cw_linf_eval_size or FLAGS.cw_eval_size},
+        "cw_l0": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
+                  "eval_size": FLAGS.cw_l0_eval_size or FLAGS.cw_eval_size}}
+  epsilons = _epsilons()
+  return _ev.EvalConfig(
+      attacks=tuple(FLAGS.attacks), epsilons=epsilons,
+      targeted_modes=tuple(m == "targeted" for m in FLAGS.targeted_modes),
+      target_selection=FLAGS.target_selection, threat_models=tuple(FLAGS.threat_models),
+      eval_size=FLAGS.eval_size, bim_steps=FLAGS.bim_steps,
+      rel_step_size=FLAGS.rel_step_size, cw_attacks=tuple(FLAGS.cw_attacks),
+      cw_eval_size=FLAGS.cw_eval_size, cw_options=cw,
+      cw_targeted_modes=tuple(m == "targeted" for m in FLAGS.cw_targeted_modes),
+      batch_size=FLAGS.attack_batch_size, compute_dtype=FLAGS.attack_compute_dtype,
+      seed=FLAGS.seed, autoattack_version=FLAGS.autoattack_version,
+      autoattack_epsilons=(tuple(_parse_epsilon(e) for e in FLAGS.autoattack_epsilons)
+                           or (max(epsilons),)),
+      autoattack_size=FLAGS.autoattack_size, sanity_size=FLAGS.sanity_size)
+
+
 def experiment_config(command: str | None = None):
   """The ExperimentConfig the experiment flags (and the stage flagfiles) describe.
 
@@ -438,26 +462,7 @@ def experiment_config(command: str | None = None):
   train_fv = _stage_flags("train", FLAGS.train_flagfile)
   prune_fv = _stage_flags("prune", FLAGS.prune_flagfile)
   augment_fv = _stage_flags("augment", FLAGS.augment_flagfile)
-  cw = {"cw_l2": {"binary_search_steps": FLAGS.cw_binary_search_steps,
-                  "max_iterations": FLAGS.cw_max_iterations},
-        "cw_linf": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
-                    "eval_size": FLAGS.cw_linf_eval_size or FLAGS.cw_eval_size},
-        "cw_l0": {"max_iterations": FLAGS.cw_linf_max_iterations or FLAGS.cw_max_iterations,
-                  "eval_size": FLAGS.cw_l0_eval_size or FLAGS.cw_eval_size}}
-  epsilons = _epsilons()
-  eval_config = _ev.EvalConfig(
-      attacks=tuple(FLAGS.attacks), epsilons=epsilons,
-      targeted_modes=tuple(m == "targeted" for m in FLAGS.targeted_modes),
-      target_selection=FLAGS.target_selection, threat_models=tuple(FLAGS.threat_models),
-      eval_size=FLAGS.eval_size, bim_steps=FLAGS.bim_steps,
-      rel_step_size=FLAGS.rel_step_size, cw_attacks=tuple(FLAGS.cw_attacks),
-      cw_eval_size=FLAGS.cw_eval_size, cw_options=cw,
-      cw_targeted_modes=tuple(m == "targeted" for m in FLAGS.cw_targeted_modes),
-      batch_size=FLAGS.attack_batch_size, compute_dtype=FLAGS.attack_compute_dtype,
-      seed=FLAGS.seed, autoattack_version=FLAGS.autoattack_version,
-      autoattack_epsilons=(tuple(_parse_epsilon(e) for e in FLAGS.autoattack_epsilons)
-                           or (max(epsilons),)),
-      autoattack_size=FLAGS.autoattack_size, sanity_size=FLAGS.sanity_size)
+  eval_config = _eval_config()
   del pruning
   return experiment.ExperimentConfig(
       run_dir=FLAGS.run_dir or f"runs/{data.slug(dataset_name())}",
@@ -683,7 +688,7 @@ def comparison_config(command: str | None = None):
       raise UserError(f"--defense must be NAME|STEP[+STEP...]; got {spec!r}.")
     rows.append(dc.Row(name.strip(), tuple(_defense_step(s, name.strip())
                                            for s in steps.split("+"))))
-  exp_eval = experiment_config(command).eval
+  exp_eval = _eval_config()
   return dc.ComparisonConfig(
       run_dir=FLAGS.run_dir or f"runs/{data.slug(dataset_name())}_defenses",
       report_dir=FLAGS.report_dir, rows=tuple(rows),
