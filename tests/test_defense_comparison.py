@@ -25,8 +25,8 @@ M0 = str(ROOT / "saved_models" / "mnist_m0" / "1")
 
 def _config(tmp, **overrides) -> dc.ComparisonConfig:
   rows = (dc.Row("M0", (dc.Step("saved", path=M0, source="shipped M0"),)),
-          dc.Row("Dropout p=0.5", (dc.Step("dropout", path=M0, source="dropout on M0",
-                                           config=dropout.DefensiveDropoutConfig(rate=0.5)),)))
+          dc.Row("Dropout p=0.1", (dc.Step("dropout", path=M0, source="dropout on M0",
+                                           config=dropout.DefensiveDropoutConfig(rate=0.1)),)))
   config = dc.ComparisonConfig(
       run_dir=str(tmp / "run"), report_dir=str(tmp / "report"), rows=rows,
       eval=evaluation.EvalConfig(attacks=("fgsm",), epsilons=(0.3,), eval_size=30,
@@ -46,14 +46,14 @@ def result(tmp_path_factory, tfds_dir):  # pylint: disable=unused-argument
 
 def test_rows_and_report(result):
   tmp, res = result
-  assert [r["name"] for r in res.rows] == ["M0", "Dropout p=0.5"] and not res.missing
-  assert res.computed == ["M0", "Dropout p=0.5"]
+  assert [r["name"] for r in res.rows] == ["M0", "Dropout p=0.1"] and not res.missing
+  assert res.computed == ["M0", "Dropout p=0.1"]
   m0, drop = res.rows
   assert m0["facts"]["compression"] == pytest.approx(1.0)
   assert 0.98 < m0["clean_acc"] <= 1.0  # the shipped M0 on all 10,000 test images
   assert drop["randomized"] and not m0["randomized"]
   assert drop["autoattack_eot"]["version"] == "rand" and m0["autoattack_eot"] is None
-  assert (tmp / "run" / "models" / "dropout_p_0_5" / "1" / "saved_model.pb").is_file()
+  assert (tmp / "run" / "models" / "dropout_p_0_1" / "1" / "saved_model.pb").is_file()
   for row in res.rows:
     e = row["per_eps"]["0.3"]
     # The worst case counts an image robust only if AutoAttack and the grid left it.
@@ -61,11 +61,11 @@ def test_rows_and_report(result):
     assert e["n_examples"] == 12 and e["worst_case_n"] == 12 and e["grid_cells"] >= 1
     assert 0 <= e["worst_case_ci95"][0] <= e["worst_case_robust_acc"] <= e["worst_case_ci95"][1]
   text = (tmp / "report" / "defenses.md").read_text()
-  assert "| M0 |" in text and "| Dropout p=0.5 |" in text and "(EOT: " in text
+  assert "| M0 |" in text and "| Dropout p=0.1 |" in text and "(EOT: " in text
   assert "first 12" in text
   lines = list(csv.DictReader(io.StringIO(
       (tmp / "report" / "defenses" / "defenses.csv").read_text())))
-  assert [l["key"] for l in lines] == ["m0", "dropout_p_0_5"]
+  assert [l["key"] for l in lines] == ["m0", "dropout_p_0_1"]
   bench = io_utils.read_json(tmp / "report" / "defenses" / "defenses.json")
   assert set(bench["rows"][0]["results"][0]) >= {"clean_acc", "robust_acc", "eps",
                                                   "threat_model", "n_examples"}
@@ -76,7 +76,7 @@ def test_rows_and_report(result):
 def test_rerun_computes_nothing(result):
   tmp, res = result
   again = dc.run(_config(tmp))
-  assert again.computed == [] and [r["key"] for r in again.rows] == ["m0", "dropout_p_0_5"]
+  assert again.computed == [] and [r["key"] for r in again.rows] == ["m0", "dropout_p_0_1"]
   assert again.rows == res.rows
 
 
