@@ -175,3 +175,23 @@ def test_bad_arguments_name_the_argument(kwargs, error, match):
   eps = args.pop("epsilon")
   with pytest.raises(error, match=match):
     attacks.fab(model, x, np.array([0, 1]), eps, **args)
+
+
+def test_batched_target_ranks_find_what_one_rank_at_a_time_finds():
+  """FAB-T with few images batches its target ranks (batch_size >> images);
+  with batch_size = the image count it runs one rank at a time. Deterministic
+  runs: the same images are broken, each by a real adversarial in the ball."""
+  keras.utils.set_random_seed(1)
+  model = keras.Sequential([keras.layers.Flatten(input_shape=(6, 6, 1)),
+                            keras.layers.Dense(32, activation="relu"),
+                            keras.layers.Dense(6)])
+  x = np.random.default_rng(4).uniform(0, 1, (24, 6, 6, 1)).astype(np.float32)
+  y = np.argmax(model(x).numpy(), -1).astype(np.int64)
+  eps = 0.06
+  one_by_one = attacks.fab(model, x, y, eps, steps=30, batch_size=24)
+  batched = attacks.fab(model, x, y, eps, steps=30, batch_size=1000)
+  broken = [np.argmax(model(a).numpy(), -1) != y for a in (one_by_one, batched)]
+  np.testing.assert_array_equal(broken[0], broken[1])
+  assert 0 < broken[1].sum() < len(y)  # the test means something
+  assert np.abs(batched - x).max() <= eps + 1e-6
+  np.testing.assert_array_equal(np.any(batched != x, axis=(1, 2, 3)), broken[1])

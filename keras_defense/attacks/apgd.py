@@ -28,7 +28,12 @@ the first ``core.UNROLL`` steps and then after every chunk of ``core.UNROLL``
 unrolled steps, broken images leave the batch (their first adversarial
 iterate is kept), so they cost no more gradients; between
 restarts and targets only the images still robust are attacked (as the
-reference does).
+reference does). APGD-T with fewer images left than ``batch_size`` runs
+several target classes at once, as rows of one batch (the same runs at a
+larger batch's throughput: 21.3 s -> 18.0 s for the 9 targets on 120 images of
+an adversarially trained MNIST model, benchmarks/README.md); all rows of an
+image leave the batch when one of them misclassifies, and an image broken by
+several targets keeps the first target's example.
 
 Example:
   >>> x_adv = apgd(model, x, y, 0.3)                               # APGD-CE
@@ -133,6 +138,7 @@ class _AutoPGD:
         tf.TensorSpec([None, *image_shape], tf.float32),
         tf.TensorSpec([None], tf.int64),
         tf.TensorSpec([None], tf.int64),
+        tf.TensorSpec([None], tf.int32),
         tf.TensorSpec([], tf.float32),
         tf.TensorSpec([], tf.int32),
         tf.TensorSpec([], tf.float32),
@@ -185,13 +191,17 @@ class _AutoPGD:
     return tf.clip_by_value(s["x"] + d / (n + _TINY) * tf.minimum(epsilon, n),
                             *self._clip)
 
-  def _run(self, x, y, target, epsilon, steps, rho, seed):
+  def _run(self, x, y, target, image, epsilon, steps, rho, seed):
+    """One run per row; ``image`` (N,) the row's image id: rows of one image
+    (APGD-T's targets batched together) leave the batch together as soon as
+    one of them is misclassified."""
     first_period, min_period, decrease = checkpoint_schedule(steps)
     n = tf.shape(x)[0]
+    n_images = tf.reduce_max(image) + 1
     x_adv = start_point(x, epsilon, self._norm, seed, *self._clip)
     loss, grad, wrong = self._gradient(x_adv, y, target)
     wrong = self._confirmed(wrong, x_adv, y)
-    s = {"x": x, "y": y, "t": target, "idx": tf.range(n),
+    s = {"x": x, "y": y, "t": target, "idx": tf.range(n), "image": image,
          "x_adv": x_adv, "x_prev": x_adv, "grad": grad,
          "x_best": x_adv, "grad_best": grad, "loss_best": loss,
          "step": tf.fill([n], 2.0 * epsilon),   # paper: eta_0 = 2 eps
@@ -245,19 +255,25 @@ class _AutoPGD:
       return i + 1, period, since, s
 
     def drop_broken(s, out):
-      """Writes the broken images' first adversarial iterate out; drops them."""
+      """Writes the broken rows' first adversarial iterate out; drops every
+      row of a broken image."""
       def drop():
-        gone = tf.where(s["broken"])
-        where = tf.gather_nd(s["idx"], gone)[:, None]
+        broken = tf.where(s["broken"])
+        where = tf.gather_nd(s["idx"], broken)[:, None]
+        image_broken = tf.math.unsorted_segment_max(
+            tf.cast(s["broken"], tf.int32), s["image"], n_images)
+        leaving = tf.gather(image_broken, s["image"]) > 0
+        gone = tf.where(leaving)
         new_out = {
             "x": tf.tensor_scatter_nd_update(
-                out["x"], where, tf.gather_nd(s["x_found"], gone)),
+                out["x"], where, tf.gather_nd(s["x_found"], broken)),
             "broken": tf.tensor_scatter_nd_update(
                 out["broken"], where, tf.ones(tf.shape(where)[:1], tf.bool)),
             "loss": out["loss"],
             "iterations": tf.tensor_scatter_nd_update(
-                out["iterations"], where, tf.gather_nd(s["iterations"], gone))}
-        keep = tf.where(~s["broken"])
+                out["iterations"], tf.gather_nd(s["idx"], gone)[:, None],
+                tf.gather_nd(s["iterations"], gone))}
+        keep = tf.where(~leaving)
         return {k: tf.gather_nd(v, keep) for k, v in s.items()}, new_out
       return tf.cond(tf.reduce_any(s["broken"]), drop, lambda: (s, out))
 
@@ -423,22 +439,39 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   consts = [tf.constant(epsilon, tf.float32), tf.constant(steps, tf.int32),
             tf.constant(rho, tf.float32)]
   run_id = 0
-  for slot in range(n_target_classes if targeted else 1):
+  slots = list(range(n_target_classes if targeted else 1))
+  done = 0
+  while done < len(slots):
+    # APGD-T with few images left: their next target classes share one batch
+    # (up to batch_size rows), the same runs at a larger batch's throughput.
+    group = slots[done:done + max(1, batch_size // max(int(live.sum()), 1))]
+    done += len(group)
+    g = len(group)
     for _ in range(restarts):
       todo = np.flatnonzero(live)
-      for start in range(0, len(todo), batch_size):
-        b = todo[start:start + batch_size]
-        t = ranked[b, slot + 1] if targeted else ys[b]
+      for start in range(0, len(todo), max(1, batch_size // g)):
+        b = todo[start:start + max(1, batch_size // g)]
+        n = b.size
+        rows = np.tile(b, g)
+        t = (ranked[rows, np.repeat(np.asarray(group) + 1, n)] if targeted
+             else ys[b])
         out_x, broken, loss_best, used = (v.numpy() for v in attack.run(
-            tf.constant(xs[b]), tf.constant(ys[b]), tf.constant(t), *consts,
+            tf.constant(xs[rows]), tf.constant(ys[rows]), tf.constant(t),
+            tf.constant(np.tile(np.arange(n), g), tf.int32), *consts,
             tf.constant([seed, run_id], tf.int64)))
         run_id += 1
-        iterations[b] += used * eot_samples
-        x_out[b[broken]] = out_x[broken]
-        live[b[broken]] = False
-        better = ~broken & (loss_best > best[b])
-        x_out[b[better]] = out_x[better]
-        best[b[better]] = loss_best[better]
+        out_x = out_x.reshape(g, n, *out_x.shape[1:])
+        broken, loss_best = broken.reshape(g, n), loss_best.reshape(g, n)
+        iterations[b] += used.reshape(g, n).sum(0) * eot_samples
+        hit = broken.any(0)
+        # An image broken by several targets keeps the first target's example.
+        x_out[b[hit]] = out_x[broken[:, hit].argmax(0), np.flatnonzero(hit)]
+        live[b[hit]] = False
+        best_row = np.where(broken, -np.inf, loss_best).argmax(0)
+        loss_row = loss_best[best_row, np.arange(n)]
+        better = ~hit & (loss_row > best[b])
+        x_out[b[better]] = out_x[best_row[better], np.flatnonzero(better)]
+        best[b[better]] = loss_row[better]
   if return_iterations:
     return inputs.restore(x_out), iterations
   return inputs.restore(x_out)

@@ -13,7 +13,11 @@ onto that hyperplane intersected with the pixel box
 ``alpha = min(|d1| / (|d1| + |d2|), alpha_max)``; whenever ``x1`` is
 misclassified it is recorded if it is the smallest so far and pulled back
 towards ``x0`` by ``beta``. FAB-T runs once per target k = 2 .. n + 1, each
-time only on the images still robust, like the reference's ``perturb``.
+time only on the images still robust, like the reference's ``perturb``; with
+fewer images left than ``batch_size``, several target ranks run at once as
+rows of one batch (deterministic runs: the same images break as one rank at a
+time, ``tests/test_fab.py``), all rows of an image stopping when one of them
+has an adversarial within epsilon, the lowest rank's adversarial kept.
 
 Per-image early stop: an image leaves the batch (at the next compaction
 point, every ``UNROLL`` iterations) once an adversarial within epsilon is
@@ -95,9 +99,10 @@ class FabAttack:
     self._hyperplane = tf.function(self._hyperplane_fn, input_signature=[
         spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int64)])
     self.run = tf.function(self._run, input_signature=[
-        spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([], tf.int32),
-        tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32),
-        tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.bool)])
+        spec, tf.TensorSpec([None], tf.int64), tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([], tf.int32), tf.TensorSpec([2], tf.int64),
+        tf.TensorSpec([], tf.bool)])
 
   def _pixels(self, u):
     return self._lo + self._scale * u
@@ -174,14 +179,19 @@ class FabAttack:
     out["live"] = live & (out["best_norm"] > epsilon)
     return out
 
-  def _run(self, x, y, rank, epsilon, steps, seed, random_start):
+  def _run(self, x, y, rank, image, epsilon, steps, seed, random_start):
+    """One run per row: ``rank`` (N,) its target's rank, ``image`` (N,) its image id.
+
+    Rows of one image (several target ranks batched together) stop together
+    as soon as one of them has an adversarial within epsilon.
+    """
     u0 = (x - self._lo) / self._scale
     eps = epsilon / self._scale
     z = self._logits(u0)
     correct = tf.argmax(z, -1) == y
     # The rank-th largest clean logit (the reference's sort()[:, -rank]).
-    target = tf.gather(tf.math.top_k(z, self._classes).indices,
-                       tf.fill([tf.shape(z)[0]], rank - 1), batch_dims=1)
+    target = tf.gather(tf.math.top_k(z, self._classes).indices, rank - 1,
+                       batch_dims=1)
     target = tf.cast(target, tf.int64)
     x1 = tf.cond(random_start, lambda: self._random_start(u0, eps, seed),
                  lambda: u0)
@@ -189,12 +199,17 @@ class FabAttack:
              "best_norm": tf.fill(tf.shape(y), tf.constant(1e10, tf.float32)),
              "live": correct}
 
+    n_images = tf.reduce_max(image) + 1
+
     def chunk(i0, c):
       def run(sub):
         for k in range(UNROLL):
           sub = self._step(dict(sub, live=sub["live"] & (i0 + k < steps)), eps)
         return sub
-      return i0 + UNROLL, runtime.on_subset(c["live"], c, run)
+      c = runtime.on_subset(c["live"], c, run)
+      done = tf.math.unsorted_segment_max(
+          tf.cast(c["best_norm"] <= eps, tf.int32), image, n_images)
+      return i0 + UNROLL, dict(c, live=c["live"] & (tf.gather(done, image) == 0))
 
     _, carry = tf.while_loop(
         lambda i0, c: (i0 < steps) & tf.reduce_any(c["live"]),
@@ -294,22 +309,31 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   robust = metrics.predict_classes(model, inputs.x, batch_size=batch_size) == inputs.y
   # Targeted: the ranks of the target logits; untargeted: one pass (the
   # rank is then unused).
-  ranks = (range(2, min(n_target_classes, inputs.num_classes - 1) + 2)
+  ranks = (list(range(2, min(n_target_classes, inputs.num_classes - 1) + 2))
            if targeted else [1])
-  for rank in ranks:
+  done = 0
+  while done < len(ranks):
+    # Few images left: their next target ranks share one batch (up to
+    # batch_size rows), the same runs at a larger batch's throughput.
+    group = ranks[done:done + max(1, batch_size // max(int(robust.sum()), 1))]
+    done += len(group)
     for restart in range(restarts):
       idx = np.flatnonzero(robust)
-      for start in range(0, idx.size, batch_size):
-        sub = idx[start:start + batch_size]
+      for start in range(0, idx.size, max(1, batch_size // len(group))):
+        sub = idx[start:start + max(1, batch_size // len(group))]
+        rows = np.tile(sub, len(group))
         out, found = attack.run(
-            tf.constant(inputs.x[sub]), tf.constant(inputs.y[sub]),
-            tf.constant(rank, tf.int32), tf.constant(epsilon, tf.float32),
-            tf.constant(steps, tf.int32),
-            tf.constant([seed, rank * 10**6 + restart * 10**3 + start // batch_size],
-                        tf.int64),
+            tf.constant(inputs.x[rows]), tf.constant(inputs.y[rows]),
+            tf.constant(np.repeat(group, sub.size), tf.int32),
+            tf.constant(np.tile(np.arange(sub.size), len(group)), tf.int32),
+            tf.constant(epsilon, tf.float32), tf.constant(steps, tf.int32),
+            tf.constant([seed, group[0] * 10**6 + restart * 10**3 + start], tf.int64),
             tf.constant(restart > 0))
-        found = found.numpy()
-        x_adv[sub[found]] = out.numpy()[found]
-        robust[sub[found]] = False
+        found = found.numpy().reshape(len(group), sub.size)
+        out = out.numpy().reshape(len(group), sub.size, *image_shape)
+        hit = found.any(0)
+        # An image found by several ranks keeps the lowest rank's adversarial.
+        x_adv[sub[hit]] = out[found[:, hit].argmax(0), np.flatnonzero(hit)]
+        robust[sub[hit]] = False
   return inputs.restore(x_adv)
 
