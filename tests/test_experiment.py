@@ -22,7 +22,7 @@ _SMALL = dict(train_limit=4000, test_limit=1000, validation_size=500, verbose=0)
 
 def _config(run_dir, **eval_overrides):
   eval_kwargs = dict(
-      attacks=("fgsm", "bim"), epsilons=(0.1, 0.3), eval_size=200, cw_attacks=("cw_l2",),
+      attacks=("fgsm", "bim"), epsilons=(0.3,), eval_size=200, cw_attacks=("cw_l2",),
       cw_eval_size=10, cw_targeted_modes=(False, True),
       cw_options={"cw_l2": {"binary_search_steps": 2,
                                              "max_iterations": 30}})
@@ -55,9 +55,9 @@ def test_pipeline_writes_the_report(pipeline):
   assert set(records) == set(experiment.STAGES)
   results = json.loads((run_dir / "results.json").read_text())
   rows = results["rows"]
-  # 2 attacks x 2 eps x 2 modes: grey_box 3 + transfer 2 + adaptive 3 models;
+  # 2 attacks x 1 eps x 2 modes: grey_box 3 + transfer 2 + adaptive 3 models;
   # cw_l2 x 2 modes: grey_box 3 + transfer 2.
-  assert len(rows) == 2 * 2 * 2 * 8 + 2 * 5
+  assert len(rows) == 2 * 1 * 2 * 8 + 2 * 5
   required = {"model", "attack", "targeted", "epsilon", "threat_model", "n",
               "success_rate", "ci_low", "ci_high"}
   assert all(required <= set(r) for r in rows)
@@ -137,7 +137,7 @@ def test_autoattack_stage_reports_the_per_image_worst_case_and_masking(pipeline,
   run2 = tmp_path / "run"
   shutil.copytree(run_dir, run2)
   eval_config = dataclasses.replace(config.eval, autoattack_version="standard",
-                                    autoattack_epsilons=(0.3,), autoattack_size=40,
+                                    autoattack_epsilons=(0.3,), autoattack_size=24,
                                     sanity_size=10)
   experiment.run(dataclasses.replace(config, run_dir=str(run2), eval=eval_config,
                                      stages=("autoattack", "report")))
@@ -147,7 +147,7 @@ def test_autoattack_stage_reports_the_per_image_worst_case_and_masking(pipeline,
   cells = run2 / "attack" / "cells"
   for name, summary in aa.items():
     res = summary["autoattack"]
-    assert res["n_examples"] == 40 and res["eps"] == [0.3]
+    assert res["n_examples"] == 24 and res["eps"] == [0.3]
     assert res["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert res["robust_acc"][0] <= res["clean_acc"]
     # The sanity check: at eps = 1 every image can be made any other.
@@ -157,16 +157,16 @@ def test_autoattack_stage_reports_the_per_image_worst_case_and_masking(pipeline,
     aa_dir = run2 / json.loads((run2 / "stages" / "autoattack.json").read_text())["dir"]
     aa_robust = np.load(sorted((aa_dir / name / "state" / "eps_0.3")
                                .glob("03_*.npz"))[0])["robust"]
-    fooled = np.zeros(40, bool)
+    fooled = np.zeros(24, bool)
     n_cells = 0
     for f in cells.glob(f"*__{name}__*__0.3.success.npy"):
-      fooled |= np.load(f)[:40]
+      fooled |= np.load(f)[:24]
       n_cells += 1
     # fgsm/bim x untargeted/targeted x threat models (m0: grey_box, adaptive; the
     # others also transfer from m0).
     assert n_cells == {"m0": 8, "m1": 12, "m2": 12}[name]
     w = summary["worst_case"]["0.3"]
-    assert w["n"] == 40 and w["grid_cells"] == n_cells
+    assert w["n"] == 24 and w["grid_cells"] == n_cells
     assert w["n_robust"] == int((aa_robust & ~fooled).sum())
   # M2's softmax is saturated (logits x1001): APGD-CE is masked, APGD-T is not.
   m2 = {s["attack"]: s for s in aa["m2"]["autoattack"]["per_eps"][0]["attacks"]}

@@ -124,7 +124,7 @@ def _train_cmd(run_dir, export_dir, epochs):
   return [sys.executable, "-m", "keras_defense.bin.train",
           f"--flagfile={REPO / 'flags' / 'mnist_m0.flags'}",
           f"--run_dir={run_dir}", f"--export_dir={export_dir}",
-          f"--epochs={epochs}", "--train_limit=3000", "--test_limit=500",
+          f"--epochs={epochs}", "--train_limit=1500", "--test_limit=500",
           "--validation_size=500", "--lr_decay_epochs=3", "--deterministic"]
 
 
