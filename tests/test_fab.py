@@ -134,14 +134,19 @@ def test_fab_t_breaks_m0_with_small_real_adversarials(m0):
   assert changed.sum() >= 0.6 * clean.sum(), (changed.sum(), clean.sum())
 
 
+def _dense_problem(*, seed, hidden, classes, data_seed, n):
+  """A seeded tiny dense net on 6x6 images, n random images and its own labels."""
+  keras.utils.set_random_seed(seed)
+  model = keras.Sequential([keras.layers.Flatten(input_shape=(6, 6, 1)),
+                            keras.layers.Dense(hidden, activation="relu"),
+                            keras.layers.Dense(classes)])
+  x = np.random.default_rng(data_seed).uniform(0, 1, (n, 6, 6, 1)).astype(np.float32)
+  return model, x, np.argmax(model(x).numpy(), -1).astype(np.int64)
+
+
 def test_untargeted_and_bfloat16_and_tensor_input():
   """Untargeted FAB (with a random restart) and bfloat16 FAB-T: real adversarials."""
-  keras.utils.set_random_seed(0)
-  model = keras.Sequential([keras.layers.Flatten(input_shape=(6, 6, 1)),
-                            keras.layers.Dense(16, activation="relu"),
-                            keras.layers.Dense(4)])
-  x = np.random.default_rng(3).uniform(0, 1, (16, 6, 6, 1)).astype(np.float32)
-  y = np.argmax(model(x).numpy(), -1).astype(np.int64)
+  model, x, y = _dense_problem(seed=0, hidden=16, classes=4, data_seed=3, n=16)
   # restarts=2: the second run starts from the reference's random point.
   for kwargs in ({"targeted": False, "restarts": 2}, {"compute_dtype": "bfloat16"}):
     x_adv = attacks.fab(model, tf.constant(x), y, 0.3, steps=30, **kwargs)
@@ -181,12 +186,7 @@ def test_batched_target_ranks_find_what_one_rank_at_a_time_finds():
   """FAB-T with few images batches its target ranks (batch_size >> images);
   with batch_size = the image count it runs one rank at a time. Deterministic
   runs: the same images are broken, each by a real adversarial in the ball."""
-  keras.utils.set_random_seed(1)
-  model = keras.Sequential([keras.layers.Flatten(input_shape=(6, 6, 1)),
-                            keras.layers.Dense(32, activation="relu"),
-                            keras.layers.Dense(6)])
-  x = np.random.default_rng(4).uniform(0, 1, (24, 6, 6, 1)).astype(np.float32)
-  y = np.argmax(model(x).numpy(), -1).astype(np.int64)
+  model, x, y = _dense_problem(seed=1, hidden=32, classes=6, data_seed=4, n=24)
   eps = 0.06
   one_by_one = attacks.fab(model, x, y, eps, steps=30, batch_size=24)
   batched = attacks.fab(model, x, y, eps, steps=30, batch_size=1000)
