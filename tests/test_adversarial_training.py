@@ -199,7 +199,7 @@ def test_adversarial_flags_fill_the_config():
 @pytest.mark.parametrize("name, method, steps, step_size, beta", [
     ("mnist_m0_at_pgd", "pgd", 20, 0.0375, None),    # Madry et al.'s 2.5 eps / k rule, 20 steps
     ("mnist_m0_at_fgsm_rs", "fgsm_rs", 1, 0.375, None),  # Wong et al.: 1.25 * 0.3
-    ("mnist_m0_trades", "trades", 40, 0.01, 6.0),    # Zhang et al.
+    ("mnist_m0_trades", "trades", 20, 0.0375, 6.0),  # Zhang et al.'s beta, M0-AT's inner loop
 ])
 def test_flagfiles_hold_the_papers_settings(name, method, steps, step_size, beta):
   import pathlib  # pylint: disable=g-import-not-at-top
