@@ -439,25 +439,22 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   consts = [tf.constant(epsilon, tf.float32), tf.constant(steps, tf.int32),
             tf.constant(rho, tf.float32)]
   run_id = 0
-  slots = list(range(n_target_classes if targeted else 1))
-  done = 0
-  while done < len(slots):
-    # APGD-T with few images left: their next target classes share one batch
-    # (up to batch_size rows), the same runs at a larger batch's throughput.
-    group = slots[done:done + max(1, batch_size // max(int(live.sum()), 1))]
-    done += len(group)
+  # APGD-T with few images left runs several target slots as rows of one batch.
+  for group, per_call in runtime.target_groups(
+      range(n_target_classes if targeted else 1), batch_size,
+      lambda: int(live.sum())):
     g = len(group)
     for _ in range(restarts):
       todo = np.flatnonzero(live)
-      for start in range(0, len(todo), max(1, batch_size // g)):
-        b = todo[start:start + max(1, batch_size // g)]
+      for start in range(0, len(todo), per_call):
+        b = todo[start:start + per_call]
         n = b.size
-        rows = np.tile(b, g)
+        rows, image_ids = runtime.target_rows(b, g)
         t = (ranked[rows, np.repeat(np.asarray(group) + 1, n)] if targeted
-             else ys[b])
+             else ys[rows])
         out_x, broken, loss_best, used = (v.numpy() for v in attack.run(
             tf.constant(xs[rows]), tf.constant(ys[rows]), tf.constant(t),
-            tf.constant(np.tile(np.arange(n), g), tf.int32), *consts,
+            tf.constant(image_ids, tf.int32), *consts,
             tf.constant([seed, run_id], tf.int64)))
         run_id += 1
         out_x = out_x.reshape(g, n, *out_x.shape[1:])

@@ -309,23 +309,20 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   robust = metrics.predict_classes(model, inputs.x, batch_size=batch_size) == inputs.y
   # Targeted: the ranks of the target logits; untargeted: one pass (the
   # rank is then unused).
-  ranks = (list(range(2, min(n_target_classes, inputs.num_classes - 1) + 2))
+  ranks = (range(2, min(n_target_classes, inputs.num_classes - 1) + 2)
            if targeted else [1])
-  done = 0
-  while done < len(ranks):
-    # Few images left: their next target ranks share one batch (up to
-    # batch_size rows), the same runs at a larger batch's throughput.
-    group = ranks[done:done + max(1, batch_size // max(int(robust.sum()), 1))]
-    done += len(group)
+  # Few images left: several target ranks run as rows of one batch.
+  for group, per_call in runtime.target_groups(ranks, batch_size,
+                                               lambda: int(robust.sum())):
     for restart in range(restarts):
       idx = np.flatnonzero(robust)
-      for start in range(0, idx.size, max(1, batch_size // len(group))):
-        sub = idx[start:start + max(1, batch_size // len(group))]
-        rows = np.tile(sub, len(group))
+      for start in range(0, idx.size, per_call):
+        sub = idx[start:start + per_call]
+        rows, image_ids = runtime.target_rows(sub, len(group))
         out, found = attack.run(
             tf.constant(inputs.x[rows]), tf.constant(inputs.y[rows]),
             tf.constant(np.repeat(group, sub.size), tf.int32),
-            tf.constant(np.tile(np.arange(sub.size), len(group)), tf.int32),
+            tf.constant(image_ids, tf.int32),
             tf.constant(epsilon, tf.float32), tf.constant(steps, tf.int32),
             tf.constant([seed, group[0] * 10**6 + restart * 10**3 + start], tf.int64),
             tf.constant(restart > 0))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import weakref
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -250,3 +250,24 @@ def in_batches(fn: Callable[..., tf.Tensor], batch_size: int,
     args = [tf.constant(a[start:start + batch_size]) for a in arrays]
     outs.append(fn(*args).numpy())
   return np.concatenate(outs, axis=0)
+
+
+def target_groups(targets: Sequence[int], batch_size: int,
+                  n_live: Callable[[], int]) -> Iterator[tuple[list[int], int]]:
+  """Consecutive groups of ``targets`` (APGD-T's, FAB-T's) to run as rows of one batch.
+
+  With fewer images left than ``batch_size`` (``n_live()``, asked as each group
+  starts), the next targets share one batch of up to ``batch_size`` rows: the
+  same runs at a larger batch's throughput. Yields ``(group, images_per_call)``.
+  """
+  done = 0
+  while done < len(targets):
+    group = list(targets[done:done + max(1, batch_size // max(n_live(), 1))])
+    done += len(group)
+    yield group, max(1, batch_size // len(group))
+
+
+def target_rows(images: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(rows, image_ids)``: ``images`` once per target of a group, target-major,
+  and each row's position in ``images`` (rows of one image stop together)."""
+  return np.tile(images, group_size), np.tile(np.arange(images.size), group_size)
