@@ -4,7 +4,8 @@
 while pruning, once inside the attack grid) and rerun; its ``results.json``
 must hold the same rows and model facts as an uninterrupted run with the same
 seed (``seconds`` aside), which also checks that two processes with the same
-seed and flags give identical numbers.
+seed and flags give identical numbers; the groups of attack cells the killed
+run finished are kept, not recomputed.
 """
 
 import json
@@ -18,6 +19,7 @@ import time
 import pytest
 
 from keras_defense import data
+from keras_defense import evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -115,16 +117,28 @@ def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_results(tmp_path, f
   assert (crashed / "stages" / "train.json").is_file()
   assert not (crashed / "stages" / "prune.json").exists()
   assert not any((crashed / "m1" / "backup").rglob("*.index")), "killed too late"
-  # Kill 2: inside the attack grid, once one cell is on disk.
-  _kill_when(_command(flagfiles, crashed),
-             lambda: any((crashed / "attack" / "cells").glob("*.json")),
-             "an attack cell")
+  # Kill 2: inside the attack grid, once its first group of cells (one crafted
+  # batch, scored on each model it targets) is on disk.
+  cells = crashed / "attack" / "cells"
+  groups = [[cells / f"{evaluation.cell_key(p, g.attack, g.targeted, g.epsilon)}.json"
+             for p in g.plans] for g in evaluation.build_groups(
+                 ["m0", "m1", "m2"], "m0", evaluation.EvalConfig(
+                     attacks=("fgsm", "bim"), epsilons=(0.3,), targeted_modes=(False,),
+                     cw_attacks=()))]
+  _kill_when(_command(flagfiles, crashed), lambda: all(f.is_file() for f in groups[0]),
+             "a finished group of attack cells")
   assert not (crashed / "stages" / "attack.json").exists()
   # No half-written artifact is left under its final name. (A kill inside a
   # write may leave a hidden .tmp sibling, which nothing reads.)
   for path in crashed.rglob("*.json"):
     json.loads(path.read_text())
+  finished = [f for g in groups if all(f.is_file() for f in g) for f in g]
+  before = {f: f.stat().st_mtime_ns for f in finished}
+  assert 0 < len(before) < sum(map(len, groups)), "killed too late"
   _run(_command(flagfiles, crashed))
+  # The rerun kept the groups the killed run finished: not recomputed. (A
+  # group cut off mid-way is computed again, whole.)
+  assert {f: f.stat().st_mtime_ns for f in finished} == before
 
   rows, models, results = _numbers(crashed)
   clean_rows, clean_models, _ = _numbers(clean)

@@ -95,43 +95,6 @@ def test_gradient_masking_is_detected_and_the_adaptive_attacker_wins(pipeline):
   assert "Warnings" in (run_dir / "report.md").read_text()
 
 
-class _Crash(Exception):
-  pass
-
-
-def test_interrupted_attack_stage_resumes_to_the_same_results(pipeline, tmp_path):
-  config, _, run_dir = pipeline
-  resumed = tmp_path / "resumed"
-  resumed.mkdir()
-  for part in ("saved_models", "stages"):
-    shutil.copytree(run_dir / part, resumed / part)
-  for stage in ("attack", "report"):
-    (resumed / "stages" / f"{stage}.json").unlink()
-  # The copied stage records point at the first run's SavedModels: fine.
-  # A smaller grid (its cells are a subset of the first run's) keeps this fast.
-  small = dataclasses.replace(config.eval, attacks=("fgsm", "bim"), epsilons=(0.3,),
-                              cw_attacks=())
-  cfg = dataclasses.replace(config, run_dir=str(resumed), eval=small)
-
-  def crash_after_three(done, total, desc):
-    if done == 3:
-      raise _Crash(desc)
-  with pytest.raises(_Crash):
-    experiment.run(cfg, progress=crash_after_three)
-  cells = sorted((resumed / "attack" / "cells").glob("*.json"))
-  assert 0 < len(cells) < 32
-  before = {p.name: p.stat().st_mtime_ns for p in cells}
-  experiment.run(cfg)
-  after = {p.name: p.stat().st_mtime_ns for p in (resumed / "attack" / "cells").glob("*.json")}
-  assert all(after[name] == t for name, t in before.items())  # not recomputed
-  first = json.loads((run_dir / "results.json").read_text())["rows"]
-  second = json.loads((resumed / "results.json").read_text())["rows"]
-  assert len(second) == 32  # 2 attacks x 2 modes x 8 (threat model, model) cells
-  expected = [r for r in first if r["epsilon"] == 0.3]
-  key = lambda r: (r["model"], r["attack"], r["targeted"], r["threat_model"])
-  assert sorted(_without_time(second), key=key) == sorted(_without_time(expected), key=key)
-
-
 def test_autoattack_stage_reports_the_per_image_worst_case_and_masking(pipeline, tmp_path):
   config, _, run_dir = pipeline
   run2 = tmp_path / "run"

@@ -1,7 +1,7 @@
 """Serving contract of every shipped SavedModel, checked as TF Serving would.
 
 Each model under ``saved_models/<name>/<version>/`` is loaded in a fresh
-Python that imports only ``tensorflow`` (no keras_defense, no tfmot, no
+Python (one for all of them) that imports only ``tensorflow`` (no keras_defense, no tfmot, no
 tf_keras) and must give the same logits as the Keras model, consistent
 probabilities and classes, accept float32 and uint8 batches of 1 and 1000,
 and refuse a wrongly shaped or typed request. ``saved_model_cli`` must show
@@ -36,58 +36,66 @@ import json, sys
 import numpy as np
 import tensorflow as tf
 
-path, inputs, outputs = sys.argv[1:4]
-loaded = tf.saved_model.load(path)
-report = {"signatures": sorted(loaded.signatures.keys())}
-x = np.load(inputs)
-out = {}
-serve = loaded.signatures["serving_default"]
-serve8 = loaded.signatures["serving_uint8"]
-report["inputs"] = {k: [str(s.dtype.name), s.shape.as_list()] for k, s in
-                    serve.structured_input_signature[1].items()}
-report["inputs_uint8"] = {k: [str(s.dtype.name), s.shape.as_list()] for k, s in
-                          serve8.structured_input_signature[1].items()}
-for n in (1, len(x)):
-  for key, value in serve(images=tf.constant(x[:n])).items():
-    out[f"float{n}_{key}"] = value.numpy()
-x8 = np.round(x * 255).astype(np.uint8)
-for key, value in serve8(images=tf.constant(x8)).items():
-  out[f"uint8_{key}"] = value.numpy()
-for key, value in serve(images=tf.constant(x8.astype(np.float32) / 255)).items():
-  out[f"float8_{key}"] = value.numpy()
 
-refused = {}
-bad = {"wrong_channels": lambda: serve(images=tf.zeros([1, 28, 28, 3])),
-       "wrong_rank": lambda: serve(images=tf.zeros([28, 28, 1])),
-       "wrong_size": lambda: serve(images=tf.zeros([1, 32, 32, 1])),
-       "float64": lambda: serve(images=tf.zeros([1, 28, 28, 1], tf.float64)),
-       "int32_to_uint8": lambda: serve8(images=tf.zeros([1, 28, 28, 1], tf.int32)),
-       "float_to_uint8": lambda: serve8(images=tf.zeros([1, 28, 28, 1]))}
-shape = report["inputs"]["images"][1]
-for name, call in bad.items():
-  if name == "wrong_size" and shape[1:] != [28, 28, 1]:
-    continue
-  try:
-    call()
-    refused[name] = None
-  except Exception as e:  # what a serving host would see
-    refused[name] = type(e).__name__
-report["refused"] = refused
 
-# Weights straight from the checkpoint (no Keras): count exact zeros.
-reader = tf.train.load_checkpoint(path + "/variables/variables")
-zeros = total = 0
-for name in reader.get_variable_to_shape_map():
-  if "kernel" in name and "OPTIMIZER" not in name:
-    w = reader.get_tensor(name)
-    zeros += int(np.sum(w == 0))
-    total += int(w.size)
-report["kernel_zeros"], report["kernel_total"] = zeros, total
-report["modules"] = sorted(m for m in sys.modules
-                           if m.split(".")[0] in ("keras_defense", "tensorflow_model_optimization",
-                                                  "tf_keras"))
-np.savez(outputs, **out)
-print(json.dumps(report))
+def check(path, inputs, outputs):
+  loaded = tf.saved_model.load(path)
+  report = {"signatures": sorted(loaded.signatures.keys())}
+  x = np.load(inputs)
+  out = {}
+  serve = loaded.signatures["serving_default"]
+  serve8 = loaded.signatures["serving_uint8"]
+  report["inputs"] = {k: [str(s.dtype.name), s.shape.as_list()] for k, s in
+                      serve.structured_input_signature[1].items()}
+  report["inputs_uint8"] = {k: [str(s.dtype.name), s.shape.as_list()] for k, s in
+                            serve8.structured_input_signature[1].items()}
+  for n in (1, len(x)):
+    for key, value in serve(images=tf.constant(x[:n])).items():
+      out[f"float{n}_{key}"] = value.numpy()
+  x8 = np.round(x * 255).astype(np.uint8)
+  for key, value in serve8(images=tf.constant(x8)).items():
+    out[f"uint8_{key}"] = value.numpy()
+  for key, value in serve(images=tf.constant(x8.astype(np.float32) / 255)).items():
+    out[f"float8_{key}"] = value.numpy()
+
+  refused = {}
+  bad = {"wrong_channels": lambda: serve(images=tf.zeros([1, 28, 28, 3])),
+         "wrong_rank": lambda: serve(images=tf.zeros([28, 28, 1])),
+         "wrong_size": lambda: serve(images=tf.zeros([1, 32, 32, 1])),
+         "float64": lambda: serve(images=tf.zeros([1, 28, 28, 1], tf.float64)),
+         "int32_to_uint8": lambda: serve8(images=tf.zeros([1, 28, 28, 1], tf.int32)),
+         "float_to_uint8": lambda: serve8(images=tf.zeros([1, 28, 28, 1]))}
+  shape = report["inputs"]["images"][1]
+  for name, call in bad.items():
+    if name == "wrong_size" and shape[1:] != [28, 28, 1]:
+      continue
+    try:
+      call()
+      refused[name] = None
+    except Exception as e:  # what a serving host would see
+      refused[name] = type(e).__name__
+  report["refused"] = refused
+
+  # Weights straight from the checkpoint (no Keras): count exact zeros.
+  reader = tf.train.load_checkpoint(path + "/variables/variables")
+  zeros = total = 0
+  for name in reader.get_variable_to_shape_map():
+    if "kernel" in name and "OPTIMIZER" not in name:
+      w = reader.get_tensor(name)
+      zeros += int(np.sum(w == 0))
+      total += int(w.size)
+  report["kernel_zeros"], report["kernel_total"] = zeros, total
+  report["modules"] = sorted(m for m in sys.modules
+                             if m.split(".")[0] in ("keras_defense", "tensorflow_model_optimization",
+                                                    "tf_keras"))
+  np.savez(outputs, **out)
+  return report
+
+
+# argv[1]: a JSON list of [SavedModel dir, inputs .npy, outputs .npz]. One
+# interpreter checks every model (one TensorFlow import, not one per model) and
+# prints their reports, in order, as one JSON list.
+print(json.dumps([check(*job) for job in json.loads(sys.argv[1])]))
 """
 
 
@@ -122,25 +130,42 @@ def mnist_test():
   return data.load_arrays("mnist", "test", limit=1000)
 
 
+def _inputs(path, mnist_test):
+  if path.parts[-2].startswith("mnist_"):
+    return mnist_test
+  # No other test set is shipped: 1000 seeded random images, no labels.
+  shape = export.load_model(path).input_shape[1:]
+  return np.random.default_rng(0).random((1000, *shape), np.float32), None
+
+
+@pytest.fixture(scope="module")
+def plain_tf(tmp_path_factory, mnist_test):
+  """{SavedModel dir: (plain-TF report, its outputs)}, from one fresh interpreter."""
+  tmp = tmp_path_factory.mktemp("plain_tf")
+  jobs = []
+  for i, path in enumerate(SAVED_MODELS):
+    x, _ = _inputs(path, mnist_test)
+    np.save(tmp / f"x{i}.npy", x)
+    jobs.append([str(path), str(tmp / f"x{i}.npy"), str(tmp / f"out{i}.npz")])
+  proc = subprocess.run([sys.executable, "-c", _PLAIN_TF, json.dumps(jobs)],
+                        capture_output=True, text=True, env=ENV, timeout=600, cwd=tmp)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  reports = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert len(reports) == len(jobs)
+  results = {}
+  for (path, _, out), report in zip(jobs, reports):
+    with np.load(out) as f:
+      results[path] = (report, dict(f))
+  return results
+
+
 @pytest.fixture(scope="module", params=SAVED_MODELS, ids=_ids(SAVED_MODELS))
-def served(request, tmp_path_factory, mnist_test):
+def served(request, plain_tf, mnist_test):
   """(path, plain-TF report, plain-TF outputs, Keras model, images, labels)."""
   path = request.param
-  tmp = tmp_path_factory.mktemp(path.parts[-2])
   model = export.load_model(path)
-  if path.parts[-2].startswith("mnist_"):
-    x, y = mnist_test
-  else:  # no other test set is shipped: 1000 seeded random images, no labels
-    x = np.random.default_rng(0).random((1000, *model.input_shape[1:]), np.float32)
-    y = None
-  np.save(tmp / "x.npy", x)
-  proc = subprocess.run(
-      [sys.executable, "-c", _PLAIN_TF, str(path), str(tmp / "x.npy"), str(tmp / "out.npz")],
-      capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  report = json.loads(proc.stdout.strip().splitlines()[-1])
-  with np.load(tmp / "out.npz") as f:
-    outputs = dict(f)
+  x, y = _inputs(path, mnist_test)
+  report, outputs = plain_tf[str(path)]
   return path, report, outputs, model, x, y
 
 

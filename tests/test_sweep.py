@@ -209,19 +209,19 @@ def test_two_concurrent_shards_merge_into_the_unsharded_csv(whole, tmp_path):
 
 
 def test_autoattack_enters_the_worst_case(whole, tmp_path):
-  """One point (M0) with AutoAttack standard on 20 images, M0 reused from the reference."""
+  """One point (M0) with AutoAttack standard on 10 images, M0 reused from the reference."""
   run_dir, _ = whole
   config = _config(tmp_path / "aa", sparsities=((0.0, 0.0),), logits_epsilons=(0.0,))
   config = dataclasses.replace(config, eval=dataclasses.replace(
-      config.eval, autoattack_version="standard", autoattack_size=20,
-      autoattack_batch_size=20))
+      config.eval, autoattack_version="standard", autoattack_size=10,
+      autoattack_batch_size=10))
   shutil.copytree(run_dir / "parents" / "standard__s0", tmp_path / "aa" / "parents" /
                   "standard__s0")
   (point,) = sweep.run(config).points
   aa = point["autoattack"]
-  assert aa["version"] == "standard" and aa["n_examples"] == 20
+  assert aa["version"] == "standard" and aa["n_examples"] == 10
   assert aa["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
-  assert point["n_examples"] == 20  # the worst case covers the images both ran on
+  assert point["n_examples"] == 10  # the worst case covers the images both ran on
   assert point["robust_acc"] <= aa["robust_acc"] <= aa["clean_acc"]
   header, row = (tmp_path / "aa" / "sweep.csv").read_text().splitlines()
   value = row.split(",")[header.split(",").index("autoattack_robust_acc")]
