@@ -23,8 +23,10 @@ case "$cmd" in
   reproduce) exec .venv/bin/kd-experiment --flagfile=flags/mnist.flags "$@" ;;
   # The suite runs on KD_TEST_WORKERS pytest-xdist workers (default 2, one per core of the
   # 2-core machine it is budgeted on), a test file per worker at a time so module fixtures
-  # are built once; KD_TEST_WORKERS=0 runs it in this process.
-  test) exec .venv/bin/python -m pytest -q -n "${KD_TEST_WORKERS:-2}" --dist loadfile "$@" ;;
+  # are built once, in the order tests/conftest.py sorts them (longest first);
+  # KD_TEST_WORKERS=0 runs it in this process.
+  test) exec .venv/bin/python -m pytest -q -n "${KD_TEST_WORKERS:-2}" --dist loadfile \
+          --no-loadscope-reorder "$@" ;;
   setup) echo "run.sh: .venv is ready" >&2 ;;
   *) echo "usage: bash run.sh reproduce|test|setup [args...]" >&2; exit 2 ;;
 esac
