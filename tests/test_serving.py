@@ -114,11 +114,13 @@ def _ids(paths):
 
 
 # What the README's model tables ship: M0, M1 (M0 pruned), M2 (M1 with
-# augmented logits), and the robust pair of the defenses comparison: M0-AT (PGD
-# adversarial training) and M1-AT (M0-AT pruned while fine-tuning on PGD batches). The tests below are parametrized by the glob above, so a
-# model that went missing would silently drop out of them; this list makes it
-# fail instead (and a new model must be added here on purpose).
-SHIPPED = ("mnist_m0/1", "mnist_m0_at_pgd/1", "mnist_m1/1", "mnist_m1_at_pgd/1", "mnist_m2/1")
+# augmented logits), and the robust models of the defenses comparison: M0-AT (PGD
+# adversarial training), M0-TRADES and M1-AT (M0-AT pruned while fine-tuning on
+# PGD batches). The tests below are parametrized by the glob above, so a model
+# that went missing would silently drop out of them; this list makes it fail
+# instead (and a new model must be added here on purpose).
+SHIPPED = ("mnist_m0/1", "mnist_m0_at_pgd/1", "mnist_m0_trades/1", "mnist_m1/1",
+           "mnist_m1_at_pgd/1", "mnist_m2/1")
 
 
 def test_shipped_models_exist():
