@@ -98,17 +98,16 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
     goal = inputs.y
   image_shape = tuple(inputs.x.shape[1:])
   # The same compiled core (and cache entry) the single-device fgsm/bim use.
-  key = ("iterative", image_shape, loss, "linf", bool(targeted), False, clip_min,
-         clip_max, compute_dtype)
+  key = ("iterative", image_shape, loss, "linf", False, clip_min, clip_max, compute_dtype)
   crafted = runtime.cached(crafter, key, lambda: core.IterativeAttack(
-      logits_fn, image_shape=image_shape, loss=loss, norm="linf",
-      targeted=bool(targeted), random_start=False, clip_min=clip_min,
-      clip_max=clip_max))
+      logits_fn, image_shape=image_shape, loss=loss, norm="linf", random_start=False,
+      clip_min=clip_min, clip_max=clip_max))
   names = list(targets)
   # Built once per (strategy, crafter, targets, options), like the core's steps;
   # epsilon, step size and steps are tensors, so a new epsilon does not retrace.
   step = runtime.cached(
-      crafter, ("distributed", id(strategy), key, tuple(id(targets[k]) for k in names)),
+      crafter, ("distributed", id(strategy), key, bool(targeted),
+                tuple(id(targets[k]) for k in names)),
       lambda: _distributed_step(strategy, crafted, [
           runtime.logits_function(targets[k], compute_dtype) for k in names],
           bool(targeted)))
@@ -149,7 +148,7 @@ def _distributed_step(strategy, crafted, scorers, targeted: bool):
   seed = tf.constant([0, 0], tf.int64)  # FGSM/BIM have no random start
 
   def replica_step(index, xb, yb, gb, epsilon, step_size, steps):
-    x_adv = crafted.run(xb, gb, epsilon, step_size, steps, seed)
+    x_adv = crafted.run(xb, gb, epsilon, step_size, steps, seed, tf.constant(targeted))
     success, counted = [], []
     for logits in scorers:
       correct = tf.argmax(logits(xb), -1) == yb

@@ -379,9 +379,13 @@ def test_batches_give_the_same_result_and_do_not_retrace(model, data):
                         batch_size=32)
   batched = attacks.bim(model, x, y, 0.1, step_size=0.02, steps=3, batch_size=32)
   np.testing.assert_allclose(whole, batched, atol=1e-6)
+  # Targeted runs share the trace too (``targeted`` is a tensor argument).
+  attacks.bim(model, x, attacks.next_class_targets(y, 10), 0.1, step_size=0.02, steps=3,
+              targeted=True)
+  # Key: ("iterative", shape, loss, norm, random_start, clip_min, clip_max, dtype).
   core = [v for k, v in runtime.model_cache(model).items()
-          if k[0] == "iterative" and k[3] == "linf" and not k[5]
-          and k[8] == "float32" and k[2] == "cross_entropy" and not k[4]]
+          if k[0] == "iterative" and k[3] == "linf" and not k[4]
+          and k[7] == "float32" and k[2] == "cross_entropy"]
   assert len(core) == 1
   assert core[0].run.experimental_get_tracing_count() == 1
 

@@ -73,20 +73,20 @@ def random_start(x: tf.Tensor, epsilon: tf.Tensor, norm: str,
 
 
 class IterativeAttack:
-  """Compiled ``x -> x_adv`` for one (model, loss, norm, targeted, start, clip).
+  """Compiled ``x -> x_adv`` for one (model, loss, norm, start, clip).
 
-  Epsilon, step size, steps and the seed are tensor arguments, so changing them
-  never retraces; the batch dimension is ``None`` in the signature.
+  Epsilon, step size, steps, the seed and ``targeted`` (descend the loss
+  towards ``y`` instead of ascending it away from ``y``) are tensor arguments,
+  so changing them never retraces; the batch dimension is ``None`` in the
+  signature.
   """
 
   def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
                image_shape: tuple[int, ...], loss: str, norm: str,
-               targeted: bool, random_start: bool, clip_min: float,
-               clip_max: float):
+               random_start: bool, clip_min: float, clip_max: float):
     self._logits = logits_fn
     self._loss = losses.LOSSES[loss]
     self._norm = norm
-    self._sign = -1.0 if targeted else 1.0
     self._random_start = random_start
     self._clip = (clip_min, clip_max)
     self.run = tf.function(self._run, input_signature=[
@@ -96,15 +96,16 @@ class IterativeAttack:
         tf.TensorSpec([], tf.float32),
         tf.TensorSpec([], tf.int32),
         tf.TensorSpec([2], tf.int64),
+        tf.TensorSpec([], tf.bool),
     ])
 
-  def _run(self, x, y, epsilon, step_size, steps, seed):
+  def _run(self, x, y, epsilon, step_size, steps, seed, targeted):
     x_adv = x
     if self._random_start:
       x_adv = tf.clip_by_value(random_start(x, epsilon, self._norm, seed),
                                *self._clip)
 
-    signed_step = self._sign * step_size
+    signed_step = tf.where(targeted, -step_size, step_size)
     if self._norm == "linf":
       # The ball and the pixel box intersect (x is inside both), so clipping
       # to the intersection equals project-then-clip; computed once.
@@ -169,12 +170,12 @@ def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
   logits_fn = runtime.logits_function(model, compute_dtype)
   inputs = runtime.prepare(x, y, clip_min, clip_max, logits_fn)
   image_shape = tuple(inputs.x.shape[1:])
-  key = ("iterative", image_shape, loss, norm, bool(targeted),
-         bool(random_start), clip_min, clip_max, compute_dtype)
+  # Targeted and untargeted runs share one trace (``targeted`` is a tensor).
+  key = ("iterative", image_shape, loss, norm, bool(random_start), clip_min, clip_max,
+         compute_dtype)
   attack = runtime.cached(model, key, lambda: IterativeAttack(
       logits_fn, image_shape=image_shape, loss=loss, norm=norm,
-      targeted=bool(targeted), random_start=bool(random_start),
-      clip_min=clip_min, clip_max=clip_max))
+      random_start=bool(random_start), clip_min=clip_min, clip_max=clip_max))
   if seed is None:
     seed = int(np.random.default_rng().integers(2**31))
   seeds = iter(range(10**9))
@@ -183,7 +184,7 @@ def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
     s = tf.constant([seed, next(seeds)], tf.int64)
     return attack.run(xb, yb, tf.constant(epsilon, tf.float32),
                       tf.constant(step_size, tf.float32),
-                      tf.constant(steps, tf.int32), s)
+                      tf.constant(steps, tf.int32), s, tf.constant(bool(targeted)))
 
   x_adv = runtime.in_batches(run_batch, batch_size, inputs.x, inputs.y)
   return inputs.restore(x_adv)
