@@ -96,17 +96,15 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
                                    name="y_target")
   else:
     goal = inputs.y
-  image_shape = tuple(inputs.x.shape[1:])
   # The same compiled core (and cache entry) the single-device fgsm/bim use.
-  key = ("iterative", image_shape, loss, "linf", False, clip_min, clip_max, compute_dtype)
-  crafted = runtime.cached(crafter, key, lambda: core.IterativeAttack(
-      logits_fn, image_shape=image_shape, loss=loss, norm="linf", random_start=False,
-      clip_min=clip_min, clip_max=clip_max))
+  crafted = core.cached_attack(
+      crafter, logits_fn, image_shape=tuple(inputs.x.shape[1:]), loss=loss, norm="linf",
+      random_start=False, clip_min=clip_min, clip_max=clip_max, compute_dtype=compute_dtype)
   names = list(targets)
-  # Built once per (strategy, crafter, targets, options), like the core's steps;
-  # epsilon, step size and steps are tensors, so a new epsilon does not retrace.
+  # Built once per (strategy, crafter's core, targeted, targets), like the core's
+  # steps; epsilon, step size and steps are tensors, so a new epsilon does not retrace.
   step = runtime.cached(
-      crafter, ("distributed", id(strategy), key, bool(targeted),
+      crafter, ("distributed", id(strategy), id(crafted), bool(targeted),
                 tuple(id(targets[k]) for k in names)),
       lambda: _distributed_step(strategy, crafted, [
           runtime.logits_function(targets[k], compute_dtype) for k in names],

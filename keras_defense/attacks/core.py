@@ -141,6 +141,21 @@ class IterativeAttack:
     return x_adv
 
 
+def cached_attack(model: Any, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
+                  image_shape: tuple[int, ...], loss: str, norm: str, random_start: bool,
+                  clip_min: float, clip_max: float, compute_dtype: str) -> IterativeAttack:
+  """``model``'s compiled core for these options, built on first use and kept with it.
+
+  FGSM, BIM, PGD and the distributed grid share the entry; targeted and
+  untargeted runs share its one trace (``targeted`` is a tensor argument).
+  """
+  key = ("iterative", image_shape, loss, norm, bool(random_start), clip_min, clip_max,
+         compute_dtype)
+  return runtime.cached(model, key, lambda: IterativeAttack(
+      logits_fn, image_shape=image_shape, loss=loss, norm=norm,
+      random_start=bool(random_start), clip_min=clip_min, clip_max=clip_max))
+
+
 def check_step_args(epsilon: Any, step_size: Any, steps: Any
                     ) -> tuple[float, float, int]:
   """Validated ``(epsilon, step_size, steps)``; ``step_size=None``: FGSM's one step of epsilon."""
@@ -169,13 +184,9 @@ def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
     seed = validation.check_int("seed", seed, minimum=0)
   logits_fn = runtime.logits_function(model, compute_dtype)
   inputs = runtime.prepare(x, y, clip_min, clip_max, logits_fn)
-  image_shape = tuple(inputs.x.shape[1:])
-  # Targeted and untargeted runs share one trace (``targeted`` is a tensor).
-  key = ("iterative", image_shape, loss, norm, bool(random_start), clip_min, clip_max,
-         compute_dtype)
-  attack = runtime.cached(model, key, lambda: IterativeAttack(
-      logits_fn, image_shape=image_shape, loss=loss, norm=norm,
-      random_start=bool(random_start), clip_min=clip_min, clip_max=clip_max))
+  attack = cached_attack(model, logits_fn, image_shape=tuple(inputs.x.shape[1:]), loss=loss,
+                         norm=norm, random_start=random_start, clip_min=clip_min,
+                         clip_max=clip_max, compute_dtype=compute_dtype)
   if seed is None:
     seed = int(np.random.default_rng().integers(2**31))
   seeds = iter(range(10**9))
