@@ -46,10 +46,6 @@ def pipeline(tmp_path_factory):
   return config, records, run_dir
 
 
-def _without_time(rows):
-  return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
-
-
 def test_pipeline_writes_the_report(pipeline):
   config, records, run_dir = pipeline
   assert set(records) == set(experiment.STAGES)

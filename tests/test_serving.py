@@ -1,8 +1,8 @@
 """Serving contract of every shipped SavedModel, checked as TF Serving would.
 
 Each model under ``saved_models/<name>/<version>/`` is loaded in a fresh
-Python (one for all of them) that imports only ``tensorflow`` (no keras_defense, no tfmot, no
-tf_keras) and must give the same logits as the Keras model, consistent
+Python (one for all of them) that imports only ``tensorflow`` (no
+keras_defense, no tfmot, no tf_keras) and must give the same logits as the Keras model, consistent
 probabilities and classes, accept float32 and uint8 batches of 1 and 1000,
 and refuse a wrongly shaped or typed request. ``saved_model_cli`` must show
 and run the two most transformed ones (``CLI_MODELS``).
