@@ -153,6 +153,10 @@ class FabAttack:
     t = t / _expand(tf.maximum(_norm(t, self._norm), _TINY))
     return tf.clip_by_value(x0 + epsilon * t * 0.5, 0.0, 1.0)
 
+  def _adversarial(self, u, y, live):
+    """Live rows whose point ``u`` the model misclassifies (one forward pass)."""
+    return live & (tf.argmax(self._logits(u), -1) != y)
+
   def _step(self, c, epsilon):
     """One FAB iteration on the images in ``c`` where ``c["live"]`` holds."""
     x1, x0, y = c["x1"], c["x0"], c["y"]
@@ -168,7 +172,7 @@ class FabAttack:
     alpha = _expand(tf.minimum(tf.maximum(a1 / (a1 + a2), 0.0), self._alpha_max))
     x1_new = tf.clip_by_value((x1 + self._eta * d1) * (1.0 - alpha)
                               + (x0 + self._eta * d2) * alpha, 0.0, 1.0)
-    is_adv = live & (tf.argmax(self._logits(x1_new), -1) != y)
+    is_adv = self._adversarial(x1_new, y, live)
     dist = _norm(x1_new - x0, self._norm)
     better = is_adv & (dist < c["best_norm"])
     out = dict(c)
