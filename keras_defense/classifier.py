@@ -76,7 +76,7 @@ class Classifier:
                input_dtype: Any, input_shape: Sequence[Any],
                keras_model: keras.Model | None = None, holder: Any = None):
     self._scores = scores
-    self._holder = holder  # keeps the loaded SavedModel (and its variables) alive
+    self._holder = holder  # keeps what was loaded (and its variables) alive
     self._keras_model = keras_model
     self.path = path
     self.kind = kind
@@ -86,6 +86,11 @@ class Classifier:
     self.input_dtype = tf.as_dtype(input_dtype)
     self.input_shape = tuple(None if d is None else int(d) for d in input_shape)
     self.output = LOGITS
+
+  @property
+  def loaded(self) -> Any:
+    """What was loaded (the Keras model or the SavedModel object): it holds the variables."""
+    return self._holder
 
   @property
   def keras_model(self) -> keras.Model | None:
@@ -238,7 +243,7 @@ def _load_keras_file(path: str, output_key: str | None) -> Classifier:
   return Classifier(scores, path=path, kind="keras", signature=None,
                     output_key=key if multi else None, input_name=inp.name,
                     input_dtype=inp.dtype, input_shape=inp.shape.as_list(),
-                    keras_model=None if multi else model)
+                    keras_model=None if multi else model, holder=model)
 
 
 def load_classifier(path: str | os.PathLike, *, signature: str = "serving_default",

@@ -74,6 +74,7 @@ from keras_defense import export
 from keras_defense import io_utils
 from keras_defense import models as models_lib
 from keras_defense import progress as progress_lib
+from keras_defense import randomness
 from keras_defense import statistics
 from keras_defense import training
 from keras_defense.errors import UserError
@@ -359,7 +360,10 @@ class _Comparison:
     n_grid = len(x) if e.eval_size is None else min(len(x), int(e.eval_size))
     total0, _ = models_lib.count_weights(ref)
     total, nonzero = models_lib.count_weights(model)
+    # Each pass of a randomized model draws its own masks, the same in a resumed run.
+    randomness.reseed(model, c.seed, "clean accuracy")
     pred = attacks.predict_classes(model, x)
+    randomness.reseed(model, c.seed, "zero-gradient fraction")
     facts = {"clean_accuracy": float(np.mean(pred == y)), "n_test": int(len(y)),
              "total_weights": total, "nonzero_weights": nonzero,
              "compression": total0 / max(nonzero, 1),

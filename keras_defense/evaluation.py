@@ -25,6 +25,7 @@ import numpy as np
 
 from keras_defense import attacks
 from keras_defense import io_utils
+from keras_defense import randomness
 from keras_defense import statistics
 from keras_defense import threat_models as tm
 from keras_defense.attacks import validation
@@ -267,6 +268,11 @@ def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalC
         len(x), int(config.cw_options.get(group.attack, {}).get("eval_size", n_cw)))
     xs, ys = x[:n], y[:n]
     start = time.time()
+    # A randomized model draws the same masks in this group however the run
+    # got here (fresh, or resumed with earlier groups loaded from disk).
+    for m in models.values():
+      randomness.reseed(m, config.seed, "grid", group.source, group.loss, group.attack,
+                        group.targeted, group.epsilon)
     crafter = models[group.source]
     goal = (_targets(config.target_selection, crafter, xs, ys, num_classes, config.seed)
             if group.targeted else None)
@@ -290,19 +296,20 @@ def evaluate(models: dict[str, Any], x: np.ndarray, y: np.ndarray, config: EvalC
              "epsilon": group.epsilon, "threat_model": plan.threat_model,
              "source_model": plan.source, "loss": plan.loss, **stats,
              "seconds": craft_seconds + time.time() - t0}
+      ex = _example(models[plan.target], plan, group, xs, x_adv, ys) if show(plan, group) \
+          else None
       if cells is not None:
-        # The per-image outcome first (the .json marks the cell finished):
-        # the report's per-image worst case over every attack reads it.
+        # The per-image outcome and the example first: the .json marks the
+        # cell finished (the report's per-image worst case reads the outcome).
         save_success(cells, key, success)
-        io_utils.write_json(cells / f"{key}.json", row)
-      rows.append(row)
-      if show(plan, group):
-        ex = _example(models[plan.target], plan, group, xs, x_adv, ys)
-        if cells is not None:
+        if ex is not None:
           with io_utils.atomic_path(cells / f"{key}.npz") as tmp:
             with open(tmp, "wb") as f:
               np.savez_compressed(f, **{k: v for k, v in ex.items()
                                         if isinstance(v, np.ndarray)})
+        io_utils.write_json(cells / f"{key}.json", row)
+      rows.append(row)
+      if ex is not None:
         examples.append(ex)
     logging.info("[%d/%d] %s: %d images, %.1f s", i + 1, len(groups), desc, n,
                  time.time() - start)

@@ -43,6 +43,7 @@ from keras_defense import classifier as clf_lib
 from keras_defense import data
 from keras_defense import io_utils
 from keras_defense import provenance
+from keras_defense import randomness
 from keras_defense import robustness_report
 from keras_defense.attacks import runtime
 from keras_defense.compat import tf
@@ -265,6 +266,7 @@ class _Evaluation:
       self.clean_pred = st["pred"]
       return st["pred"], float(st["seconds"])
     start = time.perf_counter()
+    randomness.reseed(self.clf, self.config.seed, "clean")
     self.clean_pred = self.predict(self.x)
     seconds = time.perf_counter() - start
     _save_npz(path, pred=self.clean_pred, seconds=np.float64(seconds))
@@ -286,6 +288,9 @@ class _Evaluation:
                   f"ε={eps:g} {name} on {len(todo)} images: robust "
                   f"{100 * len(todo) / len(self.y):.1f}%")
     if len(todo):
+      # A randomized model draws the same masks in this step whether the run
+      # is fresh or resumed (earlier steps loaded, not recomputed).
+      randomness.reseed(self.clf, c.seed, eps, name)
       x_adv = np.asarray(fn(self.attack_model, self.x[todo], self.y[todo], eps, seed=c.seed,
                             batch_size=c.batch_size, compute_dtype=self.compute_dtype),
                          dtype=np.float32)
@@ -334,6 +339,7 @@ class _Evaluation:
     correct_before = self.clean_pred == self.y
     idx = np.flatnonzero(correct_before & ~robust)[:EXAMPLES_PER_EPSILON]
     x_adv = adv[idx].copy()
+    randomness.reseed(self.clf, self.config.seed, "examples")
     pred_adv = self.predict(x_adv)
     return {"index": idx, "x": self.x[idx], "x_adv": x_adv, "y": self.y[idx],
             "pred_clean": self.clean_pred[idx], "pred_adv": pred_adv}

@@ -5,9 +5,11 @@ import dataclasses
 import numpy as np
 import pytest
 
+from keras_defense import classifier
 from keras_defense import data
 from keras_defense import defenses
 from keras_defense import export
+from keras_defense import randomness
 from keras_defense.defenses import logits_augmentation
 from keras_defense import models
 from keras_defense.defenses import pruning
@@ -92,6 +94,35 @@ def test_defensive_dropout_is_random_at_inference_and_serves_randomly(tmp_path):
   mean = np.mean([serve(images=tf.constant(x))["logits"].numpy() for _ in range(64)], axis=0)
   scale = np.abs(base(x).numpy()).mean()
   assert np.abs(mean - base(x).numpy()).mean() < 0.25 * scale
+
+
+def test_defensive_dropout_layers_have_their_own_streams_and_reseed_repeats_the_masks(
+    tmp_path):
+  base = models.build_model("cw_mnist", seed=0)
+  x, _ = data.load_arrays("mnist", "test", limit=8)
+  defended, _ = defenses.defensive_dropout(base, None,
+                                           defenses.DefensiveDropoutConfig(rate=0.5))
+  defended(x)  # creates the generators
+  layers = [l for l in defended.layers if l.name.startswith("defensive_dropout")]
+  # Each layer's generator has a key of its own (seeds s and s + 1 would share
+  # key 0 and give one stream shifted by one block: the same mask, shifted).
+  keys = [int(l._random_generator._generator.state.numpy()[-1]) for l in layers]  # pylint: disable=protected-access
+  assert len(set(keys)) == len(layers) == 2 and 0 not in keys
+  path = export.export_saved_model(defended, tmp_path / "dd", version=1)
+  served = classifier.load_classifier(path, output_key="logits")   # tf.saved_model.load
+  for model in (defended, export.load_model(path), served):
+    assert len(randomness.generator_states(model)) >= 2
+    randomness.reseed(model, 0, "unit")
+    first = np.asarray(model(x))
+    assert np.abs(np.asarray(model(x)) - first).max() > 1e-4  # the state moved on
+    randomness.reseed(model, 0, "unit")
+    np.testing.assert_array_equal(np.asarray(model(x)), first)
+    randomness.reseed(model, 0, "another unit")
+    assert np.abs(np.asarray(model(x)) - first).max() > 1e-4
+  # A deterministic model's outputs do not depend on reseeding.
+  out = base(x).numpy()
+  randomness.reseed(base, 0, "unit")
+  np.testing.assert_array_equal(base(x).numpy(), out)
 
 
 def test_defensive_dropout_refuses_unknown_layers():

@@ -76,6 +76,17 @@ def _chain(model: keras.Model) -> list:
   return layers
 
 
+def layer_seed(seed: int, index: int) -> int:
+  """The generator seed of the ``index``-th dropout layer: a key of its own.
+
+  ``tf.random.Generator.from_seed`` puts a small integer seed into the counter
+  and leaves the key 0, so seeds ``s`` and ``s + 1`` give the same stream one
+  block apart: two layers seeded so would draw shifted copies of one mask. A
+  seed of ``k << 128`` is the state (counter 0, key k): a separate stream.
+  """
+  return (int(seed) * 1024 + index + 1) << 128
+
+
 def add_inference_dropout(model: keras.Model, rate: float, *,
                           layers: tuple[str, ...] | None = None,
                           seed: int | None = 0) -> keras.Model:
@@ -86,7 +97,8 @@ def add_inference_dropout(model: keras.Model, rate: float, *,
     rate: dropout rate in (0, 1).
     layers: layer names to follow with a dropout; None: every Dense layer but
       the output layer.
-    seed: seed of the dropout generators (layer i gets seed + i); None: random.
+    seed: seed of the dropout generators (``layer_seed(seed, i)`` for the i-th:
+      its own Philox key, so the layers' streams never overlap); None: random.
 
   Returns:
     A new functional model (cloned layers holding copies of the weights);
@@ -111,7 +123,7 @@ def add_inference_dropout(model: keras.Model, rate: float, *,
     x = layer(x)
     if layer.name in layers:
       i = layers.index(layer.name)
-      x = keras.layers.Dropout(rate, seed=None if seed is None else seed + i,
+      x = keras.layers.Dropout(rate, seed=None if seed is None else layer_seed(seed, i),
                                name=f"{LAYER_PREFIX}_{i + 1}")(x, training=True)
   return keras.Model(inputs, x, name=f"{model.name}_defensive_dropout")
 
