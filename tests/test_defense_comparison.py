@@ -2,8 +2,8 @@
 
 One run (module fixture): rows, the report files, the per-image worst case
 never above AutoAttack alone, the EOT run of the randomized row, a rerun that
-computes nothing; the same comparison through ``kd-experiment`` killed with
-SIGKILL inside the randomized row and rerun, which must give the fixture's rows;
+computes nothing; the same comparison in a child process SIGKILLed inside the
+randomized row and rerun, which must give the fixture's rows;
 then the config and flag errors, which fail before any work.
 """
 
@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,22 +145,21 @@ def test_report_only_renders_finished_rows_and_names_the_missing(result, tmp_pat
   assert "Not finished yet: Dropout p=0.2" in text and "Made by `test`" in text
 
 
-# kd-experiment flags of _config() (the binary's defaults fill in the rest).
-_FLAGS = [f"--defense=M0|saved:{M0}", f"--defense=Dropout p=0.1|dropout:0.1@{M0}",
-          "--attacks=fgsm", "--epsilons=0.3", "--eval_size=30",
-          "--targeted_modes=untargeted", "--threat_models=grey_box,transfer", "--cw_attacks=",
-          "--attack_batch_size=100", "--autoattack_version=standard",
-          "--autoattack_epsilons=0.3", "--autoattack_size=12", "--sanity_size=0", "--seed=0",
-          "--deterministic"]
+# A child process running the fixture's comparison (what kd-experiment --defense
+# calls after parsing its flags), so it can be SIGKILLed.
+_CHILD = ("import pathlib, sys; sys.path.insert(0, sys.argv[2]); "
+          "import test_defense_comparison as t; "
+          "from keras_defense import defense_comparison as dc; "
+          "dc.run(t._config(pathlib.Path(sys.argv[1])))")
 
 
 def _comparable(row: dict, run_dir: pathlib.Path) -> dict:
-  """A row without what two runs of the same settings may differ in: times, paths, labels."""
+  """A row without what two runs of the same settings may differ in: times, paths."""
   text = json.dumps(row).replace(str(run_dir), "<run_dir>")
   def strip(v):
     if isinstance(v, dict):
       return {k: strip(w) for k, w in v.items() if "seconds" not in k
-              and k not in ("command", "source", "built", "model_sha256", "dir")}
+              and k not in ("built", "model_sha256", "dir")}
     return [strip(w) for w in v] if isinstance(v, list) else v
   return strip(json.loads(text))
 
@@ -167,10 +167,15 @@ def _comparable(row: dict, run_dir: pathlib.Path) -> dict:
 def test_sigkill_inside_the_randomized_row_then_rerun_gives_the_uninterrupted_rows(
     result, tmp_path):
   tmp, res = result
+  # The M0 row finished (the fixture's), the Dropout row not started: its model,
+  # cells and AutoAttack state removed.
   run_dir = tmp_path / "run"
-  cmd = [sys.executable, "-m", "keras_defense.bin.experiment", f"--run_dir={run_dir}",
-         f"--report_dir={tmp_path / 'report'}", *_FLAGS]
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  shutil.copytree(tmp / "run", run_dir)
+  (run_dir / "rows" / "dropout_p_0_1.json").unlink()
+  shutil.rmtree(run_dir / "models" / "dropout_p_0_1")
+  for path in [*(run_dir / "autoattack").glob("dropout_p_0_1*"),
+               *(run_dir / "attack" / "cells").glob("*dropout_p_0_1*")]:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
   # Killed once the randomized row's grid cells are on disk, before its
   # AutoAttack starts: the rerun must draw the masks of the clean-accuracy pass
   # and of AutoAttack that the uninterrupted run drew after the grid's.
@@ -178,8 +183,9 @@ def test_sigkill_inside_the_randomized_row_then_rerun_gives_the_uninterrupted_ro
   cells = [cells_dir / f"{evaluation.cell_key(p, g.attack, g.targeted, g.epsilon)}.json"
            for g in evaluation.build_groups(["m0", "dropout_p_0_1"], "m0", _config(tmp).eval)
            for p in g.plans if p.target == "dropout_p_0_1"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(tmp_path), str(ROOT / "tests")],
+                          cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   try:
     while not all(c.is_file() for c in cells):
@@ -189,18 +195,17 @@ def test_sigkill_inside_the_randomized_row_then_rerun_gives_the_uninterrupted_ro
   finally:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-  assert (run_dir / "rows" / "m0.json").is_file() and len(cells) == 2
+  assert len(cells) == 2 and not (run_dir / "rows" / "dropout_p_0_1.json").exists()
   assert not list((run_dir / "autoattack").glob("dropout_p_0_1*/*/main/state/clean.npz")), \
       "killed too late"
   kept = [run_dir / "rows" / "m0.json", *cells]
   before = {f: f.stat().st_mtime_ns for f in kept}
-  done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  # What the killed run finished is kept, not recomputed ...
+  again = dc.run(_config(tmp_path))
+  assert again.computed == ["Dropout p=0.1"]
+  # What was finished is kept, not recomputed ...
   assert {f: f.stat().st_mtime_ns for f in kept} == before
   # ... and the rows, the randomized one included, are the uninterrupted run's.
-  for row in res.rows:
-    resumed = json.loads((run_dir / "rows" / f"{row['key']}.json").read_text())
+  for row, resumed in zip(res.rows, again.rows, strict=True):
     got, want = _comparable(resumed, run_dir), _comparable(row, tmp / "run")
     assert got == want, f"{row['name']}: {_differences(got, want)}"
 
