@@ -106,8 +106,9 @@ def test_defensive_dropout_layers_have_their_own_streams_and_reseed_repeats_the_
   layers = [l for l in defended.layers if l.name.startswith("defensive_dropout")]
   # Each layer's generator has a key of its own (seeds s and s + 1 would share
   # key 0 and give one stream shifted by one block: the same mask, shifted).
-  keys = [int(l._random_generator._generator.state.numpy()[-1]) for l in layers]  # pylint: disable=protected-access
-  assert len(set(keys)) == len(layers) == 2 and 0 not in keys
+  keys = [int(v.numpy()[-1]) for v in randomness.generator_states(defended)
+          if v.name.startswith("defensive_dropout")]
+  assert len(set(keys)) == len(keys) == len(layers) == 2 and 0 not in keys
   path = export.export_saved_model(defended, tmp_path / "dd", version=1)
   served = classifier.load_classifier(path, output_key="logits")   # tf.saved_model.load
   for model in (defended, export.load_model(path), served):
