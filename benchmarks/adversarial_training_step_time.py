@@ -18,8 +18,8 @@ import time
 from keras_defense import data
 from keras_defense import models
 from keras_defense import training
-from keras_defense.compat import keras
-from keras_defense.compat import tf
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
 from keras_defense.defenses import trainer
 
 

@@ -25,10 +25,10 @@ import numpy as np
 
 from attacks_benchmark import ceiling_fn  # pylint: disable=g-bad-import-order
 from attacks_benchmark import measure_ceiling
-from keras_defense import export
+from keras_defense.models import export
 from keras_defense.attacks import metrics
 from keras_defense.attacks import runtime
-from keras_defense.data import load_arrays
+from keras_defense.data.datasets import load_arrays
 
 apgd = importlib.import_module("keras_defense.attacks.apgd").apgd
 

@@ -21,12 +21,12 @@ import time
 import numpy as np
 
 from keras_defense import attacks
-from keras_defense import export
+from keras_defense.models import export
 from keras_defense.attacks import runtime
-from keras_defense.compat import keras
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
-from keras_defense.models import build_model
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
+from keras_defense.models.architectures import build_model
 
 DEFAULT_MODEL = "saved_models/mnist_m0/1"
 

@@ -109,7 +109,7 @@ def export_model(model_path: str, out: pathlib.Path, *, num_images: int,
                  first: int = 0) -> dict:
   """Writes the layer spec, Keras weights, images and Keras logits to ``out``."""
   import keras_defense as kd
-  from keras_defense.compat import keras
+  from keras_defense.util.compat import keras
 
   model = kd.load_model(model_path)
   spec, arrays = [], {}

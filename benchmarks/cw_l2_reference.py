@@ -23,10 +23,10 @@ import time
 import numpy as np
 
 from keras_defense import attacks
-from keras_defense import export
-from keras_defense.compat import keras
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
+from keras_defense.models import export
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
 
 
 def reference_l2(model, x, y, *, iterations, const, lr, abort_early=True):

@@ -14,7 +14,7 @@ import time
 from absl import app
 from absl import flags
 
-from keras_defense import distribution
+from keras_defense.training import distribution
 
 flags.DEFINE_integer("num_cpu_devices", 2, "Logical CPU devices of the mirrored strategy.")
 flags.DEFINE_string("model", "saved_models/mnist_m0/1", "SavedModel attacked.")
@@ -38,7 +38,11 @@ def _best(fn, repeats):
 def main(argv):
   del argv
   strategy = distribution.make_strategy("mirrored", num_cpu_devices=FLAGS.num_cpu_devices)
-  from keras_defense import attacks, data, distributed_attack, evaluation, export  # pylint: disable=g-import-not-at-top
+  from keras_defense import attacks
+  from keras_defense import data
+  from keras_defense.evaluation import distributed_attack
+  from keras_defense.evaluation import grid as evaluation
+  from keras_defense.models import export  # pylint: disable=g-import-not-at-top
   model = export.load_model(FLAGS.model)
   x, y = data.load_arrays("mnist", "test")
   x, y = x[:FLAGS.images], y[:FLAGS.images]

@@ -27,9 +27,9 @@ import importlib
 import sys
 import time
 
-from keras_defense import export
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
+from keras_defense.models import export
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
 
 # The module, not the function ``keras_defense.attacks.fab`` that shadows it.
 fab_lib = importlib.import_module("keras_defense.attacks.fab")

@@ -57,7 +57,7 @@ def _best_rate(fn, batch: int, calls: int, rounds: int, sync=lambda out: None) -
 def measure_tf(model_path: str, npz: pathlib.Path, batches: list[int], calls: int,
                rounds: int) -> dict:
   import keras_defense as kd
-  from keras_defense.compat import tf
+  from keras_defense.util.compat import tf
 
   model = kd.load_model(model_path)
   data = np.load(npz)

@@ -32,11 +32,11 @@ import numpy as np
 from attacks_benchmark import ceiling_fn  # pylint: disable=g-bad-import-order
 from attacks_benchmark import measure_ceiling
 from keras_defense import attacks
-from keras_defense import export
+from keras_defense.models import export
 from keras_defense.attacks import metrics
 from keras_defense.attacks import runtime
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
 
 
 def parse_args(argv=None):

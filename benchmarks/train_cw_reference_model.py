@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from keras_defense.compat import keras  # tf_keras (Keras 2), as tfmot needs
-from keras_defense.data import load_arrays
+from keras_defense.util.compat import keras  # tf_keras (Keras 2), as tfmot needs
+from keras_defense.data.datasets import load_arrays
 
 
 def build() -> keras.Model:

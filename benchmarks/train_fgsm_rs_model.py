@@ -1,7 +1,7 @@
 """Trains an adversarially trained MNIST model (FGSM with random start) for the AutoAttack benchmark.
 
 "Fast is better than free" (Wong, Rice & Kolter, ICLR 2020), their MNIST
-recipe on the project's C&W MNIST network (``keras_defense.models.build_model``):
+recipe on the project's C&W MNIST network (``keras_defense.models.architectures.build_model``):
 per batch, delta ~ U(-eps, eps), one FGSM step of alpha = 1.25 * eps on delta,
 delta clipped to the eps-ball and the [0, 1] box, then one optimiser step on
 x + delta. eps 0.3, alpha 0.375, batch 100, Adam with a cyclic (triangular)
@@ -15,7 +15,7 @@ images is measured (``keras_defense.attacks.pgd``) and the weights of the best
 epoch are kept (their early stopping). At the end: clean accuracy on the 10,000
 test images and PGD-20 robust accuracy at eps 0.3 on the first 1,000.
 
-Plain tf_keras through ``keras_defense.compat``; the project's training code is
+Plain tf_keras through ``keras_defense.util.compat``; the project's training code is
 not used. The model is saved uncompiled, so ``kd.load_model`` accepts it.
 
 Usage:
@@ -32,10 +32,10 @@ import time
 import numpy as np
 
 from keras_defense import attacks
-from keras_defense.compat import keras  # tf_keras (Keras 2)
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
-from keras_defense.models import build_model
+from keras_defense.util.compat import keras  # tf_keras (Keras 2)
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
+from keras_defense.models.architectures import build_model
 
 PGD_STEPS = 20
 

@@ -8,11 +8,11 @@ import pytest
 
 from keras_defense import data
 from keras_defense import defenses
-from keras_defense import export
+from keras_defense.models import export
 from keras_defense import models
 from keras_defense import training
-from keras_defense.compat import keras
-from keras_defense.compat import tf
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
 from keras_defense.defenses import adversarial_training
 from keras_defense.defenses import trainer
 

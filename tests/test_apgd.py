@@ -11,8 +11,8 @@ import keras_defense as kd
 from keras_defense import attacks
 from keras_defense.attacks import losses
 from keras_defense.attacks import runtime
-from keras_defense.compat import keras
-from keras_defense.compat import tf
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
 
 # The module, not the function of the same name that attacks/__init__ exports.
 apgd_lib = importlib.import_module("keras_defense.attacks.apgd")

@@ -5,10 +5,10 @@ import pytest
 
 from keras_defense import attacks
 from keras_defense.attacks import runtime
-from keras_defense.compat import keras
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
-from keras_defense.models import build_model
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
+from keras_defense.models.architectures import build_model
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,15 @@ import pytest
 
 from keras_defense import attacks
 from keras_defense import data
-from keras_defense import evaluation
-from keras_defense import experiment
-from keras_defense import export
+from keras_defense.evaluation import grid as evaluation
+from keras_defense.pipelines import experiment
+from keras_defense.models import export
 from keras_defense import flags as kd_flags
 from keras_defense.defenses import logits_augmentation
 from keras_defense.defenses import pruning
 from keras_defense import training
-from keras_defense.compat import keras
-from keras_defense.errors import UserError
+from keras_defense.util.compat import keras
+from keras_defense.util.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 M0 = REPO / "saved_models" / "mnist_m0" / "1"

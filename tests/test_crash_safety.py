@@ -19,7 +19,7 @@ import time
 import pytest
 
 from keras_defense import data
-from keras_defense import evaluation
+from keras_defense.evaluation import grid as evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

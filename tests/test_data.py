@@ -1,4 +1,4 @@
-"""Tests for keras_defense.data: offline MNIST, splits, checksums, CIFAR path."""
+"""Tests for keras_defense.data.datasets: offline MNIST, splits, checksums, CIFAR path."""
 
 import hashlib
 import os

@@ -19,7 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from keras_defense import data
-from keras_defense import data_sources
+from keras_defense.data import sources as data_sources
 
 N = {"train": 60, "test": 20}
 FILES = {"train": data_sources.IDX_FILES["train"], "test": data_sources.IDX_FILES["test"]}
@@ -181,9 +181,9 @@ def test_content_digest_is_order_independent_and_label_sensitive():
 
 
 def test_experiment_on_the_second_dataset_uses_its_data_everywhere(two_datasets, tmp_path):
-  from keras_defense import evaluation  # pylint: disable=g-import-not-at-top
-  from keras_defense import experiment  # pylint: disable=g-import-not-at-top
-  from keras_defense import export  # pylint: disable=g-import-not-at-top
+  from keras_defense.evaluation import grid as evaluation  # pylint: disable=g-import-not-at-top
+  from keras_defense.pipelines import experiment  # pylint: disable=g-import-not-at-top
+  from keras_defense.models import export  # pylint: disable=g-import-not-at-top
   from keras_defense.defenses import logits_augmentation  # pylint: disable=g-import-not-at-top
   from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
   from keras_defense import training  # pylint: disable=g-import-not-at-top

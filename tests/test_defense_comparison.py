@@ -21,12 +21,12 @@ import time
 
 import pytest
 
-from keras_defense import defense_comparison as dc
-from keras_defense import evaluation
+from keras_defense.pipelines import defense_comparison as dc
+from keras_defense.evaluation import grid as evaluation
 from keras_defense import flags as kd_flags
-from keras_defense import io_utils
+from keras_defense.util import io_utils
 from keras_defense.defenses import dropout
-from keras_defense.errors import UserError
+from keras_defense.util.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 M0 = str(ROOT / "saved_models" / "mnist_m0" / "1")

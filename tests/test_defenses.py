@@ -5,16 +5,16 @@ import dataclasses
 import numpy as np
 import pytest
 
-from keras_defense import classifier
+from keras_defense.models import classifier
 from keras_defense import data
 from keras_defense import defenses
-from keras_defense import export
-from keras_defense import randomness
+from keras_defense.models import export
+from keras_defense.util import randomness
 from keras_defense.defenses import logits_augmentation
 from keras_defense import models
 from keras_defense.defenses import pruning
 from keras_defense import training
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 from keras_defense.defenses import distillation
 
 

@@ -1,4 +1,4 @@
-"""Tests for keras_defense.distribution and distributed attack evaluation.
+"""Tests for keras_defense.training.distribution and distributed attack evaluation.
 
 Logical CPU devices must be configured before TensorFlow initialises its
 devices, and MultiWorkerMirroredStrategy owns its process, so the mirrored and
@@ -20,16 +20,18 @@ import time
 import pytest
 
 from keras_defense import data
-from keras_defense import distribution
+from keras_defense.training import distribution
 from keras_defense import training
 
 _WORKER = r'''
 import json, sys
-from keras_defense import distribution
+from keras_defense.training import distribution
 name, out = sys.argv[1], sys.argv[2]
 strategy = distribution.make_strategy(name, num_cpu_devices=2 if name == "mirrored" else None)
-from keras_defense import data, evaluation, training
-from keras_defense.compat import keras
+from keras_defense import data
+from keras_defense.evaluation import grid as evaluation
+from keras_defense import training
+from keras_defense.util.compat import keras
 run = sys.argv[3]
 result = training.train(training.TrainConfig(
     run_dir=run + "/train", epochs=1, batch_size=64, train_limit=1024, test_limit=200,

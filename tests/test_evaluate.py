@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 
 from keras_defense import attacks
-from keras_defense import classifier
+from keras_defense.models import classifier
 from keras_defense import data
 from keras_defense import flags as kd_flags
-from keras_defense import provenance
-from keras_defense import robustness
-from keras_defense import robustness_report
-from keras_defense.errors import UserError
+from keras_defense.util import provenance
+from keras_defense.evaluation import robustness
+from keras_defense.reports import robustness_report
+from keras_defense.util.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 M0 = REPO / "saved_models" / "mnist_m0" / "1"
@@ -289,7 +289,7 @@ def test_no_attack_keeps_clean_accuracy_and_run_dir_is_bound(models, tmp_path):
 _KILLABLE = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
-    from keras_defense import robustness
+    from keras_defense.evaluation import robustness
     import test_evaluate as t
     config = t._config(sys.argv[1], sys.argv[2], epsilons=(0.05, 0.1, 0.2), n_examples=100)
     robustness.run(config, attack_plan=t._stand_in_plan)

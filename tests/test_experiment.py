@@ -7,15 +7,15 @@ import shutil
 import numpy as np
 import pytest
 
-from keras_defense import diagnostics
-from keras_defense import evaluation
-from keras_defense import experiment
+from keras_defense.evaluation import diagnostics
+from keras_defense.evaluation import grid as evaluation
+from keras_defense.pipelines import experiment
 from keras_defense.defenses import logits_augmentation
 from keras_defense.defenses import pruning
-from keras_defense import statistics
+from keras_defense.evaluation import statistics
 from keras_defense import training
-from keras_defense.compat import tf
-from keras_defense.errors import UserError
+from keras_defense.util.compat import tf
+from keras_defense.util.errors import UserError
 
 _SMALL = dict(train_limit=4000, test_limit=1000, validation_size=500, verbose=0)
 

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from keras_defense import data
-from keras_defense import evaluation
-from keras_defense import experiment
-from keras_defense import export
+from keras_defense.evaluation import grid as evaluation
+from keras_defense.pipelines import experiment
+from keras_defense.models import export
 from keras_defense.defenses import logits_augmentation
 from keras_defense.defenses import pruning
 from keras_defense import training
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = {0: "zero", 1: "one", 2: "two"}

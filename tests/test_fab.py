@@ -7,9 +7,9 @@ from scipy import optimize
 import keras_defense
 from keras_defense import attacks
 from keras_defense.attacks import fab_projections
-from keras_defense.compat import keras
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
 
 
 def _feasible_problems(dim, rows, seed):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from keras_defense import data
-from keras_defense import export
+from keras_defense.models import export
 from keras_defense.defenses import logits_augmentation as la
 from keras_defense import models
-from keras_defense.compat import keras
-from keras_defense.training import ConfigError
+from keras_defense.util.compat import keras
+from keras_defense.training.loop import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,10 @@
-"""Tests for keras_defense.models: the C&W architectures."""
+"""Tests for keras_defense.models.architectures: the C&W architectures."""
 
 import numpy as np
 import pytest
 
 from keras_defense import models
-from keras_defense.compat import keras
+from keras_defense.util.compat import keras
 
 
 def _conv(k, cin, cout):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from keras_defense import data
-from keras_defense import export
+from keras_defense.models import export
 from keras_defense import models
 from keras_defense.defenses import pruning
 from keras_defense import training
-from keras_defense.compat import keras
-from keras_defense.compat import tf
-from keras_defense.training import ConfigError
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
+from keras_defense.training.loop import ConfigError
 
 
 def _random_data(n=256, seed=0):
@@ -284,7 +284,7 @@ def test_prune_run_on_real_mnist_exports_a_plain_sparse_savedmodel(tmp_path):
 
 
 def test_kept_at_most_never_keeps_more_than_asked():
-  from keras_defense.compat import keras
+  from keras_defense.util.compat import keras
   for n_in, n_out, s in [(32 * 9, 32, 0.95), (200, 10, 0.9), (7, 3, 0.5), (3, 1, 0.99)]:
     layer = keras.layers.Dense(n_out)
     layer.build((None, n_in))

@@ -1,4 +1,4 @@
-"""Tests for keras_defense.reporting: every artifact exists, parses and says the right thing."""
+"""Tests for keras_defense.reports.reporting: every artifact exists, parses and says the right thing."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from keras_defense import reporting
-from keras_defense import statistics
+from keras_defense.reports import reporting
+from keras_defense.evaluation import statistics
 
 MODELS = ("m0", "m1", "m2")
 EPSILONS = (0.05, 0.1, 0.3)

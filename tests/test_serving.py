@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from keras_defense import data
-from keras_defense import export
-from keras_defense.compat import keras
-from keras_defense.errors import UserError
+from keras_defense.models import export
+from keras_defense.util.compat import keras
+from keras_defense.util.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAVED_MODELS = sorted(p.parent for p in (REPO / "saved_models").glob("*/*/saved_model.pb"))

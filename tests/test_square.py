@@ -7,8 +7,8 @@ import pytest
 
 import keras_defense
 from keras_defense import attacks
-from keras_defense.compat import tf
-from keras_defense.data import load_arrays
+from keras_defense.util.compat import tf
+from keras_defense.data.datasets import load_arrays
 
 # The package exports the function `square`, which hides the module's name.
 square_lib = importlib.import_module("keras_defense.attacks.square")

@@ -22,13 +22,13 @@ import urllib.request
 
 import pytest
 
-from keras_defense import evaluation
-from keras_defense import file_lock
+from keras_defense.evaluation import grid as evaluation
+from keras_defense.util import file_lock
 from keras_defense.defenses import logits_augmentation
 from keras_defense.defenses import pruning
-from keras_defense import sweep
+from keras_defense.pipelines import sweep
 from keras_defense import training
-from keras_defense.errors import UserError
+from keras_defense.util.errors import UserError
 
 _SMALL = dict(train_limit=1000, test_limit=300, validation_size=100, verbose=0)
 KEYS = ["standard__d0_c0__eps0__s0", "standard__d0_c0__eps20__s0",

@@ -1,4 +1,4 @@
-"""Tests for keras_defense.training and the kd-train binary."""
+"""Tests for keras_defense.training.loop and the kd-train binary."""
 
 import json
 import os
@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from keras_defense import data
-from keras_defense import export
+from keras_defense.models import export
 from keras_defense import training
-from keras_defense.compat import keras
+from keras_defense.util.compat import keras
 import fake_cifar10
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -50,7 +50,7 @@ from keras_defense.attacks import core
 from keras_defense.attacks import losses
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 DEFAULT_BATCH_SIZE = 1000
 APGD_LOSSES = ("ce", "dlr")

@@ -39,7 +39,7 @@ import numpy as np
 from keras_defense.attacks import metrics
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 DEFAULT_BATCH_SIZE = 1000
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")

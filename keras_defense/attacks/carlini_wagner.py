@@ -30,7 +30,7 @@ import numpy as np
 from keras_defense.attacks import losses
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 DEFAULT_BATCH_SIZE = 1000
 _BETA1, _BETA2, _ADAM_EPS = 0.9, 0.999, 1e-8   # tf.train.AdamOptimizer defaults

@@ -18,7 +18,7 @@ import numpy as np
 from keras_defense.attacks import losses
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 _TINY = 1e-12
 

@@ -38,7 +38,7 @@ from keras_defense.attacks import losses
 from keras_defense.attacks import metrics
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 DEFAULT_BATCH_SIZE = 1000
 UNROLL = 4   # iterations per tf.while_loop iteration; compaction between them

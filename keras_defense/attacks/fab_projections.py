@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 _BIG = 1e12
 

@@ -17,7 +17,7 @@ targeted attacker *descends* at the target label.
 
 from __future__ import annotations
 
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 
 def cross_entropy(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:

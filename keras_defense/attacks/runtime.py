@@ -18,8 +18,8 @@ from absl import logging
 import numpy as np
 
 from keras_defense.attacks import validation
-from keras_defense.compat import keras
-from keras_defense.compat import tf
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
 
 _CACHE: dict[int, tuple[weakref.ref, dict]] = {}
 

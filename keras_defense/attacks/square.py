@@ -43,7 +43,7 @@ import numpy as np
 from keras_defense.attacks import losses
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 DEFAULT_BATCH_SIZE = 1000
 _TINY = 1e-12

@@ -13,7 +13,7 @@ import numpy as np
 
 from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 
 def _labels(y: Any, num_classes: Any) -> tuple[np.ndarray, int]:

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from keras_defense.compat import tf
+from keras_defense.util.compat import tf
 
 LOSSES = ("cross_entropy", "margin")
 NORMS = ("linf", "l2")

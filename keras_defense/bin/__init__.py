@@ -7,7 +7,7 @@ from typing import Callable
 
 from absl import app
 
-from keras_defense.errors import UserError
+from keras_defense.util.errors import UserError
 
 
 def run(main: Callable[[list[str]], None]) -> None:

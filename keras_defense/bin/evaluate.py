@@ -16,9 +16,9 @@ import tqdm
 
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
-from keras_defense import provenance
-from keras_defense import robustness
-from keras_defense.compat import tf
+from keras_defense.util import provenance
+from keras_defense.evaluation import robustness
+from keras_defense.util.compat import tf
 
 
 class _Progress:

@@ -16,14 +16,14 @@ import sys
 from absl import logging
 
 from keras_defense import bin as kd_bin
-from keras_defense import experiment
+from keras_defense.pipelines import experiment
 from keras_defense import flags as kd_flags
-from keras_defense import progress
-from keras_defense import provenance
+from keras_defense.util import progress
+from keras_defense.util import provenance
 
 
 def _compare(command: str) -> None:
-  from keras_defense import defense_comparison  # pylint: disable=g-import-not-at-top
+  from keras_defense.pipelines import defense_comparison  # pylint: disable=g-import-not-at-top
   result = defense_comparison.run(kd_flags.comparison_config(command),
                                   progress=progress.ProgressBar())
   for row in result.rows:

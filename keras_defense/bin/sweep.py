@@ -15,9 +15,9 @@ from absl import logging
 
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
-from keras_defense import provenance
-from keras_defense import progress
-from keras_defense import sweep
+from keras_defense.util import provenance
+from keras_defense.util import progress
+from keras_defense.pipelines import sweep
 
 
 def main(argv):

@@ -35,10 +35,10 @@ from typing import Callable
 
 from keras_defense import training
 from keras_defense.attacks import core
-from keras_defense.compat import keras
-from keras_defense.compat import tf
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
 from keras_defense.defenses import base
-from keras_defense.training import ConfigError
+from keras_defense.training.loop import ConfigError
 
 METHODS = training.ADVERSARIAL_METHODS  # ("pgd", "fgsm_rs", "trades")
 TRADES_START_STD = 0.001  # TRADES code: x + 0.001 * randn before the KL ascent

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from keras_defense import provenance as provenance_lib
+from keras_defense.util import provenance as provenance_lib
 
 
 @dataclasses.dataclass

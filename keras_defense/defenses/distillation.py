@@ -27,9 +27,9 @@ import dataclasses
 import pathlib
 
 from keras_defense import training
-from keras_defense.compat import keras
+from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training import ConfigError
+from keras_defense.training.loop import ConfigError
 
 DEFAULT_TEMPERATURE = 100.0  # Papernot et al. 2016: T = 100 on MNIST
 

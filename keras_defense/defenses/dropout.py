@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from keras_defense.compat import keras
+from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training import ConfigError
+from keras_defense.training.loop import ConfigError
 
 LAYER_PREFIX = "defensive_dropout"
 

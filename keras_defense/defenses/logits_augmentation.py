@@ -32,12 +32,12 @@ import math
 import numpy as np
 
 from keras_defense import data
-from keras_defense import export
-from keras_defense import provenance
+from keras_defense.models import export
+from keras_defense.util import provenance
 from keras_defense import training
-from keras_defense.compat import keras
+from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training import ConfigError
+from keras_defense.training.loop import ConfigError
 
 TRANSFORMS = ("logits_augmentation", "gradient_inhibition")
 # Authors' code (S. Ye's cleverhans fork): 20 for MNIST, 10 for CIFAR-10.

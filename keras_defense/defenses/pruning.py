@@ -49,15 +49,15 @@ import numpy as np
 import tensorflow_model_optimization as tfmot
 
 from keras_defense import data
-from keras_defense import distribution
-from keras_defense import export
-from keras_defense import io_utils
+from keras_defense.training import distribution
+from keras_defense.models import export
+from keras_defense.util import io_utils
 from keras_defense import models
-from keras_defense import provenance
+from keras_defense.util import provenance
 from keras_defense import training
-from keras_defense.compat import keras
+from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training import ConfigError
+from keras_defense.training.loop import ConfigError
 
 _sparsity = tfmot.sparsity.keras
 _WRAPPER_TYPE = _sparsity.prune_low_magnitude(keras.layers.Dense(1)).__class__

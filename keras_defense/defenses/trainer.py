@@ -23,12 +23,12 @@ from absl import logging
 import numpy as np
 
 from keras_defense import data
-from keras_defense import export
-from keras_defense import io_utils
-from keras_defense.compat import keras
-from keras_defense.compat import tf
+from keras_defense.models import export
+from keras_defense.util import io_utils
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
 from keras_defense.defenses import adversarial_training as at
-from keras_defense.training import ConfigError
+from keras_defense.training.loop import ConfigError
 
 GUARD_STEPS = 10  # PGD-10 for the per-epoch check
 COLLAPSE_FRACTION = 0.5  # warn when robust accuracy < half the best so far

@@ -1,0 +1,439 @@
+"""Worst-case robust accuracy of any classifier under an attack ensemble, resumable.
+
+The protocol of AutoAttack (Croce & Hein, ICML 2020,
+https://arxiv.org/abs/2003.01690) and RobustBench: the first ``n_examples``
+test images; an image counts as robust at ε only if it is classified correctly
+and *every* attack of the ensemble fails on it. For each ε the attacks of
+``autoattack.plan(version, norm, attacks)`` run in order, each only on the
+images still robust, so the robust accuracy after an attack is cumulative and
+the last one is the per-image worst case.
+
+The ε are processed in increasing order and an image broken at a smaller ε
+starts out broken at the larger ones (its adversarial lies in both balls):
+the same worst-case numbers for less work. Those images are counted in their
+own row ("broken at a smaller ε").
+
+Crash safety: after every (ε, attack) the per-image state (robust mask, the
+indices of the images that attack broke and their adversarials) is written
+atomically to ``<run_dir>/state/eps_<ε>/<k>_<attack>.npz``; a rerun with the
+same configuration loads the finished steps and continues with the next one,
+so a kill -9 costs at most one (ε, attack) and gives the same ``results.json``
+(timing fields, the keys ending in ``seconds``, aside). The run directory is
+bound to its configuration and model bytes (``run.json``).
+
+Example:
+  >>> config = RobustnessConfig(model="saved_models/mnist_m0/1", output_key="logits",
+  ...                           run_dir="runs/eval_m0", epsilons=(0.3,), n_examples=1000)
+  >>> result = run(config)
+  >>> result.robust_acc
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import time
+from typing import Any, Callable, Sequence
+
+from absl import logging
+import numpy as np
+
+from keras_defense.models import classifier as clf_lib
+from keras_defense import data
+from keras_defense.util import io_utils
+from keras_defense.util import provenance
+from keras_defense.util import randomness
+from keras_defense.reports import robustness_report
+from keras_defense.attacks import runtime
+from keras_defense.util.compat import tf
+from keras_defense.util.errors import UserError
+from keras_defense.evaluation.robustness_result import AttackStep
+from keras_defense.evaluation.robustness_result import EpsilonResult
+from keras_defense.evaluation.robustness_result import RobustnessResult
+
+NORMS = ("linf", "l2")
+VERSIONS = ("standard", "plus", "rand", "custom")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_BATCH_SIZE = 500
+EXAMPLES_PER_EPSILON = 8  # worst-case adversarials shown per ε in the grid
+# Float32 rounding allowed at the ε-ball's edge (as autoattack.auto_attack).
+_TOLERANCE = 1e-6
+
+AttackFn = Callable[..., np.ndarray]
+Plan = Sequence[tuple[str, AttackFn]]
+Progress = Callable[[float, int, str], None]
+
+
+@dataclasses.dataclass
+class RobustnessConfig:
+  """What ``kd-evaluate`` evaluates; field names match its flags.
+
+  Attributes:
+    model: a SavedModel directory or a .keras/.h5 file.
+    run_dir: where state, results.json, report.md, TensorBoard and the grid go.
+    dataset: tfds dataset; its test split is used.
+    norm: "linf" or "l2".
+    epsilons: radii > 0 in pixel units of [0, 1] images.
+    n_examples: the first n test images (RobustBench: 10,000).
+    version: AutoAttack version: standard, plus, rand or custom.
+    attacks: the attacks of version="custom" (names as ``autoattack.plan``
+      knows them); None otherwise.
+    signature: the SavedModel signature to call.
+    output_key: the signature's output holding logits or probabilities.
+    seed: the attacks' seed.
+    batch_size: images per attack call.
+    compute_dtype: passed to the attacks.
+    data_dir, manual_dir: see ``data.prepare``.
+    command: the command line, recorded in the report.
+  """
+  model: str
+  run_dir: str
+  dataset: str = "mnist"
+  norm: str = "linf"
+  epsilons: tuple[float, ...] = (0.3,)
+  n_examples: int = 10000
+  version: str = "standard"
+  attacks: tuple[str, ...] | None = None
+  signature: str = "serving_default"
+  output_key: str | None = None
+  seed: int = 0
+  batch_size: int = DEFAULT_BATCH_SIZE
+  compute_dtype: str = "float32"  # "auto" may pick bfloat16, which costs strength
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  command: str | None = None
+
+  def validate(self) -> "RobustnessConfig":
+    """Checks every field; returns self.
+
+    Raises:
+      UserError: a field out of range, naming it.
+    """
+    def need(cond, msg):
+      if not cond:
+        raise UserError(msg)
+    need(bool(self.model), "`model` must name a SavedModel directory or a .keras/.h5 file.")
+    need(bool(self.run_dir), "`run_dir` must name a directory for the results.")
+    need(self.norm in NORMS, f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}.")
+    need(self.version in VERSIONS,
+         f"`version` must be one of {', '.join(VERSIONS)}; got {self.version!r}.")
+    need(len(self.epsilons) > 0, "`epsilons` must list at least one epsilon; got none.")
+    for e in self.epsilons:
+      need(isinstance(e, (int, float)) and np.isfinite(e) and e > 0,
+           f"`epsilons` must all be finite and > 0; got {e!r}.")
+    need(len(set(self.epsilons)) == len(self.epsilons),
+         f"`epsilons` must not repeat; got {list(self.epsilons)}.")
+    need(self.norm != "linf" or max(self.epsilons) <= 1,
+         f"L-inf `epsilons` must be <= 1 (the whole [0, 1] range); got {list(self.epsilons)}.")
+    need(isinstance(self.n_examples, int) and self.n_examples >= 1,
+         f"`n_examples` must be an integer >= 1; got {self.n_examples!r}.")
+    need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+         f"`batch_size` must be an integer >= 1; got {self.batch_size!r}.")
+    need(self.compute_dtype in COMPUTE_DTYPES, f"`compute_dtype` must be one of "
+         f"{', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
+    if self.version == "custom":
+      need(bool(self.attacks), "version 'custom' needs `attacks` (e.g. apgd-ce,square).")
+    else:
+      need(not self.attacks, f"`attacks` only goes with version 'custom'; version "
+           f"{self.version!r} has its own list. Got attacks={list(self.attacks or ())}.")
+    return self
+
+  def identity(self) -> dict[str, Any]:
+    """The fields that decide the numbers (a run directory is bound to them)."""
+    return {"model": str(self.model), "dataset": self.dataset, "norm": self.norm,
+            "epsilons": sorted(float(e) for e in self.epsilons),
+            "n_examples": self.n_examples, "version": self.version,
+            "attacks": list(self.attacks) if self.attacks else None,
+            "signature": self.signature, "output_key": self.output_key,
+            "seed": self.seed, "batch_size": self.batch_size,
+            "compute_dtype": self.compute_dtype}
+
+
+def _real_plan(version: str, norm: str, attacks: Sequence[str] | None) -> Plan:
+  from keras_defense.attacks import autoattack  # pylint: disable=g-import-not-at-top
+  return autoattack.plan(version, norm, attacks)
+
+
+def _bind_run_dir(run_dir: pathlib.Path, identity: dict[str, Any], sha256: str) -> dict:
+  """Writes run.json, or refuses a run directory that holds another run; returns it."""
+  record = {"config": identity, "model_sha256": sha256}
+  path = run_dir / "run.json"
+  if path.exists():
+    old = io_utils.read_json(path)
+    mine = {k: old.get(k) for k in record}
+    if mine != record:
+      old_cfg = dict(old.get("config", {}), model_sha256=old.get("model_sha256"))
+      new_cfg = dict(identity, model_sha256=sha256)
+      diff = ", ".join(f"{k}={old_cfg.get(k)!r} -> {new_cfg.get(k)!r}"
+                       for k in sorted(set(old_cfg) | set(new_cfg))
+                       if old_cfg.get(k) != new_cfg.get(k))
+      raise UserError(f"`run_dir` {str(run_dir)!r} holds another evaluation ({diff}); its "
+                      f"saved state cannot be resumed by this one. Fix: pass a new "
+                      f"`run_dir` or delete that one.")
+    return old
+  io_utils.write_json(path, record)
+  return record
+
+
+def _resolve_compute_dtype(run_dir: pathlib.Path, record: dict, model: Any,
+                           config: RobustnessConfig, image_shape: Sequence[int]) -> str:
+  """The dtype the attacks use, chosen once per run directory (kept in run.json).
+
+  "auto" times both dtypes (``runtime.resolve_compute_dtype``, at the attack
+  batch size); a resumed run must not pick differently.
+  """
+  if "compute_dtype" in record:
+    return record["compute_dtype"]
+  dtype = runtime.resolve_compute_dtype(model, config.compute_dtype, tuple(image_shape),
+                                        batch_size=config.batch_size)
+  io_utils.write_json(run_dir / "run.json", dict(record, compute_dtype=dtype))
+  return dtype
+
+
+def _save_npz(path: pathlib.Path, **arrays) -> None:
+  with io_utils.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())
+
+
+def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
+  with np.load(path) as z:
+    return {k: z[k] for k in z.files}
+
+
+def _inside_threat_model(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str,
+                         attack: str) -> np.ndarray:
+  """Bool (N,): ``x_adv`` inside the ε-ball and [0, 1] (float32 rounding allowed).
+
+  The same test as ``autoattack.auto_attack``: an adversarial outside the
+  threat model does not count as broken.
+
+  Raises:
+    RuntimeError: the attack returned the wrong shape or non-finite values.
+  """
+  if x_adv.shape != x.shape or not np.all(np.isfinite(x_adv)):
+    raise RuntimeError(f"attack {attack!r} returned shape {x_adv.shape} (or non-finite "
+                       f"values) for images of shape {x.shape}.")
+  d = (x_adv.astype(np.float64) - x).reshape(len(x), -1)
+  dist = np.abs(d).max(axis=1) if norm == "linf" else np.sqrt((d * d).sum(axis=1))
+  flat = x_adv.reshape(len(x), -1)
+  in_box = (flat.min(axis=1) >= 0.0) & (flat.max(axis=1) <= 1.0)
+  return (dist <= eps * (1 + _TOLERANCE) + _TOLERANCE) & in_box
+
+
+def _eps_dir(eps: float) -> str:
+  return f"eps_{eps:.6g}"
+
+
+class _Evaluation:
+  """The per-image state of one run and the steps that advance it."""
+
+  def __init__(self, config: RobustnessConfig, clf: clf_lib.Classifier, x: np.ndarray,
+               y: np.ndarray, plan: Plan, progress: Progress | None):
+    self.config = config
+    self.clf = clf
+    self.x, self.y = x, y
+    self.plan = list(plan)
+    self.progress = progress or (lambda done, total, desc: None)
+    self.state = pathlib.Path(config.run_dir) / "state"
+    # Attacks differentiate the Keras model itself when there is one (bfloat16
+    # clones need it); otherwise the Classifier callable.
+    self.attack_model = clf.keras_model if clf.keras_model is not None else clf
+    self.total_steps = len(config.epsilons) * len(self.plan)
+    self.steps_done = 0
+    self.clean_pred = np.zeros(0, np.int64)  # set by clean()
+    self._argmax = None
+    self.compute_dtype = "float32"  # resolved by run()
+
+  def predict(self, x: np.ndarray) -> np.ndarray:
+    """Argmax of the logits, int64 (N,), in batches of one compiled function."""
+    if self._argmax is None:
+      model = self.attack_model
+      spec = tf.TensorSpec([None, *self.x.shape[1:]], tf.float32)
+      self._argmax = tf.function(lambda xb: tf.argmax(model(xb), -1), input_signature=[spec])
+    if not len(x):
+      return np.zeros(0, np.int64)
+    return runtime.in_batches(self._argmax, self.config.batch_size, x).astype(np.int64)
+
+  def clean(self) -> tuple[np.ndarray, float]:
+    """Clean predictions (saved once, so a resumed run counts the same images)."""
+    path = self.state / "clean.npz"
+    if path.exists():
+      st = _load_npz(path)
+      self.clean_pred = st["pred"]
+      return st["pred"], float(st["seconds"])
+    start = time.perf_counter()
+    randomness.reseed(self.clf, self.config.seed, "clean")
+    self.clean_pred = self.predict(self.x)
+    seconds = time.perf_counter() - start
+    _save_npz(path, pred=self.clean_pred, seconds=np.float64(seconds))
+    return self.clean_pred, seconds
+
+  def _attack(self, name: str, fn: AttackFn, eps: float, robust: np.ndarray,
+              adv: np.ndarray) -> dict[str, np.ndarray]:
+    """Runs one attack on the images still robust; returns its state.
+
+    One call on all of them, as ``autoattack.auto_attack`` makes, so the
+    attack's own batching and per-batch seeds are the same as there.
+    """
+    c = self.config
+    todo = np.flatnonzero(robust)
+    robust = robust.copy()
+    start = time.perf_counter()
+    broken, outside = np.zeros(0, np.int64), 0
+    self.progress(self.steps_done, self.total_steps,
+                  f"ε={eps:g} {name} on {len(todo)} images: robust "
+                  f"{100 * len(todo) / len(self.y):.1f}%")
+    if len(todo):
+      # A randomized model draws the same masks in this step whether the run
+      # is fresh or resumed (earlier steps loaded, not recomputed).
+      randomness.reseed(self.clf, c.seed, eps, name)
+      x_adv = np.asarray(fn(self.attack_model, self.x[todo], self.y[todo], eps, seed=c.seed,
+                            batch_size=c.batch_size, compute_dtype=self.compute_dtype),
+                         dtype=np.float32)
+      legal = _inside_threat_model(self.x[todo], x_adv, eps, c.norm, name)
+      outside = int((~legal).sum())
+      if outside:
+        logging.warning("%s returned %d images outside the %s ball of radius %g or [0, 1]; "
+                        "they do not count as broken.", name, outside, c.norm, eps)
+      fooled = legal & (self.predict(x_adv) != self.y[todo])
+      broken = todo[fooled]
+      robust[broken] = False
+      adv[broken] = x_adv[fooled]
+    return {"robust": robust, "broken_idx": broken.astype(np.int64), "x_adv": adv[broken],
+            "attacked": np.int64(len(todo)), "outside_threat_model": np.int64(outside),
+            "seconds": np.float64(time.perf_counter() - start)}
+
+  def epsilon(self, eps: float, robust: np.ndarray, adv: np.ndarray,
+              clean_correct: int) -> tuple[EpsilonResult, np.ndarray]:
+    """Runs (or loads) every attack at ``eps``, starting from ``robust``."""
+    inherited = clean_correct - int(robust.sum())
+    steps = []
+    for k, (name, fn) in enumerate(self.plan):
+      path = self.state / _eps_dir(eps) / f"{k:02d}_{name}.npz"
+      if path.exists():
+        st = _load_npz(path)
+        adv[st["broken_idx"]] = st["x_adv"]
+        logging.info("ε=%g %s: resumed from %s", eps, name, path)
+      else:
+        st = self._attack(name, fn, eps, robust, adv)
+        _save_npz(path, **st)
+      robust = st["robust"]
+      steps.append(AttackStep(attack=name, attacked=int(st["attacked"]),
+                              broken=len(st["broken_idx"]), robust=int(robust.sum()),
+                              outside_threat_model=int(st["outside_threat_model"]),
+                              seconds=float(st["seconds"])))
+      self.steps_done += 1
+      self.progress(self.steps_done, self.total_steps,
+                    f"ε={eps:g} {name}: robust {100 * robust.sum() / len(self.y):.1f}%")
+    return EpsilonResult(eps=eps, broken_at_smaller_eps=inherited, steps=steps,
+                         robust=int(robust.sum()),
+                         seconds=sum(s.seconds for s in steps),
+                         examples=self.examples(robust, adv)), robust
+
+  def examples(self, robust: np.ndarray, adv: np.ndarray) -> dict[str, np.ndarray]:
+    """The first few broken images: clean, worst-case adversarial, predictions."""
+    correct_before = self.clean_pred == self.y
+    idx = np.flatnonzero(correct_before & ~robust)[:EXAMPLES_PER_EPSILON]
+    x_adv = adv[idx].copy()
+    randomness.reseed(self.clf, self.config.seed, "examples")
+    pred_adv = self.predict(x_adv)
+    return {"index": idx, "x": self.x[idx], "x_adv": x_adv, "y": self.y[idx],
+            "pred_clean": self.clean_pred[idx], "pred_adv": pred_adv}
+
+
+def run(config: RobustnessConfig, *, progress: Progress | None = None,
+        attack_plan: Callable[[str, str, Sequence[str] | None], Plan] | None = None,
+        write_artifacts: bool = True) -> RobustnessResult:
+  """Evaluates the model's worst-case robust accuracy at every ε, resuming saved state.
+
+  Args:
+    config: what to evaluate (validated here).
+    progress: called as ``progress(done, total, description)`` before and
+      after every (ε, attack) step, ``done`` of ``total`` steps finished; the
+      description holds the running robust accuracy.
+    attack_plan: ``(version, norm, attacks) -> [(name, fn)]``; default
+      ``keras_defense.attacks.autoattack.plan``.
+    write_artifacts: write results.json, report.md, TensorBoard and the grid.
+
+  Returns:
+    A ``RobustnessResult``.
+
+  Raises:
+    UserError: a bad config, model, signature, input spec, output or run
+      directory, all before any attack runs or anything is written.
+  """
+  wall_start = time.perf_counter()
+  config.validate()
+  run_dir = pathlib.Path(config.run_dir)
+  blocker = io_utils.file_in_the_way(run_dir)
+  if blocker is not None:
+    raise UserError(f"`run_dir` {str(run_dir)!r} cannot be a directory: {str(blocker)!r} "
+                    f"exists and is not a directory.")
+  clf = clf_lib.load_classifier(config.model, signature=config.signature,
+                                output_key=config.output_key)
+  facts = data.info(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
+  clf.check_input(facts.image_shape, dataset=config.dataset)
+  try:
+    plan = list((attack_plan or _real_plan)(config.version, config.norm, config.attacks))
+  except (ValueError, TypeError) as e:
+    if isinstance(e, UserError):
+      raise
+    raise UserError(str(e)) from e
+  if config.n_examples > facts.num_test:
+    raise UserError(f"`n_examples` must be at most the {facts.num_test} test images of "
+                    f"{config.dataset}; got {config.n_examples}.")
+  x, y = data.load_arrays(config.dataset, "test", limit=config.n_examples,
+                          data_dir=config.data_dir, manual_dir=config.manual_dir)
+  clf.use_output(clf_lib.detect_output(clf, x[:min(len(x), 256)],
+                                       num_classes=facts.num_classes))
+  if clf.output == clf_lib.PROBABILITIES:
+    logging.warning("%s outputs probabilities (rows >= 0 summing to 1): attacking log(p).",
+                    config.model)
+  if config.compute_dtype == "bfloat16" and clf.keras_model is None:
+    raise UserError("`compute_dtype` 'bfloat16' needs a Keras model file with logits "
+                    "output (its layers are cloned in bfloat16); a SavedModel signature or "
+                    "a probability output runs in float32. Fix: use float32.")
+  sha256 = clf_lib.fingerprint(config.model)
+  record = _bind_run_dir(run_dir, config.identity(), sha256)
+
+  ev = _Evaluation(config, clf, x, y, plan, progress)
+  ev.compute_dtype = _resolve_compute_dtype(run_dir, record, ev.attack_model, config,
+                                            facts.image_shape)
+  ev.progress(0, ev.total_steps, "clean accuracy")
+  pred, clean_seconds = ev.clean()
+  robust = pred == y
+  clean_correct = int(robust.sum())
+  adv = x.copy()
+  results = []
+  for eps in sorted(float(e) for e in config.epsilons):
+    result, robust = ev.epsilon(eps, robust, adv, clean_correct)
+    results.append(result)
+    logging.info("ε=%g: robust accuracy %.4f", eps, result.robust / len(y))
+  out = RobustnessResult(
+      config=config, attacks=[name for name, _ in plan], n=len(y),
+      clean_correct=clean_correct, output=clf.output, model_kind=clf.kind,
+      model_sha256=sha256, compute_dtype=ev.compute_dtype, epsilons=results,
+      clean_seconds=clean_seconds, wall_seconds=time.perf_counter() - wall_start,
+      versions=provenance.versions())
+  if write_artifacts:
+    robustness_report.write(run_dir, out)
+  return out
+
+
+def robust_masks(run_dir: str | os.PathLike) -> dict[float, np.ndarray]:
+  """Per-image worst-case outcome of a finished (or partial) run: {ε: bool (n,) robust}.
+
+  Read from the saved state: for each ε, the robust mask after the last
+  attack that finished there. An ε with no finished attack is left out.
+  """
+  state = pathlib.Path(run_dir) / "state"
+  masks = {}
+  for eps_dir in sorted(state.glob("eps_*")) if state.is_dir() else []:
+    steps = sorted(eps_dir.glob("[0-9][0-9]_*.npz"))
+    if steps:
+      masks[float(eps_dir.name[len("eps_"):])] = _load_npz(steps[-1])["robust"].astype(bool)
+  return masks

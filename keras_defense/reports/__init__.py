@@ -1,0 +1,2 @@
+"""Reports: tables, plots and TensorBoard writers; one module per report.
+"""
