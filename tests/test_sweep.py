@@ -313,8 +313,8 @@ def test_sparsities_flag_validator_names_the_flag(value):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
   with pytest.raises(flags.ValidationError, match="--sparsities must be dense:conv pairs"):
-    kd_flags._check_sparsities(value)  # pylint: disable=protected-access
-  assert kd_flags._check_sparsities(["0:0", "0.9:0.95"])  # pylint: disable=protected-access
+    kd_flags.sweep._check_sparsities(value)  # pylint: disable=protected-access
+  assert kd_flags.sweep._check_sparsities(["0:0", "0.9:0.95"])  # pylint: disable=protected-access
 
 
 def test_a_missing_base_model_is_a_clear_error(tmp_path):

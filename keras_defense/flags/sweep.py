@@ -1,0 +1,87 @@
+"""kd-sweep's flags: the grid of sparsities, logits eps and methods, shards; SweepConfig."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from keras_defense import data
+from keras_defense.flags import common
+from keras_defense.flags import experiment as experiment_flags
+
+FLAGS = flags.FLAGS
+
+# --- sweep (kd-sweep) ---------------------------------------------------------
+# kd-sweep reuses kd-experiment's flags (stage flagfiles, --epsilons with one
+# value: the attack ε, the FGSM/BIM grid, --autoattack_*, --stages, --seed,
+# --deterministic, data); the --cw_* flags are not used (C&W is not ε-bounded).
+flags.DEFINE_list("sparsities", ["0:0", "0.9:0.95"],
+                  "kd-sweep: Dense:Conv sparsity pairs (each pair one pruned model; 0:0 is "
+                  "M0 itself), e.g. 0:0,0.5:0.5,0.9:0.95.")
+flags.DEFINE_list("logits_epsilons", ["0", "20"],
+                  "kd-sweep: logits-augmentation eps values (0: no augmentation).")
+flags.DEFINE_list("methods", ["standard"],
+                  "kd-sweep: training methods: standard, plus pgd, fgsm_rs, trades "
+                  "(adversarial training) where available.")
+flags.DEFINE_list("base_models", [],
+                  "kd-sweep: method:SavedModel pairs used as that method's M0 instead of "
+                  "training it (e.g. standard:saved_models/mnist_m0/1).")
+flags.DEFINE_integer("shard_index", 0, "kd-sweep: this shard, in [0, --num_shards).",
+                     lower_bound=0)
+flags.DEFINE_integer("num_shards", 1, "kd-sweep: shards the grid's points are split into.",
+                     lower_bound=1)
+flags.DEFINE_float("lock_timeout", 600.0,
+                   "kd-sweep: seconds without a heartbeat after which a parent's build lock "
+                   "counts as stale (a holder on this host whose pid is dead: at once).")
+
+
+def _check_sparsities(values):
+  for v in values:
+    parts = v.split(":")
+    try:
+      ok = len(parts) == 2 and all(0 <= float(p) < 1 for p in parts)
+    except ValueError:
+      ok = False
+    if not ok:
+      raise flags.ValidationError(
+          f"--sparsities must be dense:conv pairs, each in [0, 1) (e.g. 0.9:0.95); got {v!r}.")
+  return True
+
+
+def _check_floats(name):
+  def check(values):
+    for v in values:
+      try:
+        float(v)
+      except ValueError:
+        raise flags.ValidationError(f"--{name} must be numbers; got {v!r}.") from None
+    return True
+  return check
+
+
+flags.register_validator("sparsities", _check_sparsities)
+flags.register_validator("logits_epsilons", _check_floats("logits_epsilons"))
+flags.register_validator(
+    "base_models", lambda v: all(":" in x and x.split(":", 1)[1] for x in v),
+    "--base_models must be method:SavedModel pairs, e.g. standard:saved_models/mnist_m0/1.")
+flags.register_multi_flags_validator(
+    ["shard_index", "num_shards"], lambda d: d["shard_index"] < d["num_shards"],
+    "--shard_index must be < --num_shards.")
+
+
+def sweep_config(command: str | None = None):
+  """The SweepConfig the kd-sweep flags describe (kd-experiment's stage configs)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from keras_defense.pipelines import sweep  # pylint: disable=g-import-not-at-top
+  exp = experiment_flags.experiment_config(command)
+  return sweep.SweepConfig(
+      run_dir=FLAGS.run_dir or f"runs/{data.slug(common.dataset_name())}_sweep",
+      train=exp.train, prune=exp.prune, augment=exp.augment,
+      eval=dataclasses.replace(exp.eval, cw_attacks=()),
+      sparsities=tuple(tuple(float(p) for p in v.split(":")) for v in FLAGS.sparsities),
+      logits_epsilons=tuple(float(e) for e in FLAGS.logits_epsilons),
+      methods=tuple(FLAGS.methods),
+      base_models=dict(v.split(":", 1) for v in FLAGS.base_models),
+      dataset=exp.dataset, data_dir=exp.data_dir, manual_dir=exp.manual_dir,
+      seed=FLAGS.seed, deterministic=FLAGS.deterministic, stages=tuple(FLAGS.stages),
+      shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
+      lock_timeout=FLAGS.lock_timeout, command=command)

@@ -1,0 +1,72 @@
+"""kd-train's own flags: adversarial training and defensive distillation; TrainConfig."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from keras_defense import data
+from keras_defense import training
+from keras_defense.flags import common
+
+FLAGS = flags.FLAGS
+
+# --- adversarial training (kd-train; kd-prune: robust pruning; keras_defense.defenses)
+flags.DEFINE_enum("adversarial", None, list(training.ADVERSARIAL_METHODS),
+                  "Train (kd-train) or fine-tune while pruning (kd-prune: robust pruning) on "
+                  "adversarial examples crafted in every step: pgd (Madry et al. 2018), "
+                  "fgsm_rs (FGSM from a random start, Wong et al. 2020) or trades (Zhang et "
+                  "al. 2019). Default: standard training.")
+flags.DEFINE_float("adv_epsilon", 0.3, "L-inf radius of the training attack (MNIST papers: 0.3).")
+flags.DEFINE_integer("adv_steps", None,
+                     "Steps of the training attack (default: 40 for pgd/trades, Madry's MNIST; "
+                     "fgsm_rs takes 1).", lower_bound=1)
+flags.DEFINE_float("adv_step_size", None,
+                   "Step of the training attack (default: 2.5 * eps / steps for pgd/trades; "
+                   "1.25 * eps for fgsm_rs, Wong et al.).")
+flags.DEFINE_float("trades_beta", 6.0, "TRADES beta, the weight of the KL term (TRADES: 6).",
+                   lower_bound=0.0)
+flags.DEFINE_integer("robust_val_size", 1000,
+                     "Held-out validation images of the per-epoch PGD-10 robust-accuracy check "
+                     "that keeps the best epoch (0: no check).", lower_bound=0)
+flags.register_validator("adv_epsilon", lambda v: 0 < v <= 1, "--adv_epsilon must be in (0, 1].")
+flags.register_validator("adv_step_size", lambda v: v is None or v > 0,
+                         "--adv_step_size must be > 0.")
+# --- defensive distillation (kd-train twice; keras_defense.defenses.distillation)
+flags.DEFINE_float("temperature", 1.0,
+                   "Softmax temperature of the training loss (defensive distillation, Papernot "
+                   "et al. 2016: 100 for the teacher and the student; the exported model is "
+                   "deployed at T = 1). 1: standard training.")
+flags.DEFINE_string("teacher_model_path", None,
+                    "Distillation's student: learn this SavedModel's soft labels "
+                    "softmax(logits / T) instead of the labels (train the teacher first with "
+                    "the same --temperature).")
+flags.register_validator("temperature", lambda v: v > 0, "--temperature must be > 0.")
+flags.register_multi_flags_validator(
+    ["adversarial", "adv_steps"],
+    lambda d: d["adversarial"] != "fgsm_rs" or d["adv_steps"] in (None, 1),
+    "--adversarial=fgsm_rs takes one step: leave --adv_steps unset or 1.")
+
+
+def train_config(fv=None) -> training.TrainConfig:
+  """The TrainConfig the training flags describe."""
+  fv = FLAGS if fv is None else fv
+  return training.TrainConfig(
+      dataset=common.dataset_name(fv), model=fv.model,
+      run_dir=fv.run_dir or f"runs/{data.slug(common.dataset_name(fv))}_train",
+      epochs=fv.epochs, batch_size=fv.batch_size, optimizer=fv.optimizer,
+      learning_rate=fv.learning_rate, momentum=fv.momentum,
+      nesterov=fv.nesterov,
+      lr_decay_epochs=tuple(int(e) for e in fv.lr_decay_epochs),
+      lr_decay_factor=fv.lr_decay_factor, dropout=fv.dropout,
+      seed=fv.seed, train_limit=fv.train_limit, test_limit=fv.test_limit,
+      validation_size=fv.validation_size, data_dir=fv.data_dir,
+      manual_dir=fv.manual_dir, export_dir=fv.export_dir,
+      export_version=fv.export_version, compute_dtype=fv.compute_dtype,
+      deterministic=fv.deterministic, strategy=fv.strategy,
+      num_cpu_devices=fv.num_cpu_devices, **adversarial_fields(fv),
+      temperature=fv.temperature, teacher_model_path=fv.teacher_model_path)
+
+
+def adversarial_fields(fv) -> dict:
+  """The adversarial-training flags, for TrainConfig and PruneConfig (robust pruning)."""
+  return {name: fv[name].value for name in training.ADVERSARIAL_FIELDS}
