@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # keras-defense launcher: sets up .venv (once per setup.py change), then runs
 #   bash run.sh reproduce [flags...]   the MNIST reproduction (flags/mnist.flags)
-#   bash run.sh test [pytest args...]  the test suite
+#   bash run.sh test [pytest args...]  the import layers (lint-imports), then the test suite
 #   bash run.sh setup                  only the set-up
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -21,11 +21,14 @@ cmd=${1:-}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   reproduce) exec .venv/bin/kd-experiment --flagfile=flags/mnist.flags "$@" ;;
-  # The suite runs on KD_TEST_WORKERS pytest-xdist workers (default 2, one per core of the
-  # 2-core machine it is budgeted on), a test file per worker at a time so module fixtures
+  # First the import layers (.importlinter: bin > flags > pipelines > reports > evaluation >
+  # defenses > training > attacks | models | data > util; a broken contract fails the
+  # command), then the suite on KD_TEST_WORKERS pytest-xdist workers (default 2, one per
+  # core of the 2-core machine it is budgeted on), a test file per worker at a time so module fixtures
   # are built once, in the order tests/conftest.py sorts them (longest first);
   # KD_TEST_WORKERS=0 runs it in this process.
-  test) exec .venv/bin/python -m pytest -q -n "${KD_TEST_WORKERS:-2}" --dist loadfile \
+  test) .venv/bin/lint-imports --no-logo --no-cache
+        exec .venv/bin/python -m pytest -q -n "${KD_TEST_WORKERS:-2}" --dist loadfile \
           --no-loadscope-reorder "$@" ;;
   setup) echo "run.sh: .venv is ready" >&2 ;;
   *) echo "usage: bash run.sh reproduce|test|setup [args...]" >&2; exit 2 ;;

@@ -24,7 +24,8 @@ setuptools.setup(
     package_data={"keras_defense": ["data_files/mnist/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=8", "pytest-xdist==3.8.0"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist==3.8.0",
+                             "import-linter==2.16"]},  # lint-imports: the layers (.importlinter)
     entry_points={
         "console_scripts": [
             "kd-train=keras_defense.bin.train:run_main",
