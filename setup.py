@@ -13,6 +13,9 @@ INSTALL_REQUIRES = [
     "numpy>=1.26,<3",
     "matplotlib>=3.8",
     "tensorboard==2.21.0",
+    # LiteRT, TensorFlow's maintained TFLite runtime: runs kd-quantize's .tflite files
+    # (models/tflite.py) without TensorFlow; 2.3.0 works with numpy 2.x (pip check clean).
+    "ai-edge-litert==2.3.0",
 ]
 
 setuptools.setup(
@@ -34,6 +37,7 @@ setuptools.setup(
             "kd-experiment=keras_defense.bin.experiment:run_main",
             "kd-evaluate=keras_defense.bin.evaluate:run_main",
             "kd-sweep=keras_defense.bin.sweep:run_main",
+            "kd-quantize=keras_defense.bin.quantize:run_main",
         ],
     },
 )

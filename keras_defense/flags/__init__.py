@@ -2,7 +2,7 @@
 
 One module per binary (``train``, ``prune`` for kd-prune and kd-augment,
 ``experiment``, ``evaluate``, ``sweep``, ``comparison`` for kd-experiment
---defense) over the flags they share (``common``). Importing the package
+--defense, ``quantize``) over the flags they share (``common``). Importing the package
 defines every flag, in the order the single flags module defined them, so
 each binary's --helpfull lists the same flags as before the split.
 """
@@ -14,6 +14,7 @@ from keras_defense.flags import experiment
 from keras_defense.flags import evaluate
 from keras_defense.flags import sweep
 from keras_defense.flags import comparison
+from keras_defense.flags import quantize
 from keras_defense.flags.common import dataset_name
 from keras_defense.flags.common import FLAGS
 from keras_defense.flags.comparison import comparison_config
@@ -25,5 +26,6 @@ from keras_defense.flags.experiment import RUN_DATA_FLAGS
 from keras_defense.flags.experiment import STAGE_DEFAULTS
 from keras_defense.flags.prune import augment_config
 from keras_defense.flags.prune import prune_config
+from keras_defense.flags.quantize import quantize_config
 from keras_defense.flags.sweep import sweep_config
 from keras_defense.flags.train import train_config
