@@ -238,3 +238,28 @@ def test_quantize_writes_tflite_and_provenance(setup, tmp_path):
   assert m["tflite_bytes"] == out.stat().st_size and m["agreement_images"] == 100
   assert m["agreement"] >= 0.8
   assert "qat_int8 + 4 clusters" in result.summary()
+
+
+def _quantize_config(*argv):
+  import copy  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+  fv = copy.deepcopy(kd_flags.FLAGS)
+  fv.unparse_flags()
+  fv(["kd-quantize", *argv])
+  return kd_flags.quantize_config(fv)
+
+
+def test_flags_make_the_config():
+  config = _quantize_config("--base_model_path=saved_models/mnist_m1/1", "--method=qat_int8",
+                            "--export_path=/tmp/m.tflite", "--clusters=16")
+  config.validate()
+  # Fine-tuning defaults of kd-quantize, not kd-train's 10 epochs of SGD at 0.05.
+  assert (config.method, config.clusters, config.epochs, config.learning_rate) == (
+      "qat_int8", 16, 2, 1e-4)
+  config = _quantize_config("--base_model_path=m", "--export_path=/tmp/m.tflite", "--epochs=3",
+                            "--adversarial=pgd", "--adv_epsilon=0.1")
+  assert config.epochs == 3 and config.adversarial_settings.epsilon == 0.1
+  with pytest.raises(UserError, match="`adversarial` fine-tunes, so it needs method qat_int8"):
+    config.validate()
+  with pytest.raises(UserError, match="--export_path is required"):
+    _quantize_config("--base_model_path=m")
