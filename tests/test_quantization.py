@@ -131,10 +131,13 @@ def test_prune_preserving_qat_keeps_zeros(setup):
 
 def test_clustering_leaves_at_most_16_values(setup):
   model, _, x_train, y_train, _ = setup
+  before = [w.copy() for w in model.get_weights()]
   clustered = compression.cluster_model(model, number_of_clusters=16)
   train = tf.data.Dataset.from_tensor_slices((x_train[:256], y_train[:256])).batch(64)
   qat.fine_tune(clustered, train, epochs=1, verbose=0)
   stripped = compression.strip_clustering(clustered)
+  # The caller's model is not fine-tuned along (tfmot's wrappers share the layers they wrap).
+  assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
   counts = compression.unique_weight_counts(stripped)
   assert set(counts) == {"conv1", "conv2", "dense1", "logits"}
   assert all(2 <= c <= 16 for c in counts.values()), counts

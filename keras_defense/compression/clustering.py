@@ -48,7 +48,8 @@ def cluster_model(model: keras.Model, *, number_of_clusters: int = DEFAULT_CLUST
     preserve_sparsity: keep zero weights at zero (for a pruned model).
 
   Returns:
-    A new model with clustering wrappers; fine-tune it, then ``strip_clustering``.
+    A new model with clustering wrappers (``model`` is left as it was);
+    fine-tune it, then ``strip_clustering``.
 
   Raises:
     UserError: ``number_of_clusters`` < 2 or not an int.
@@ -63,8 +64,12 @@ def cluster_model(model: keras.Model, *, number_of_clusters: int = DEFAULT_CLUST
       "preserve_sparsity": bool(preserve_sparsity),
   }
 
+  # tfmot's wrappers hold the very layers they wrap, so fine-tuning the
+  # clustered model would change ``model`` too: wrap a copy.
+  copy = keras.models.clone_model(model)
+  copy.set_weights(model.get_weights())
   # The whole model: tfmot wraps every layer it can cluster (Conv2D, Dense).
-  return tfmot.clustering.keras.cluster_weights(model, **params)
+  return tfmot.clustering.keras.cluster_weights(copy, **params)
 
 
 def strip_clustering(model: keras.Model) -> keras.Model:

@@ -145,6 +145,11 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
                  "validation_size": config.validation_size}
   parent = export.load_model(config.base_model_path)
   model = parent
+  x_check = None
+  if config.agreement_size:  # the parent's logits before anything is fine-tuned
+    x_check, _ = data.load_arrays(config.dataset, "test", limit=config.agreement_size,
+                                  **data_kwargs)
+    float_logits = parent.predict(x_check, batch_size=256, verbose=0)
   stages = []
 
   def train_batches():
@@ -193,11 +198,9 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
   m["bytes_ratio"] = m["tflite_bytes"] / m["float_variables_bytes"]
   m["gzip_ratio"] = m["tflite_gzip_bytes"] / m["float_variables_bytes"]
   m["agreement"], m["agreement_images"] = None, 0
-  if config.agreement_size:
-    x, _ = data.load_arrays(config.dataset, "test", limit=config.agreement_size, **data_kwargs)
-    float_logits = parent.predict(x, batch_size=256, verbose=0)
-    m["agreement"] = measurement.agreement(float_logits, tflite.TFLiteModel(content)(x))
-    m["agreement_images"] = int(len(x))
+  if x_check is not None:
+    m["agreement"] = measurement.agreement(float_logits, tflite.TFLiteModel(content)(x_check))
+    m["agreement_images"] = int(len(x_check))
 
   record = provenance.model_provenance("quantize", info, base_model=config.base_model_path)
   record["versions"]["ai_edge_litert"] = _litert_version()
