@@ -34,6 +34,7 @@ setuptools.setup(
             "kd-experiment=keras_defense.bin.experiment:run_main",
             "kd-evaluate=keras_defense.bin.evaluate:run_main",
             "kd-sweep=keras_defense.bin.sweep:run_main",
+            "kd-certify=keras_defense.bin.certify:run_main",
         ],
     },
 )

@@ -2,7 +2,7 @@
 
 One module per binary (``train``, ``prune`` for kd-prune and kd-augment,
 ``experiment``, ``evaluate``, ``sweep``, ``comparison`` for kd-experiment
---defense) over the flags they share (``common``). Importing the package
+--defense, ``certify``) over the flags they share (``common``). Importing the package
 defines every flag, in the order the single flags module defined them, so
 each binary's --helpfull lists the same flags as before the split.
 """
@@ -14,8 +14,11 @@ from keras_defense.flags import experiment
 from keras_defense.flags import evaluate
 from keras_defense.flags import sweep
 from keras_defense.flags import comparison
+from keras_defense.flags import certify
 from keras_defense.flags.common import dataset_name
 from keras_defense.flags.common import FLAGS
+from keras_defense.flags.certify import certify_config
+from keras_defense.flags.certify import certify_flags
 from keras_defense.flags.comparison import comparison_config
 from keras_defense.flags.evaluate import evaluate_config
 from keras_defense.flags.evaluate import evaluate_flags
