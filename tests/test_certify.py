@@ -312,3 +312,32 @@ def test_kd_certify_binary_writes_results_and_resumes(mnist_model, tmp_path):
   # A run directory of other settings is refused.
   with pytest.raises(UserError, match="other settings"):
     runner.run(dataclasses.replace(config, method="ibp"))
+
+
+# --- certified training loss ---------------------------------------------------------
+
+def test_ibp_loss_is_the_clean_loss_at_kappa_one_and_trains_the_bound_down():
+  from keras_defense.certify import losses  # pylint: disable=g-import-not-at-top
+  keras.utils.set_random_seed(3)
+  model = keras.Sequential([keras.layers.Input((6,)), keras.layers.Dense(16, activation="relu"),
+                            keras.layers.Dense(3)])
+  rng = np.random.default_rng(3)
+  x = rng.uniform(0, 1, (64, 6)).astype(np.float32)
+  y = (x[:, 0] > 0.5).astype(np.int64) + (x[:, 1] > 0.5)
+  clean = float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+      y, model(x), from_logits=True)))
+  np.testing.assert_allclose(float(losses.ibp_loss(model, x, y, 0.1, 1.0)), clean, rtol=1e-5)
+  # The worst case is worse than the clean case, and equal to it at ε 0.
+  assert float(losses.ibp_loss(model, x, y, 0.1, 0.0)) > clean
+  np.testing.assert_allclose(float(losses.ibp_loss(model, x, y, 0.0, 0.0)), clean, rtol=1e-5)
+  opt = keras.optimizers.Adam(1e-2)
+  before = float(losses.ibp_loss(model, x, y, 0.05, 0.5))
+  for _ in range(30):
+    with tf.GradientTape() as tape:
+      loss = losses.ibp_loss(model, x, y, 0.05, 0.5)
+    opt.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
+                            model.trainable_variables))
+  assert float(losses.ibp_loss(model, x, y, 0.05, 0.5)) < before
+  assert losses.ramp(0, start=2, length=10, final=0.3) == 0.0
+  assert losses.ramp(7, start=2, length=10, final=0.5, initial=1.0) == 0.75
+  assert losses.ramp(50, start=2, length=10, final=0.3) == 0.3

@@ -12,3 +12,4 @@ from keras_defense.certify.bounds import logit_bounds
 from keras_defense.certify.bounds import margin_bounds
 from keras_defense.certify.bounds import METHODS
 from keras_defense.certify.network import parse
+from keras_defense.certify.losses import ibp_loss
