@@ -38,6 +38,7 @@ setuptools.setup(
             "kd-evaluate=keras_defense.bin.evaluate:run_main",
             "kd-sweep=keras_defense.bin.sweep:run_main",
             "kd-quantize=keras_defense.bin.quantize:run_main",
+            "kd-certify=keras_defense.bin.certify:run_main",
         ],
     },
 )

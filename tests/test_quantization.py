@@ -248,6 +248,7 @@ def _quantize_config(*argv):
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
   fv = copy.deepcopy(kd_flags.FLAGS)
   fv.unparse_flags()
+  kd_flags.quantize_flags(fv)
   fv(["kd-quantize", *argv])
   return kd_flags.quantize_config(fv)
 

@@ -20,6 +20,7 @@ def main(argv):
 
 
 def run_main():
+  kd_flags.quantize_flags()
   kd_bin.run(main)
 
 

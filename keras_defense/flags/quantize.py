@@ -18,13 +18,8 @@ FLAGS = flags.FLAGS
 
 _METHODS = ("ptq_dynamic", "ptq_int8", "ptq_float16", "qat_int8")  # compression.METHODS
 
-# --base_model_path is defined by the pruning flags (kd-prune, kd-augment).
-flags.DEFINE_enum("method", "ptq_int8", list(_METHODS),
-                  "ptq_dynamic: int8 weights, float activations; ptq_int8: full-integer int8, "
-                  "calibrated on --representative_size training images; ptq_float16: float16 "
-                  "weights; qat_int8: tfmot quantization-aware fine-tuning (--epochs, default 2; "
-                  "prune-preserving for a pruned model, cluster-preserving with --clusters), "
-                  "then int8.")
+# --base_model_path is defined by the pruning flags (kd-prune, kd-augment); --method
+# by quantize_flags() (kd-certify has a --method of its own).
 flags.DEFINE_integer("clusters", 0,
                      "Weight clustering before quantization: centroids per kernel (tfmot "
                      "cluster_weights; 16 in tfmot's examples), fine-tuned --epochs; 0: none.",
@@ -41,6 +36,18 @@ flags.DEFINE_integer("agreement_size", 1000,
                      "is measured (0: skip).", lower_bound=0)
 flags.register_validator("clusters", lambda v: v == 0 or v >= 2,
                          "--clusters must be 0 (none) or >= 2.")
+
+
+def quantize_flags(fv=None) -> None:
+  """Gives --method kd-quantize's meaning (called by kd-quantize before parsing)."""
+  fv = FLAGS if fv is None else fv
+  flags.DEFINE_enum("method", "ptq_int8", list(_METHODS),
+                    "ptq_dynamic: int8 weights, float activations; ptq_int8: full-integer "
+                    "int8, calibrated on --representative_size training images; ptq_float16: "
+                    "float16 weights; qat_int8: tfmot quantization-aware fine-tuning "
+                    "(--epochs, default 2; prune-preserving for a pruned model, "
+                    "cluster-preserving with --clusters), then int8.",
+                    flag_values=fv, allow_override=True)
 
 
 def quantize_config(fv=None):
