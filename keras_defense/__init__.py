@@ -22,7 +22,8 @@ from keras_defense.models.architectures import MODEL_NAMES
 from keras_defense.defenses.pruning import prune_model
 from keras_defense.defenses.pruning import sparsity_report
 from keras_defense.defenses.pruning import strip_pruning
-from keras_defense.training.loop import train
-from keras_defense.training.loop import TrainConfig
+from keras_defense.defenses.trainer import train
+from keras_defense.training.config import AdversarialSpec
+from keras_defense.training.config import TrainConfig
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from keras_defense import models
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
-from keras_defense.defenses import adversarial_training
+from keras_defense.defenses import training_attack
 from keras_defense.defenses import trainer
 
 EPS = 0.2
@@ -24,13 +24,20 @@ EPS = 0.2
 # model was already at 0.57 and the gap only 3-10 points).
 TINY = dict(dataset="mnist", train_limit=2048, test_limit=200, validation_size=200,
             batch_size=64, optimizer="adam", learning_rate=1e-3, lr_decay_epochs=(9,),
-            adv_epsilon=EPS, robust_val_size=100, verbose=0)
+            verbose=0)
+
+
+def _spec(method, **kwargs):
+  if method is None:
+    return None
+  return training.AdversarialSpec(method, epsilon=EPS, robust_val_size=100,
+                                  steps=None if method == "fgsm_rs" else 3, **kwargs)
 
 
 def _config(tmp_path, name, method, epochs=2, **kwargs):
   return training.TrainConfig(
-      run_dir=str(tmp_path / name), epochs=epochs, adversarial=method,
-      adv_steps=None if method in (None, "fgsm_rs") else 3, **{**TINY, **kwargs})
+      run_dir=str(tmp_path / name), epochs=epochs, adversarial=_spec(method),
+      **{**TINY, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +49,8 @@ def images():
 def test_crafted_batches_stay_in_the_ball_and_the_box_and_raise_the_loss(method, images):
   x, y = images[0][:64], images[1][:64]
   model = models.build_model("cw_mnist", seed=0)
-  config = training.TrainConfig(adversarial=method, adv_epsilon=EPS,
-                                adv_steps=None if method == "fgsm_rs" else 5)
-  steps, step_size = config.adversarial_steps()
+  spec = training.AdversarialSpec(method, epsilon=EPS, steps=None if method == "fgsm_rs" else 5)
+  steps, step_size = spec.attack_steps()
   wrapper = trainer.DefenseTrainer(model, adversarial=method, epsilon=EPS,
                                    step_size=step_size, steps=steps, seed=3)
   wrapper.compile(optimizer=keras.optimizers.SGD(0.01))
@@ -56,13 +62,13 @@ def test_crafted_batches_stay_in_the_ball_and_the_box_and_raise_the_loss(method,
   assert np.abs(x_adv - x).mean() > 0.2 * EPS  # it moved
   clean, adv = model(x).numpy(), model(x_adv).numpy()
   if method == "trades":  # ascends KL(f(x) || f(x'))
-    kl = adversarial_training.kl_divergence(clean, adv).numpy()
+    kl = training_attack.kl_divergence(clean, adv).numpy()
     noise = np.clip(x + np.random.default_rng(0).uniform(-EPS, EPS, x.shape), 0, 1)
-    kl_noise = adversarial_training.kl_divergence(clean, model(noise)).numpy()
+    kl_noise = training_attack.kl_divergence(clean, model(noise)).numpy()
     assert kl.mean() > 2 * kl_noise.mean()
   else:
-    ce = adversarial_training.cross_entropy(y, adv).numpy()
-    assert ce.mean() > adversarial_training.cross_entropy(y, clean).numpy().mean()
+    ce = training_attack.cross_entropy(y, adv).numpy()
+    assert ce.mean() > training_attack.cross_entropy(y, clean).numpy().mean()
 
 
 def _robust_accuracy(model, images):
@@ -73,13 +79,13 @@ def _robust_accuracy(model, images):
 @pytest.fixture(scope="module")
 def standard_model(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("standard")
-  return training.train(_config(tmp, "run", None)).model
+  return defenses.train(_config(tmp, "run", None)).model
 
 
 @pytest.mark.parametrize("method", defenses.ADVERSARIAL_METHODS)
 def test_adversarial_training_raises_pgd_robust_accuracy(method, tmp_path, standard_model,
                                                          images):
-  result = training.train(_config(tmp_path, "run", method))
+  result = defenses.train(_config(tmp_path, "run", method))
   standard = _robust_accuracy(standard_model, images)
   robust = _robust_accuracy(result.model, images)
   # The same data, epochs and seed; only the training step differs.
@@ -99,7 +105,7 @@ def test_best_robust_epoch_is_restored_exported_and_a_collapse_is_warned(tmp_pat
 
   config = defenses.AdversarialTrainingConfig(
       **{**TINY, "train_limit": None, "test_limit": None, "validation_size": None},
-      run_dir=str(tmp_path / "run"), epochs=3, adversarial="fgsm_rs",
+      run_dir=str(tmp_path / "run"), epochs=3, adversarial=_spec("fgsm_rs"),
       export_dir=str(tmp_path / "sm"), export_version=1)
   spec = defenses.DataSpec("mnist", train_limit=512, test_limit=200, validation_size=200)
   with mock.patch.object(trainer.RobustAccuracyGuard, "measure", fake_measure), \
@@ -156,13 +162,13 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
   config = _config(tmp_path, "run", "pgd", epochs=3, train_limit=512)
   with mock.patch.object(keras.callbacks.BackupAndRestore, "on_epoch_end", killed_at_epoch_2):
     with pytest.raises(_Killed):
-      training.train(config)
+      defenses.train(config)
   assert training.resume_epoch(tmp_path / "run" / "backup") == 1
   held = json.loads((tmp_path / "run" / "robust_guard.json").read_text())
   assert set(held["history"]) == {"0", "1"}  # epoch 2 was measured before the "kill"
-  resumed = training.train(config)
+  resumed = defenses.train(config)
   assert resumed.epochs_run == 2
-  reference = training.train(_config(tmp_path, "reference", "pgd", epochs=3, train_limit=512))
+  reference = defenses.train(_config(tmp_path, "reference", "pgd", epochs=3, train_limit=512))
   for a, b in zip(resumed.model.get_weights(), reference.model.get_weights()):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert resumed.defense["robust_guard"]["history"] == pytest.approx(
@@ -173,7 +179,7 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
 
 def test_guard_needs_a_validation_split(tmp_path):
   with pytest.raises(training.ConfigError, match="`robust_val_size`.*`validation_size` is 0"):
-    training.train(_config(tmp_path, "run", "fgsm_rs", validation_size=0))
+    defenses.train(_config(tmp_path, "run", "fgsm_rs", validation_size=0))
 
 
 def _parsed(*argv):
@@ -189,8 +195,7 @@ def test_adversarial_flags_fill_the_config():
   from absl import flags  # pylint: disable=g-import-not-at-top
   config = _parsed("--adversarial=trades", "--adv_epsilon=0.2", "--adv_steps=7",
                    "--adv_step_size=0.05", "--trades_beta=3", "--robust_val_size=50")
-  assert (config.adversarial, config.adv_epsilon, config.adv_steps, config.adv_step_size,
-          config.trades_beta, config.robust_val_size) == ("trades", 0.2, 7, 0.05, 3.0, 50)
+  assert config.adversarial == training.AdversarialSpec("trades", 0.2, 7, 0.05, 3.0, 50)
   assert not _parsed().defended()  # no flag: standard training
   with pytest.raises(flags.IllegalFlagValueError, match="adv_steps"):
     _parsed("--adversarial=fgsm_rs", "--adv_steps=3")
@@ -205,8 +210,9 @@ def test_flagfiles_hold_the_papers_settings(name, method, steps, step_size, beta
   import pathlib  # pylint: disable=g-import-not-at-top
   flagfile = pathlib.Path(__file__).resolve().parents[1] / "flags" / f"{name}.flags"
   config = _parsed(f"--flagfile={flagfile}")
-  assert config.adversarial == method and config.adv_epsilon == 0.3
-  assert config.adversarial_steps() == (steps, pytest.approx(step_size))
+  spec = config.adversarial
+  assert spec.method == method and spec.epsilon == 0.3
+  assert spec.attack_steps() == (steps, pytest.approx(step_size))
   if beta is not None:
-    assert config.trades_beta == beta
+    assert spec.trades_beta == beta
   assert config.export_dir == f"saved_models/{name}" and config.deterministic

@@ -126,7 +126,7 @@ def test_bad_step_specs(step, message):
 def test_flagfile_steps_become_configs():
   step = kd_flags.comparison._defense_step(  # pylint: disable=protected-access
       f"prune:{ROOT / 'flags' / 'mnist_m1_at_fgsm_rs.flags'}", "M1-AT")
-  assert step.kind == "prune" and step.config.adversarial == "fgsm_rs"
+  assert step.kind == "prune" and step.config.adversarial.method == "fgsm_rs"
   assert step.config.export_dir == "saved_models/mnist_m1_at_fgsm_rs"
   drop = kd_flags.comparison._defense_step("dropout:0.1@saved_models/mnist_m0/1", "D")  # pylint: disable=protected-access
   assert drop.config.rate == 0.1 and drop.path == "saved_models/mnist_m0/1"

@@ -28,20 +28,31 @@ def test_registry_lists_every_defense_with_a_config_and_a_function():
     assert callable(config_class().validate) and callable(fn), name
 
 
+Spec = training.AdversarialSpec
+
+
 @pytest.mark.parametrize("config, match", [
-    (training.TrainConfig(adversarial="fgsm"), "`adversarial` must be None or one of"),
-    (training.TrainConfig(adv_epsilon=0.0), r"`adv_epsilon` must be in \(0, 1\]"),
-    (training.TrainConfig(adv_epsilon=1.5), r"`adv_epsilon` must be in \(0, 1\]"),
-    (training.TrainConfig(adversarial="pgd", adv_steps=0), "`adv_steps` must be >= 1"),
-    (training.TrainConfig(adversarial="fgsm_rs", adv_steps=5), "`adv_steps` must be 1"),
-    (training.TrainConfig(adv_step_size=-0.1), "`adv_step_size` must be > 0"),
-    (training.TrainConfig(trades_beta=-1.0), "`trades_beta` must be >= 0"),
-    (training.TrainConfig(robust_val_size=-1), "`robust_val_size` must be >= 0"),
+    (training.TrainConfig(adversarial=Spec("fgsm")), "`adversarial` must be None or one of"),
+    (training.TrainConfig(adversarial="pgd"), "`adversarial` must be None or a training.Adv"),
+    (training.TrainConfig(adversarial=Spec("pgd", epsilon=0.0)),
+     r"`adv_epsilon` must be in \(0, 1\]"),
+    (training.TrainConfig(adversarial=Spec("pgd", epsilon=1.5)),
+     r"`adv_epsilon` must be in \(0, 1\]"),
+    (training.TrainConfig(adversarial=Spec("pgd", steps=0)), "`adv_steps` must be >= 1"),
+    (training.TrainConfig(adversarial=Spec("fgsm_rs", steps=5)), "`adv_steps` must be 1"),
+    (training.TrainConfig(adversarial=Spec("pgd", step_size=-0.1)),
+     "`adv_step_size` must be > 0"),
+    (training.TrainConfig(adversarial=Spec("trades", trades_beta=-1.0)),
+     "`trades_beta` must be >= 0"),
+    (training.TrainConfig(adversarial=Spec("pgd", robust_val_size=-1)),
+     "`robust_val_size` must be >= 0"),
     (training.TrainConfig(temperature=0.0), "`temperature` must be > 0"),
-    (training.TrainConfig(adversarial="pgd", temperature=10.0), "`adversarial`.*`temperature`"),
+    (training.TrainConfig(adversarial=Spec("pgd"), temperature=10.0),
+     "`adversarial`.*`temperature`"),
+    (pruning.PruneConfig(adversarial=Spec("fgsm_rs", steps=3)), "`adv_steps` must be 1"),
     (defenses.AdversarialTrainingConfig(adversarial=None), "`adversarial` must be one of"),
     (defenses.DistillationConfig(teacher_model_path="x"), "`teacher_model_path` must be unset"),
-    (defenses.DistillationConfig(adversarial="pgd"), "`adversarial` must be unset"),
+    (defenses.DistillationConfig(adversarial=Spec("pgd")), "`adversarial` must be unset"),
     (defenses.DistillationConfig(temperature=-1.0), "`temperature` must be > 0"),
     (defenses.DefensiveDropoutConfig(rate=0.0), r"`rate` must be in \(0, 1\)"),
     (defenses.DefensiveDropoutConfig(rate=1.0), r"`rate` must be in \(0, 1\)"),
@@ -53,13 +64,49 @@ def test_bad_config_raises_config_error_naming_the_field(config, match):
 
 
 def test_method_defaults_follow_the_papers():
-  assert training.TrainConfig(adversarial="fgsm_rs", adv_epsilon=0.3).adversarial_steps() == (
+  assert Spec("fgsm_rs", epsilon=0.3).attack_steps() == (
       1, pytest.approx(0.375))  # Wong et al.: alpha = 1.25 eps
-  assert training.TrainConfig(adversarial="pgd", adv_epsilon=0.3).adversarial_steps() == (
-      40, pytest.approx(2.5 * 0.3 / 40))
-  assert training.TrainConfig(adversarial="trades", adv_steps=40,
-                              adv_step_size=0.01).adversarial_steps() == (40, 0.01)
+  assert Spec("pgd", epsilon=0.3).attack_steps() == (40, pytest.approx(2.5 * 0.3 / 40))
+  assert Spec("trades", steps=40, step_size=0.01).attack_steps() == (40, 0.01)
   assert not training.TrainConfig().defended()
+
+
+@pytest.mark.parametrize("name, prune", [
+    ("mnist_m0_at_pgd", False), ("mnist_m0_trades", False), ("mnist_m1_at_pgd", True)])
+def test_the_spec_keeps_the_committed_models_defense_identity(name, prune):
+  # Their run directories and SavedModels were made with the six flat fields:
+  # the spec must give the same identity, or they would no longer resume.
+  import copy  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  fv = copy.deepcopy(kd_flags.FLAGS)
+  fv.unparse_flags()
+  fv(["kd", f"--flagfile={repo / 'flags' / (name + '.flags')}"])
+  config = (kd_flags.prune_config if prune else kd_flags.train_config)(fv).validate()
+  held = export.read_provenance(repo / "saved_models" / name / "1")["defense"]
+  setup = defenses.DefenseSetup("unused", dataset="mnist", seed=0, first_epoch=0, chief=False,
+                                adversarial=dataclasses.replace(config.adversarial,
+                                                                robust_val_size=0))
+  assert config.adversarial.identity() == held and setup.identity() == held
+
+
+def test_dumps_keep_the_flags_names_in_their_old_order():
+  d = training.config_dict(training.TrainConfig(adversarial=Spec("pgd", epsilon=0.1)))
+  keys = list(d)
+  assert keys[keys.index("verbose") + 1:keys.index("temperature")] == list(
+      training.ADVERSARIAL_FLAGS)
+  assert (d["adversarial"], d["adv_epsilon"], d["adv_steps"]) == ("pgd", 0.1, None)
+  assert training.config_dict(training.TrainConfig())["adv_epsilon"] == 0.3
+  assert list(training.config_dict(pruning.PruneConfig()))[-6:] == list(
+      training.ADVERSARIAL_FLAGS)
+
+
+def test_training_takes_the_defense_step_from_its_caller(tmp_path):
+  config = training.TrainConfig(run_dir=str(tmp_path / "run"), temperature=10.0)
+  with pytest.raises(training.ConfigError, match="got no `defense_factory`.*defenses.train"):
+    training.train(config)
+  assert not (tmp_path / "run").exists()
 
 
 def _served(path):

@@ -13,7 +13,7 @@ from keras_defense.models import export
 from keras_defense.defenses import logits_augmentation as la
 from keras_defense import models
 from keras_defense.util.compat import keras
-from keras_defense.training.loop import ConfigError
+from keras_defense.training.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

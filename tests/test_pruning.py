@@ -17,7 +17,7 @@ from keras_defense.defenses import pruning
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
-from keras_defense.training.loop import ConfigError
+from keras_defense.training.config import ConfigError
 
 
 def _random_data(n=256, seed=0):
@@ -319,8 +319,8 @@ def test_robust_pruning_fine_tunes_on_adversarial_batches_and_keeps_a_sparse_bes
       dense_sparsity=0.9, conv_sparsity=0.95, pruning_end_epoch=1.5, pruning_frequency=5,
       finetune_epochs=3, batch_size=64, learning_rate=0.01, lr_decay_epochs=(3,),
       train_limit=640, test_limit=300, validation_size=200, export_dir=str(tmp_path / "m1"),
-      export_version=1, adversarial="fgsm_rs", adv_epsilon=0.3, robust_val_size=100,
-      verbose=0)
+      export_version=1, verbose=0,
+      adversarial=training.AdversarialSpec("fgsm_rs", epsilon=0.3, robust_val_size=100))
   with mock.patch.object(trainer.RobustAccuracyGuard, "measure", fake_measure), \
       mock.patch.object(trainer.logging, "warning") as warning:
     result = pruning.prune(config)
@@ -363,14 +363,15 @@ def test_prune_flags_fill_the_robust_pruning_fields():
   fv(["kd-prune", "--adversarial=pgd", "--adv_epsilon=0.2", "--adv_steps=7",
       "--trades_beta=3", "--robust_val_size=50"])
   config = kd_flags.prune_config(fv).validate()
-  assert (config.adversarial, config.adv_epsilon, config.adv_steps, config.trades_beta,
-          config.robust_val_size) == ("pgd", 0.2, 7, 3.0, 50)
-  assert config.adversarial_steps() == (7, pytest.approx(2.5 * 0.2 / 7))
+  assert config.adversarial == training.AdversarialSpec(
+      "pgd", epsilon=0.2, steps=7, trades_beta=3.0, robust_val_size=50)
+  assert config.adversarial.attack_steps() == (7, pytest.approx(2.5 * 0.2 / 7))
   fv.unparse_flags()
   fv(["kd-prune"])
   assert kd_flags.prune_config(fv).adversarial is None  # no flag: plain fine-tuning
   with pytest.raises(ConfigError, match="adv_steps"):
-    dataclasses.replace(config, adversarial="fgsm_rs").validate()
+    dataclasses.replace(config, adversarial=dataclasses.replace(
+        config.adversarial, method="fgsm_rs")).validate()
   # The robust-pruning flagfile: M1's recipe on M0-AT, fine-tuned with FGSM-RS.
   flags_dir = pathlib.Path(__file__).resolve().parents[1] / "flags"
   robust, plain = ([l for l in (flags_dir / f"{n}.flags").read_text().splitlines()
@@ -379,7 +380,7 @@ def test_prune_flags_fill_the_robust_pruning_fields():
   fv(["kd-prune", f"--flagfile={flags_dir / 'mnist_m1_at_fgsm_rs.flags'}"])
   config = kd_flags.prune_config(fv).validate()
   assert config.base_model_path == "saved_models/mnist_m0_at_fgsm_rs/1"
-  assert config.adversarial == "fgsm_rs" and config.adversarial_steps() == (
+  assert config.adversarial.method == "fgsm_rs" and config.adversarial.attack_steps() == (
       1, pytest.approx(0.375))
   same = ("--dense_sparsity", "--conv_sparsity", "--pruning_end_epoch", "--pruning_frequency",
           "--finetune_epochs", "--optimizer", "--learning_rate", "--lr_decay_epochs")

@@ -115,10 +115,12 @@ def test_run_dir_is_bound_to_its_settings_robust_pruning_fields_only_when_on(tmp
   # Plain pruning: the robust-pruning fields do nothing, so they are not part of
   # the identity (a sweep made before pruning had them keeps its run directory).
   assert not set(sweep.ROBUST_PRUNING_FIELDS) & set(identity["prune"])
-  assert dataclasses.replace(config, prune=dataclasses.replace(
-      config.prune, adv_epsilon=0.1, robust_val_size=5)).identity() == identity
+  # The training attack of the adversarial methods: the sweep's, as flags name it.
+  assert "adversarial" not in identity["train"] and identity["train"]["adv_epsilon"] == 0.3
+  attack = dataclasses.replace(config, adversarial=training.AdversarialSpec("pgd", epsilon=0.1))
+  assert attack.identity()["train"]["adv_epsilon"] == 0.1
   robust = dataclasses.replace(config, prune=dataclasses.replace(
-      config.prune, adversarial="fgsm_rs", adv_epsilon=0.1))
+      config.prune, adversarial=training.AdversarialSpec("fgsm_rs", epsilon=0.1)))
   assert robust.identity()["prune"]["adversarial"] == "fgsm_rs"
   assert robust.identity()["prune"]["adv_epsilon"] == 0.1
   sweep._bind(tmp_path, identity)  # pylint: disable=protected-access

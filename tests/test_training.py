@@ -99,7 +99,7 @@ def test_bfloat16_training_learns_and_returns_a_float32_model(tmp_path, monkeypa
     built.append(model)
     return model
 
-  monkeypatch.setattr(training, "build_for_training", spy)
+  monkeypatch.setattr(training.loop, "build_for_training", spy)  # where train looks it up
   result = training.train(training.TrainConfig(
       dataset="mnist", run_dir=str(tmp_path / "run"), epochs=2, train_limit=3000,
       test_limit=500, validation_size=0, lr_decay_epochs=(1,), compute_dtype="bfloat16",

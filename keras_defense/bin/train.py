@@ -7,12 +7,12 @@ from absl import logging
 
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
-from keras_defense import training
+from keras_defense import defenses
 
 
 def main(argv):
   del argv
-  result = training.train(kd_flags.train_config())
+  result = defenses.train(kd_flags.train_config())
   logging.info("test accuracy %.4f after %d epochs in %.0f s; SavedModel: %s",
                result.test_accuracy, result.epochs_run, result.wall_seconds,
                result.saved_model_path)

@@ -9,8 +9,12 @@ model a plain functional model that ``export.export_saved_model`` exports and
 ``export.load_model`` loads. ``REGISTRY`` maps each defense's name to its
 ``(config class, function)`` for experiments to read.
 
-- ``adversarial_training``: PGD-AT, FGSM-RS, TRADES on ``training.train``
-  (``trainer.DefenseTrainer`` and the robust-accuracy guard).
+- ``trainer``: the trained defenses' step for ``training.train``
+  (``DefenseTrainer``, the robust-accuracy guard, ``DefenseSetup``) and
+  ``train``, which gives ``training.train`` that step: what ``kd-train``,
+  ``kd.train`` and the pipelines call.
+- ``adversarial_training``: PGD-AT, FGSM-RS, TRADES on ``train``
+  (``training_attack``: the inner maximisation inside the step).
 - ``distillation``: defensive distillation at temperature T.
 - ``dropout``: Defensive Dropout, dropout active at inference.
 - ``pruning``: tfmot magnitude pruning, M0 -> M1 (``prune``, ``prune_defense``).
@@ -26,7 +30,6 @@ from keras_defense.defenses import logits_augmentation as _logits_augmentation
 from keras_defense.defenses import pruning as _pruning
 from keras_defense.defenses.adversarial_training import adversarially_train
 from keras_defense.defenses.adversarial_training import AdversarialTrainingConfig
-from keras_defense.defenses.adversarial_training import craft
 from keras_defense.defenses.adversarial_training import METHODS as ADVERSARIAL_METHODS
 from keras_defense.defenses.base import DataSpec
 from keras_defense.defenses.distillation import distill
@@ -34,9 +37,13 @@ from keras_defense.defenses.distillation import DistillationConfig
 from keras_defense.defenses.dropout import add_inference_dropout
 from keras_defense.defenses.dropout import defensive_dropout
 from keras_defense.defenses.dropout import DefensiveDropoutConfig
+from keras_defense.defenses.trainer import defense_factory
+from keras_defense.defenses.trainer import DefenseSetup
 from keras_defense.defenses.trainer import DefenseTrainer
 from keras_defense.defenses.trainer import robust_accuracy
 from keras_defense.defenses.trainer import RobustAccuracyGuard
+from keras_defense.defenses.trainer import train
+from keras_defense.defenses.training_attack import craft
 
 REGISTRY = {
     "adversarial_training": (AdversarialTrainingConfig, adversarially_train),

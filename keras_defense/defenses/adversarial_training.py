@@ -1,8 +1,8 @@
 """Adversarial training: PGD-AT, FGSM-RS and TRADES on the one training loop.
 
-The inner maximisation runs inside the compiled train step (``trainer``), on
-tensors, with a ``GradientTape`` on the inputs; ``training.train`` does the
-rest (checkpoints and resume, TensorBoard, tf.distribute, export), so an
+The inner maximisation (``training_attack.craft``) runs inside the compiled
+train step (``trainer``), on tensors, with a ``GradientTape`` on the inputs;
+``training.train`` does the rest (checkpoints and resume, TensorBoard, tf.distribute, export), so an
 adversarially trained model is a plain functional model like M0.
 
 - PGD-AT (Madry et al., ICLR 2018, https://arxiv.org/abs/1706.06083):
@@ -24,124 +24,39 @@ The adversarial examples are crafted against the model in inference mode
 Example:
   >>> model, record = adversarially_train(
   ...     None, DataSpec("mnist"),
-  ...     AdversarialTrainingConfig(adversarial="fgsm_rs", adv_epsilon=0.3, epochs=5,
-  ...                               run_dir="runs/mnist_m0_at"))
+  ...     AdversarialTrainingConfig(adversarial=AdversarialSpec("fgsm_rs", epsilon=0.3),
+  ...                               epochs=5, run_dir="runs/mnist_m0_at"))
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 from keras_defense import training
-from keras_defense.attacks import core
-from keras_defense.util.compat import keras
-from keras_defense.util.compat import tf
 from keras_defense.defenses import base
-from keras_defense.training.loop import ConfigError
+from keras_defense.defenses import trainer
+from keras_defense.training.config import AdversarialSpec
+from keras_defense.training.config import ConfigError
+from keras_defense.util.compat import keras
 
 METHODS = training.ADVERSARIAL_METHODS  # ("pgd", "fgsm_rs", "trades")
-TRADES_START_STD = 0.001  # TRADES code: x + 0.001 * randn before the KL ascent
-
-
-def cross_entropy(labels: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
-  """Per-example softmax cross-entropy; labels (N,) int, logits (N, K) float32."""
-  return tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
-
-
-def kl_divergence(p_logits: tf.Tensor, q_logits: tf.Tensor) -> tf.Tensor:
-  """Per-example KL(softmax(p_logits) || softmax(q_logits)), from log-softmaxes."""
-  log_p = tf.nn.log_softmax(p_logits, axis=-1)
-  log_q = tf.nn.log_softmax(q_logits, axis=-1)
-  return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
-
-
-def linf_ascent(loss_fn: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, start: tf.Tensor,
-                *, epsilon: float, step_size: float, steps: int,
-                clip_min: float = 0.0, clip_max: float = 1.0) -> tf.Tensor:
-  """``steps`` signed-gradient steps on ``loss_fn`` from ``start``, kept in the eps-ball and box.
-
-  Each step: ``x' <- clip_[max(x - eps, lo), min(x + eps, hi)](x' + step * sign(grad))``
-  (``core.normalized_step``; the ball and the box intersect, so clipping to
-  the intersection is project-then-clip). A ``tf.while_loop``: graph size
-  does not grow with ``steps``; no numpy round trip.
-
-  Args:
-    loss_fn: images (N, H, W, C) -> per-example loss (N,) to ascend.
-    x: float32 (N, H, W, C) clean images in [clip_min, clip_max].
-    start: float32, the first iterate (e.g. a random point in the ball).
-    epsilon: L-inf radius > 0.
-    step_size: step > 0.
-    steps: number of steps >= 1.
-    clip_min: lowest pixel value.
-    clip_max: highest pixel value.
-
-  Returns:
-    float32 (N, H, W, C) images in the eps-ball around ``x`` and the box,
-    without gradient history (``stop_gradient``).
-  """
-  lower = tf.maximum(x - epsilon, clip_min)
-  upper = tf.minimum(x + epsilon, clip_max)
-  step = tf.constant(step_size, tf.float32)
-
-  def body(i, x_adv):
-    with tf.GradientTape() as tape:
-      tape.watch(x_adv)
-      loss = tf.reduce_sum(loss_fn(x_adv))
-    grad = tape.gradient(loss, x_adv)
-    x_adv = tf.clip_by_value(x_adv + core.normalized_step(grad, step, "linf"), lower, upper)
-    return i + 1, tf.stop_gradient(x_adv)
-
-  start = tf.clip_by_value(start, lower, upper)
-  _, x_adv = tf.while_loop(lambda i, _: i < steps, body, (tf.constant(0), start))
-  return tf.stop_gradient(x_adv)
-
-
-def craft(logits_fn: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, y: tf.Tensor, *,
-          method: str, epsilon: float, step_size: float, steps: int,
-          seed: tf.Tensor) -> tf.Tensor:
-  """The training batch's adversarial images for ``method``.
-
-  Args:
-    logits_fn: images -> float32 logits (N, K), the model in inference mode.
-    x: float32 (N, H, W, C) images in [0, 1].
-    y: int64 (N,) labels.
-    method: "pgd", "fgsm_rs" (PGD with one step of ``step_size`` = 1.25 eps)
-      or "trades" (ascends KL(f(x) || f(x')) from x + 0.001 N(0, 1)).
-    epsilon: L-inf radius.
-    step_size: step per iteration.
-    steps: iterations.
-    seed: int64 [2], the stateless seed of the random start.
-
-  Returns:
-    float32 (N, H, W, C) in the eps-ball around ``x`` and in [0, 1].
-  """
-  if method == "trades":
-    clean = tf.stop_gradient(logits_fn(x))
-    start = x + TRADES_START_STD * tf.random.stateless_normal(tf.shape(x), seed)
-    return linf_ascent(lambda xa: kl_divergence(clean, logits_fn(xa)), x, start,
-                       epsilon=epsilon, step_size=step_size, steps=steps)
-  start = core.random_start(x, tf.constant(epsilon, tf.float32), "linf", seed)
-  return linf_ascent(lambda xa: cross_entropy(y, logits_fn(xa)), x, start,
-                     epsilon=epsilon, step_size=step_size, steps=steps)
 
 
 @dataclasses.dataclass
 class AdversarialTrainingConfig(training.TrainConfig):
   """``TrainConfig`` with adversarial training on (default PGD-AT at eps 0.3).
 
-  The fields are ``TrainConfig``'s (so flags and configs name them alike):
-  ``adversarial`` ("pgd" | "fgsm_rs" | "trades"), ``adv_epsilon``,
-  ``adv_steps`` / ``adv_step_size`` (None: the method's default, see
-  ``training.adversarial_steps``), ``trades_beta``, ``robust_val_size``.
+  The fields are ``TrainConfig``'s (so flags and configs name them alike);
+  ``adversarial`` is a ``training.AdversarialSpec`` (method "pgd" | "fgsm_rs"
+  | "trades", epsilon, steps / step size (None: the method's default, see
+  ``AdversarialSpec.attack_steps``), TRADES' beta, the guard's image count).
   """
-  adversarial: str | None = "pgd"
+  adversarial: AdversarialSpec | None = AdversarialSpec("pgd")
 
   def validate(self) -> "AdversarialTrainingConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
-    if self.adversarial not in METHODS:
-      raise ConfigError(f"`adversarial` must be one of {', '.join(METHODS)}; "
-                        f"got {self.adversarial!r}.")
+    if self.adversarial is None:
+      raise ConfigError(f"`adversarial` must be one of {', '.join(METHODS)}; got None.")
     super().validate()
     return self
 
@@ -168,5 +83,5 @@ def adversarially_train(model: str | None, data: base.DataSpec,
   """
   config = data.apply(dataclasses.replace(config, model=model or config.model))
   config.validate()
-  result = training.train(config)
+  result = trainer.train(config)
   return result.model, base.record("adversarial_training", config, result.to_dict())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from keras_defense import training
 from keras_defense.util import provenance as provenance_lib
 
 
@@ -31,6 +32,9 @@ class DataSpec:
 
 
 def record(defense: str, config: Any, results: dict | None = None, **extra) -> dict:
-  """A defended model's provenance: the defense, its full config, results, versions."""
-  return {"defense": defense, "config": dataclasses.asdict(config),
+  """A defended model's provenance: the defense, its full config, results, versions.
+
+  The config as its flags name it (``training.config_dict``).
+  """
+  return {"defense": defense, "config": training.config_dict(config),
           "results": dict(results or {}), **extra, "versions": provenance_lib.versions()}

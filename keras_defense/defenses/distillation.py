@@ -12,7 +12,8 @@ softmax saturates and cross-entropy gradients vanish: gradient masking, which
 Carlini & Wagner (S&P 2017, https://arxiv.org/abs/1608.04644) broke with a
 margin loss. Measure it with the defense-aware attacks.
 
-Both runs are ``training.train`` (``temperature``; the student also
+Both runs are ``trainer.train`` (``training.train`` with the defense's step:
+``temperature``; the student also
 ``teacher_model_path``), so they checkpoint, resume and log like M0. The
 teacher is exported to ``<run_dir>/teacher_model/1`` for the student's run.
 
@@ -29,7 +30,8 @@ import pathlib
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training.loop import ConfigError
+from keras_defense.defenses import trainer
+from keras_defense.training.config import ConfigError
 
 DEFAULT_TEMPERATURE = 100.0  # Papernot et al. 2016: T = 100 on MNIST
 
@@ -71,8 +73,7 @@ class DistillationConfig(training.TrainConfig):
 
 
 def _train_fields(config: training.TrainConfig) -> dict:
-  names = {f.name for f in dataclasses.fields(training.TrainConfig)}
-  return {k: v for k, v in dataclasses.asdict(config).items() if k in names}
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(training.TrainConfig)}
 
 
 def distill(model: str | None, data: base.DataSpec, config: DistillationConfig
@@ -95,8 +96,8 @@ def distill(model: str | None, data: base.DataSpec, config: DistillationConfig
   """
   config = data.apply(dataclasses.replace(config, model=model or config.model))
   config.validate()
-  teacher = training.train(config.teacher_config())
-  student = training.train(config.student_config(teacher.saved_model_path))
+  teacher = trainer.train(config.teacher_config())
+  student = trainer.train(config.student_config(teacher.saved_model_path))
   return student.model, base.record(
       "distillation", config, student.to_dict(), teacher=teacher.to_dict(),
       deployed_temperature=1.0)

@@ -27,7 +27,7 @@ import dataclasses
 
 from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training.loop import ConfigError
+from keras_defense.training.config import ConfigError
 
 LAYER_PREFIX = "defensive_dropout"
 

@@ -37,7 +37,7 @@ from keras_defense.util import provenance
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training.loop import ConfigError
+from keras_defense.training.config import ConfigError
 
 TRANSFORMS = ("logits_augmentation", "gradient_inhibition")
 # Authors' code (S. Ye's cleverhans fork): 20 for MNIST, 10 for CIFAR-10.

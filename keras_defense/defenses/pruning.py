@@ -1,12 +1,15 @@
 """Magnitude pruning of a trained classifier with tfmot: M0 -> M1 (C0 -> C1).
 
-A thin layer over ``tensorflow_model_optimization.sparsity.keras``:
-``prune_model`` wraps each layer with ``prune_low_magnitude`` and a
-``PolynomialDecay`` schedule (one final sparsity for Dense layers, one for
-Conv2D layers); ``prune`` loads a trained SavedModel, prunes it while
-fine-tuning (``UpdatePruningStep``; ``PruningSummaries`` to TensorBoard),
-strips the wrappers (``strip_pruning``), evaluates on the full test split,
-exports a plain Keras SavedModel and writes the compression report.
+The pruning run: ``PruneConfig`` in, M1 and its compression report out.
+``prune`` loads a trained SavedModel, prunes it while fine-tuning
+(``magnitude_pruning``: tfmot's ``prune_low_magnitude`` with a
+``PolynomialDecay`` schedule per layer type, ``UpdatePruningStep``,
+``PruningSummaries`` to TensorBoard), strips the wrappers, evaluates on the
+full test split, exports a plain Keras SavedModel and writes the compression
+report (``compression_report``). With ``adversarial`` set it is robust
+pruning: the fine-tuning runs adversarial training's step and guard
+(``trainer.DefenseSetup``). This module is the defense's face: it re-exports
+the names of the other two.
 
 The defense (Wang et al., "Defending DNN adversarial attacks with pruning and
 logits augmentation", ICLR 2018 workshop / GlobalSIP 2018) prunes "10% nonzero
@@ -15,17 +18,6 @@ card reads that as *retention*: final sparsity 0.90 (Dense) and 0.95 (Conv2D).
 The authors' code instead ran 20 rounds that each removed 10% / 5% of the
 remaining weights, i.e. final sparsities 1 - 0.9**20 ~= 0.878 and
 1 - 0.95**20 ~= 0.642 (flags/mnist_m1_paper.flags).
-
-Layer handling (decided here, explicit in ``prune_model``):
-  * every ``Dense`` layer, the logits layer included, is pruned to
-    ``dense_sparsity`` (the design card says "all FC layers"); pass
-    ``prune_logits=False`` to leave the logits layer dense;
-  * every ``Conv2D`` layer is pruned to ``conv_sparsity``;
-  * all other layers (pooling, flatten, dropout, input) hold no weights and
-    are left as they are.
-Only kernels are pruned; biases are kept (tfmot's default for Dense/Conv2D).
-In the report, "kept fraction" is nonzero/total of the *kernels*; the
-compression ratio counts all weights (kernels and biases) on both sides.
 
 Example:
   >>> result = prune(PruneConfig(base_model_path="saved_models/mnist_m0/1",
@@ -36,331 +28,33 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import io
-import math
-import os
 import pathlib
-import tarfile
 import time
 from typing import Any
 
 import numpy as np
-import tensorflow_model_optimization as tfmot
 
 from keras_defense import data
-from keras_defense.training import distribution
-from keras_defense.models import export
-from keras_defense.util import io_utils
-from keras_defense import models
-from keras_defense.util import provenance
 from keras_defense import training
-from keras_defense.util.compat import keras
 from keras_defense.defenses import base
-from keras_defense.training.loop import ConfigError
-
-_sparsity = tfmot.sparsity.keras
-_WRAPPER_TYPE = _sparsity.prune_low_magnitude(keras.layers.Dense(1)).__class__
-
-PRUNABLE_TYPES = (keras.layers.Dense, keras.layers.Conv2D)
-
-
-def _validate_sparsity(value: float, name: str) -> None:
-  """Raises ValueError unless ``value`` is a sparsity in [0, 1)."""
-  if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool):
-    raise TypeError(f"`{name}` must be a float in [0, 1); got {type(value).__name__}.")
-  if not (0.0 <= float(value) < 1.0) or math.isnan(float(value)):
-    raise ValueError(f"`{name}` must be in [0, 1) (the fraction of weights set to "
-                     f"zero; 0.9 keeps 10%); got {value!r}.")
-
-
-# --------------------------------------------------------------------------
-# Pruning a model.
-# --------------------------------------------------------------------------
-
-
-def kept_at_most(sparsity: float, layer) -> float:
-  """The sparsity to give tfmot so a kernel keeps at most ``(1 - sparsity)`` of its weights.
-
-  tfmot keeps ``round(n * (1 - s))`` weights of an ``n``-weight kernel, which can be
-  one more than the fraction asked for (461 of 9,216 = 5.002% for s = 0.95);
-  this returns ``s'`` with ``round(n * (1 - s')) = max(1, floor(n * (1 - s)))``.
-  """
-  n = int(np.prod(layer.kernel.shape))
-  keep = max(1, math.floor(n * (1.0 - float(sparsity)) + 1e-6))
-  return 1.0 - keep / n
-
-
-def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: float,
-                begin_step: int, end_step: int, frequency: int,
-                initial_sparsity: float = 0.0,
-                prune_logits: bool = True,
-                dropout: float | None = None) -> keras.Model:
-  """Wraps the Dense and Conv2D layers of ``model`` for magnitude pruning.
-
-  Each prunable layer gets its own ``PolynomialDecay`` schedule (tfmot's
-  default power 3) from ``initial_sparsity`` at ``begin_step`` to its final
-  sparsity at ``end_step``, updating the mask every ``frequency`` steps. Train
-  the result with ``UpdatePruningStep`` (see ``pruning_callbacks``), then call
-  ``strip_pruning``. The mask is only updated on steps where
-  ``(step - begin_step) % frequency == 0``, so choose ``end_step`` on that grid
-  (``prune`` does) or the final sparsity is not reached.
-
-  Args:
-    model: a built functional or Sequential tf_keras model (weights are kept).
-    dense_sparsity: final fraction of zero weights in every Dense kernel, [0, 1).
-    conv_sparsity: final fraction of zero weights in every Conv2D kernel, [0, 1).
-    begin_step: training step (1-based, counted by the wrappers) at which
-      pruning starts, >= 0.
-    end_step: step at which the final sparsity is reached, > ``begin_step``.
-    frequency: steps between mask updates, >= 1.
-    initial_sparsity: sparsity at ``begin_step``, [0, 1).
-    prune_logits: also prune the output Dense layer (default True: the design
-      card prunes all FC layers). If False it is left unwrapped and dense.
-    dropout: if not None, the rate of every Dropout layer of the clone, [0, 1)
-      (fine-tuning a sparse net with less dropout); None keeps the model's.
-      Dropout does nothing at inference, so the served model is unchanged.
-
-  Returns:
-    A new model (clone) whose Dense/Conv2D layers are ``PruneLowMagnitude``
-    wrappers holding copies of the original weights.
-
-  Raises:
-    ValueError: a sparsity outside [0, 1) or a bad step range.
-  """
-  _validate_sparsity(dense_sparsity, "dense_sparsity")
-  _validate_sparsity(conv_sparsity, "conv_sparsity")
-  _validate_sparsity(initial_sparsity, "initial_sparsity")
-  if int(begin_step) < 0:
-    raise ValueError(f"`begin_step` must be >= 0; got {begin_step}.")
-  if int(end_step) <= int(begin_step):
-    raise ValueError(f"`end_step` must be > `begin_step` ({begin_step}); got {end_step}.")
-  if int(frequency) < 1:
-    raise ValueError(f"`frequency` must be >= 1; got {frequency}.")
-  if dropout is not None and not 0.0 <= float(dropout) < 1.0:
-    raise ValueError(f"`dropout` must be in [0, 1) or None; got {dropout!r}.")
-  output_layer = model.layers[-1]
-
-  def schedule(final):
-    return _sparsity.PolynomialDecay(
-        initial_sparsity=float(initial_sparsity), final_sparsity=float(final),
-        begin_step=int(begin_step), end_step=int(end_step), frequency=int(frequency))
-
-  def fresh(layer):  # a copy, so the pruned model never shares variables with `model`
-    return layer.__class__.from_config(layer.get_config())
-
-  def clone_layer(layer):
-    if isinstance(layer, keras.layers.Conv2D):
-      return _sparsity.prune_low_magnitude(
-          fresh(layer), pruning_schedule=schedule(kept_at_most(conv_sparsity, layer)))
-    if isinstance(layer, keras.layers.Dense) and (layer is not output_layer or prune_logits):
-      return _sparsity.prune_low_magnitude(
-          fresh(layer), pruning_schedule=schedule(kept_at_most(dense_sparsity, layer)))
-    if isinstance(layer, keras.layers.Dropout) and dropout is not None:
-      return layer.__class__.from_config({**layer.get_config(), "rate": float(dropout)})
-    return fresh(layer)  # logits kept dense, or a layer without prunable weights
-
-  pruned = keras.models.clone_model(model, clone_function=clone_layer)
-  for old, new in zip(model.layers, pruned.layers):
-    target = new.layer if isinstance(new, _WRAPPER_TYPE) else new
-    target.set_weights(old.get_weights())
-  return pruned
-
-
-def pruning_callbacks(log_dir: str | os.PathLike | None = None) -> list:
-  """``UpdatePruningStep`` (required) plus ``PruningSummaries`` if ``log_dir``."""
-  callbacks = [_sparsity.UpdatePruningStep()]
-  if log_dir is not None:
-    callbacks.append(_sparsity.PruningSummaries(log_dir=str(log_dir), update_freq="epoch",
-                                                write_graph=False, profile_batch=0))
-  return callbacks
-
-
-def strip_pruning(model: keras.Model) -> keras.Model:
-  """Removes the tfmot wrappers; the zeros stay in the plain kernels.
-
-  tfmot's ``strip_pruning`` keeps the wrappers' variables, whose names carry a
-  ``prune_low_magnitude_`` prefix into the SavedModel; the result is therefore
-  cloned once more so that its variables are named like the base model's
-  (``dense1/kernel``), which lets plain-TensorFlow consumers match M0/M1/M2
-  variables by name.
-  """
-  stripped = _sparsity.strip_pruning(model)
-  clean = keras.models.clone_model(stripped)
-  clean.set_weights(stripped.get_weights())
-  return clean
-
-
-def has_pruning_wrappers(model: keras.Model) -> bool:
-  """True if any layer of ``model`` is still a tfmot pruning wrapper."""
-  return any(isinstance(l, _WRAPPER_TYPE) for l in model.layers)
-
-
-def aligned_end_step(begin_step: int, end_step: int, frequency: int) -> int:
-  """The last mask-update step <= ``end_step`` on the grid begin + k*frequency."""
-  k = (int(end_step) - int(begin_step)) // int(frequency)
-  return int(begin_step) + k * int(frequency)
-
-
-# --------------------------------------------------------------------------
-# Measuring sparsity and compression.
-# --------------------------------------------------------------------------
-
-
-def sparsity_report(model: keras.Model) -> dict[str, Any]:
-  """Per-layer and overall kept (nonzero) fraction of a model's weights.
-
-  Args:
-    model: a (stripped) tf_keras model; wrappers are looked through.
-
-  Returns:
-    ``{"layers": [{"name", "type", "kernel_total", "kernel_nonzero",
-    "kept_fraction", "bias_total", "bias_nonzero"}...], "by_type": {"Dense":
-    {...}, "Conv2D": {...}}, "kernel_total", "kernel_nonzero",
-    "kept_fraction", "weights_total", "weights_nonzero"}``. ``kept_fraction``
-    is nonzero/total over kernels only; ``weights_*`` count kernels and biases.
-  """
-  layers, by_type = [], {}
-  for layer in model.layers:
-    inner = layer.layer if isinstance(layer, _WRAPPER_TYPE) else layer
-    if not isinstance(inner, PRUNABLE_TYPES):
-      continue
-    kernel = keras.backend.get_value(inner.kernel)
-    if isinstance(layer, _WRAPPER_TYPE):  # what the stripped kernel would hold
-      mask = keras.backend.get_value(layer.pruning_vars[0][1])
-      kernel = kernel * mask
-    bias = keras.backend.get_value(inner.bias) if inner.use_bias else np.zeros([0])
-    kind = "Conv2D" if isinstance(inner, keras.layers.Conv2D) else "Dense"
-    row = {"name": inner.name, "type": kind,
-           "kernel_total": int(kernel.size),
-           "kernel_nonzero": int(np.count_nonzero(kernel)),
-           "bias_total": int(bias.size), "bias_nonzero": int(np.count_nonzero(bias))}
-    row["kept_fraction"] = row["kernel_nonzero"] / max(row["kernel_total"], 1)
-    layers.append(row)
-    agg = by_type.setdefault(kind, {"kernel_total": 0, "kernel_nonzero": 0})
-    agg["kernel_total"] += row["kernel_total"]
-    agg["kernel_nonzero"] += row["kernel_nonzero"]
-  for agg in by_type.values():
-    agg["kept_fraction"] = agg["kernel_nonzero"] / max(agg["kernel_total"], 1)
-  kt = sum(r["kernel_total"] for r in layers)
-  kn = sum(r["kernel_nonzero"] for r in layers)
-  return {
-      "layers": layers, "by_type": by_type,
-      "kernel_total": kt, "kernel_nonzero": kn, "kept_fraction": kn / max(kt, 1),
-      "weights_total": kt + sum(r["bias_total"] for r in layers),
-      "weights_nonzero": kn + sum(r["bias_nonzero"] for r in layers),
-  }
-
-
-def gzipped_size(path: str | os.PathLike) -> int:
-  """Bytes of a gzip'd tar of a SavedModel directory (or file), built in memory.
-
-  Members are added in sorted order with fixed metadata, so the number depends
-  only on the files' names and contents.
-  """
-  path = pathlib.Path(path)
-  raw = io.BytesIO()
-  with tarfile.open(fileobj=raw, mode="w") as tar:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-      info = tarfile.TarInfo(str(f.relative_to(path.parent if path.is_file() else path)))
-      content = f.read_bytes()
-      info.size = len(content)
-      info.mtime = 0
-      tar.addfile(info, io.BytesIO(content))
-  return len(gzip.compress(raw.getvalue(), compresslevel=9, mtime=0))
-
-
-@dataclasses.dataclass
-class CompressionReport:
-  """M0 vs M1: weights, kept fractions, gzip'd sizes and accuracies."""
-  base: dict[str, Any]  # sparsity_report(M0)
-  pruned: dict[str, Any]  # sparsity_report(M1)
-  base_accuracy: float | None = None
-  pruned_accuracy: float | None = None
-  test_examples: int | None = None
-  base_gzip_bytes: int | None = None
-  pruned_gzip_bytes: int | None = None
-  base_model_path: str | None = None
-  pruned_model_path: str | None = None
-  recipe: dict[str, Any] | None = None
-
-  @property
-  def compression_ratio(self) -> float:
-    """M0 weights (kernels + biases) / M1 nonzero weights (kernels + biases)."""
-    return self.base["weights_total"] / max(self.pruned["weights_nonzero"], 1)
-
-  @property
-  def kernel_compression_ratio(self) -> float:
-    """M0 kernel weights / M1 nonzero kernel weights."""
-    return self.base["kernel_total"] / max(self.pruned["kernel_nonzero"], 1)
-
-  def to_dict(self) -> dict[str, Any]:
-    return {
-        "compression_ratio": self.compression_ratio,
-        "compression_ratio_definition":
-            "M0 weights (kernels + biases) / M1 nonzero weights (kernels + biases)",
-        "kernel_compression_ratio": self.kernel_compression_ratio,
-        "kept_fraction_definition": "nonzero / total kernel weights (biases are not pruned)",
-        "base_accuracy": self.base_accuracy, "pruned_accuracy": self.pruned_accuracy,
-        "test_examples": self.test_examples,
-        "base_gzip_bytes": self.base_gzip_bytes, "pruned_gzip_bytes": self.pruned_gzip_bytes,
-        "gzip_ratio": (self.base_gzip_bytes / self.pruned_gzip_bytes
-                       if self.base_gzip_bytes and self.pruned_gzip_bytes else None),
-        "base_model_path": self.base_model_path, "pruned_model_path": self.pruned_model_path,
-        "recipe": self.recipe, "base": self.base, "pruned": self.pruned,
-    }
-
-  def to_markdown(self) -> str:
-    def pct(x, digits=2):
-      return "n/a" if x is None else f"{100 * x:.{digits}f}%"
-    lines = [
-        "| layer | type | kernel weights | nonzero | kept | biases (kept, not pruned) |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in self.pruned["layers"]:
-      lines.append(f"| {r['name']} | {r['type']} | {r['kernel_total']:,} | "
-                   f"{r['kernel_nonzero']:,} | {pct(r['kept_fraction'], 3)} | "
-                   f"{r['bias_nonzero']}/{r['bias_total']} |")
-    for kind, agg in sorted(self.pruned["by_type"].items()):
-      lines.append(f"| all {kind} | {kind} | {agg['kernel_total']:,} | "
-                   f"{agg['kernel_nonzero']:,} | {pct(agg['kept_fraction'], 3)} | |")
-    lines.append(f"| **total** | | {self.pruned['kernel_total']:,} | "
-                 f"{self.pruned['kernel_nonzero']:,} | {pct(self.pruned['kept_fraction'], 3)} | |")
-    lines += ["", "| | M0 (base) | M1 (pruned) |", "|---|---:|---:|",
-              f"| weights (kernels + biases) | {self.base['weights_total']:,} | "
-              f"{self.pruned['weights_nonzero']:,} nonzero |",
-              f"| test accuracy (n={self.test_examples}) | {pct(self.base_accuracy)} | "
-              f"{pct(self.pruned_accuracy)} |"]
-    if self.base_gzip_bytes and self.pruned_gzip_bytes:
-      lines.append(f"| gzip'd SavedModel | {self.base_gzip_bytes / 1e6:.3f} MB | "
-                   f"{self.pruned_gzip_bytes / 1e6:.3f} MB "
-                   f"({self.base_gzip_bytes / self.pruned_gzip_bytes:.2f}x smaller) |")
-    lines += ["", f"Compression ratio (M0 weights / M1 nonzero weights): "
-              f"**{self.compression_ratio:.2f}x** (kernels only: "
-              f"{self.kernel_compression_ratio:.2f}x)."]
-    lines += ["", "Kept = nonzero / total kernel weights (biases are not pruned); each kernel "
-              "keeps at most floor(n * (1 - sparsity)) weights (`kept_at_most`)."]
-    return "\n".join(lines) + "\n"
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "CompressionReport":
-    """Inverse of ``to_dict`` (derived fields are recomputed)."""
-    return cls(**{f.name: d.get(f.name) for f in dataclasses.fields(cls)})
-
-  def write(self, path_prefix: str | os.PathLike) -> tuple[str, str]:
-    """Writes ``<prefix>.json`` and ``<prefix>.md`` atomically; returns both paths."""
-    prefix = pathlib.Path(path_prefix)
-    json_path, md_path = prefix.with_suffix(".json"), prefix.with_suffix(".md")
-    io_utils.write_json(json_path, self.to_dict())
-    title = f"# Compression report: {self.pruned_model_path or 'pruned model'}\n\n"
-    io_utils.write_text(md_path, title + self.to_markdown())
-    return str(json_path), str(md_path)
-
-
-# --------------------------------------------------------------------------
-# The pruning run: config in, M1 + report out.
-# --------------------------------------------------------------------------
+from keras_defense.defenses import trainer
+from keras_defense.defenses.compression_report import CompressionReport
+from keras_defense.defenses.compression_report import gzipped_size
+from keras_defense.defenses.compression_report import sparsity_report
+from keras_defense.defenses.magnitude_pruning import aligned_end_step
+from keras_defense.defenses.magnitude_pruning import has_pruning_wrappers  # noqa: F401
+from keras_defense.defenses.magnitude_pruning import kept_at_most  # noqa: F401
+from keras_defense.defenses.magnitude_pruning import prune_model
+from keras_defense.defenses.magnitude_pruning import pruning_callbacks
+from keras_defense.defenses.magnitude_pruning import strip_pruning
+from keras_defense.defenses.magnitude_pruning import validate_sparsity
+from keras_defense.models import export
+from keras_defense.training import distribution
+from keras_defense.training.config import AdversarialSpec
+from keras_defense.training.config import ConfigError
+from keras_defense.util import io_utils
+from keras_defense.util import provenance
+from keras_defense.util.compat import keras
 
 
 @dataclasses.dataclass
@@ -400,21 +94,8 @@ class PruneConfig:
   verbose: int = 1
   # Robust pruning (Ye et al. 2019, HYDRA 2020): fine-tune on adversarial batches,
   # the same training step as adversarial training (defenses.trainer). None: plain
-  # fine-tuning, as before. The fields mean what TrainConfig's do.
-  adversarial: str | None = None  # None, or "pgd" | "fgsm_rs" | "trades"
-  adv_epsilon: float = 0.3
-  adv_steps: int | None = None  # None: 40 for pgd/trades, 1 for fgsm_rs
-  adv_step_size: float | None = None  # None: 2.5 eps / steps; fgsm_rs 1.25 eps
-  trades_beta: float = 6.0
-  robust_val_size: int = 1000  # held-out images of the per-epoch PGD-10 check; 0: none
-
-  # Distillation is not a pruning option; DefenseSetup reads these two.
-  temperature = 1.0
-  teacher_model_path = None
-
-  def adversarial_steps(self) -> tuple[int, float]:
-    """(steps, step size) of the fine-tuning attack, defaults filled in."""
-    return training.adversarial_steps(self)
+  # fine-tuning, as before. The spec TrainConfig's adversarial training takes.
+  adversarial: AdversarialSpec | None = None
 
   def validate(self) -> "PruneConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
@@ -423,7 +104,7 @@ class PruneConfig:
         raise ConfigError(msg)
     for name in ("dense_sparsity", "conv_sparsity", "initial_sparsity"):
       try:
-        _validate_sparsity(getattr(self, name), name)
+        validate_sparsity(getattr(self, name), name)
       except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
     need(self.finetune_dropout is None or 0 <= self.finetune_dropout < 1,
@@ -442,7 +123,7 @@ class PruneConfig:
     need(int(self.pruning_frequency) >= 1,
          f"`pruning_frequency` must be >= 1 step; got {self.pruning_frequency}.")
     training.check_fit_fields(self)
-    training.check_defense_fields(self)
+    training.check_adversarial(self.adversarial)
     return self
 
 
@@ -530,10 +211,10 @@ def prune(config: PruneConfig) -> PruneResult:
   first_epoch = min(training.resume_epoch(run_dir / "backup"), int(config.finetune_epochs))
   identity = {"stage": "prune", "model": base.name, "dataset": config.dataset}
   defense = None
-  if config.adversarial:  # robust pruning: adversarial fine-tuning
-    from keras_defense.defenses import trainer as defense_trainer  # pylint: disable=g-import-not-at-top
-    defense = defense_trainer.DefenseSetup(config, run_dir, first_epoch=first_epoch,
-                                           chief=chief, **common)
+  if config.adversarial is not None:  # robust pruning: adversarial fine-tuning
+    defense = trainer.DefenseSetup(run_dir, dataset=config.dataset, seed=config.seed,
+                                   first_epoch=first_epoch, chief=chief,
+                                   adversarial=config.adversarial, **common)
     identity["defense"] = defense.identity()
   if chief:
     training.claim_run_dir(run_dir, identity)
@@ -619,7 +300,7 @@ def prune(config: PruneConfig) -> PruneResult:
       base_gzip_bytes=gzipped_size(base_path) if base_path.is_dir() else None,
       pruned_gzip_bytes=gzipped_size(saved) if saved else None,
       base_model_path=str(config.base_model_path), pruned_model_path=saved,
-      recipe={k: v for k, v in dataclasses.asdict(config).items()
+      recipe={k: v for k, v in training.config_dict(config).items()
               if k not in ("verbose", "data_dir", "manual_dir")}
       | {"begin_step": begin_step, "end_step": end_step, "steps_per_epoch": steps_per_epoch})
   paths = report.write(config.report_path) if config.report_path and chief else ()

@@ -1,10 +1,11 @@
 """The training step of the trained defenses, and the robust-accuracy guard.
 
 ``DefenseTrainer`` wraps a functional classifier in a ``keras.Model`` whose
-``train_step`` crafts the adversarial batch (``adversarial_training.craft``)
+``train_step`` crafts the adversarial batch (``training_attack.craft``)
 on tensors inside the compiled step, or trains at a softmax temperature on
 labels or on a teacher's soft labels (defensive distillation). It is what
-``training.train`` fits when a defense is on, so ``BackupAndRestore``,
+``training.train`` fits when a defense is on (``DefenseSetup``, made by
+``defense_factory``; ``train`` composes the two), so ``BackupAndRestore``,
 ``EpochSeeder``, the learning-rate schedule, TensorBoard and tf.distribute
 work unchanged; the wrapper itself is never exported (``training.train``
 exports the inner functional model).
@@ -16,6 +17,7 @@ robust accuracy collapses (catastrophic overfitting, Wong et al. 2020).
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 
@@ -23,12 +25,13 @@ from absl import logging
 import numpy as np
 
 from keras_defense import data
+from keras_defense import training
+from keras_defense.defenses import training_attack as at
 from keras_defense.models import export
+from keras_defense.training.config import ConfigError
 from keras_defense.util import io_utils
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
-from keras_defense.defenses import adversarial_training as at
-from keras_defense.training.loop import ConfigError
 
 GUARD_STEPS = 10  # PGD-10 for the per-epoch check
 COLLAPSE_FRACTION = 0.5  # warn when robust accuracy < half the best so far
@@ -267,48 +270,60 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
 
 
 class DefenseSetup:
-  """What ``training.train`` needs for a defended run of ``config``.
+  """A trained defense's training step for ``training.train`` (a ``training.Defense``).
 
-  Loads the guard's held-out slice (the first ``robust_val_size`` images of
-  the validation split) when adversarial training is on; ``wrap`` builds the
-  ``DefenseTrainer`` (loading the distillation teacher) and the guard.
+  Loads the guard's held-out slice (the first ``adversarial.robust_val_size``
+  images of the validation split) when adversarial training is on; ``wrap``
+  builds the ``DefenseTrainer`` (loading the distillation teacher) and the
+  guard.
+
+  Args:
+    run_dir: where the guard keeps its state.
+    dataset: the dataset trained on (the guard's images).
+    seed: the random starts' and the guard's seed.
+    first_epoch: the epoch the run starts at (``training.resume_epoch``).
+    chief: False on non-chief workers (the guard writes nothing).
+    adversarial: adversarial training's attack, or None.
+    temperature: the softmax temperature of the training loss (distillation).
+    teacher_model_path: distillation's teacher SavedModel, or None.
+    data_dir, manual_dir, validation_size: as in ``data.info``.
 
   Raises:
     ConfigError: the guard needs a validation split and there is none.
   """
 
-  def __init__(self, config, run_dir: str | os.PathLike, *, first_epoch: int, chief: bool,
+  def __init__(self, run_dir: str | os.PathLike, *, dataset: str, seed: int,
+               first_epoch: int, chief: bool,
+               adversarial: training.AdversarialSpec | None = None,
+               temperature: float = 1.0, teacher_model_path: str | None = None,
                data_dir: str | None = None, manual_dir: str | None = None,
                validation_size: int | None = None):
-    self.config = config
+    self.adversarial = adversarial
+    self.temperature = float(temperature)
+    self.teacher_model_path = teacher_model_path
+    self.seed = int(seed)
     self.run_dir = pathlib.Path(run_dir)
     self.first_epoch = int(first_epoch)
     self.chief = chief
     self.guard: RobustAccuracyGuard | None = None
     self._slice = None
-    if config.adversarial and int(config.robust_val_size) > 0:
-      info = data.info(config.dataset, data_dir=data_dir, manual_dir=manual_dir,
+    if adversarial is not None and int(adversarial.robust_val_size) > 0:
+      info = data.info(dataset, data_dir=data_dir, manual_dir=manual_dir,
                        validation_size=validation_size)
       if info.num_validation == 0:
         raise ConfigError(
-            f"`robust_val_size` ({config.robust_val_size}) needs held-out validation images "
-            f"for the per-epoch robust-accuracy check, but `validation_size` is 0; set "
+            f"`robust_val_size` ({adversarial.robust_val_size}) needs held-out validation "
+            f"images for the per-epoch robust-accuracy check, but `validation_size` is 0; set "
             f"`validation_size` > 0 or `robust_val_size` = 0 (no check).")
-      self._slice = data.load_arrays(config.dataset, "validation",
-                                     limit=int(config.robust_val_size), data_dir=data_dir,
+      self._slice = data.load_arrays(dataset, "validation",
+                                     limit=int(adversarial.robust_val_size), data_dir=data_dir,
                                      manual_dir=manual_dir, validation_size=validation_size)
 
   def identity(self) -> dict:
     """The defense's settings (run-dir identity and SavedModel provenance)."""
-    c = self.config
-    if c.adversarial:
-      steps, step_size = c.adversarial_steps()
-      out = {"adversarial": c.adversarial, "adv_epsilon": c.adv_epsilon, "adv_steps": steps,
-             "adv_step_size": step_size}
-      if c.adversarial == "trades":
-        out["trades_beta"] = c.trades_beta
-      return out
-    return {"temperature": c.temperature, "teacher_model_path": c.teacher_model_path}
+    if self.adversarial is not None:
+      return self.adversarial.identity()
+    return {"temperature": self.temperature, "teacher_model_path": self.teacher_model_path}
 
   def wrap(self, model: keras.Model, optimizer, *,
            first_eligible_epoch: int = 0) -> DefenseTrainer:
@@ -316,19 +331,22 @@ class DefenseSetup:
 
     ``first_eligible_epoch``: the guard's (``RobustAccuracyGuard``).
     """
-    c = self.config
-    teacher = export.load_model(c.teacher_model_path) if c.teacher_model_path else None
-    steps, step_size = c.adversarial_steps()
-    trainer = DefenseTrainer(model, adversarial=c.adversarial, epsilon=c.adv_epsilon,
-                             step_size=step_size, steps=steps, trades_beta=c.trades_beta,
-                             temperature=c.temperature, teacher=teacher, seed=c.seed)
+    spec = self.adversarial
+    teacher = export.load_model(self.teacher_model_path) if self.teacher_model_path else None
+    attack = {}
+    if spec is not None:
+      steps, step_size = spec.attack_steps()
+      attack = dict(adversarial=spec.method, epsilon=spec.epsilon, step_size=step_size,
+                    steps=steps, trades_beta=spec.trades_beta)
+    trainer = DefenseTrainer(model, **attack, temperature=self.temperature, teacher=teacher,
+                             seed=self.seed)
     trainer.compile(optimizer=optimizer)
     # Built before fit, so BackupAndRestore builds the optimizer and restores it.
     trainer(tf.zeros([1, *model.input_shape[1:]]), training=False)
     if self._slice is not None:
-      self.guard = RobustAccuracyGuard(model, *self._slice, epsilon=c.adv_epsilon,
+      self.guard = RobustAccuracyGuard(model, *self._slice, epsilon=spec.epsilon,
                                        state_dir=self.run_dir, first_epoch=self.first_epoch,
-                                       seed=c.seed, write=self.chief,
+                                       seed=self.seed, write=self.chief,
                                        first_eligible_epoch=first_eligible_epoch)
     return trainer
 
@@ -344,3 +362,33 @@ class DefenseSetup:
     if self.guard is not None:
       out["robust_guard"] = self.guard.state()
     return out
+
+
+def defense_factory(config: training.TrainConfig) -> training.DefenseFactory:
+  """The ``defense_factory`` ``training.train`` takes for ``config``'s trained defense.
+
+  Args:
+    config: a ``TrainConfig`` (its ``adversarial``, ``temperature``,
+      ``teacher_model_path``, ``dataset`` and ``seed`` are read).
+
+  Returns:
+    A callable ``(run_dir, *, first_epoch, chief, data_dir, manual_dir,
+    validation_size) -> DefenseSetup``.
+  """
+  return functools.partial(DefenseSetup, dataset=config.dataset, seed=config.seed,
+                           adversarial=config.adversarial, temperature=config.temperature,
+                           teacher_model_path=config.teacher_model_path)
+
+
+def train(config: training.TrainConfig) -> training.TrainResult:
+  """``training.train`` with ``config``'s trained defense, if any, as its training step.
+
+  What ``kd-train``, ``kd.train`` and the pipelines call: standard training,
+  adversarial training (``config.adversarial``) and defensive distillation
+  (``temperature``, ``teacher_model_path``) alike.
+
+  Raises:
+    ConfigError: a bad config field.
+    DataError: the data cannot be found or built.
+  """
+  return training.train(config, defense_factory=defense_factory(config))

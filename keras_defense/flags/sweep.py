@@ -7,6 +7,7 @@ from absl import flags
 from keras_defense import data
 from keras_defense.flags import common
 from keras_defense.flags import experiment as experiment_flags
+from keras_defense.flags import train as train_flags
 
 FLAGS = flags.FLAGS
 
@@ -73,13 +74,17 @@ def sweep_config(command: str | None = None):
   import dataclasses  # pylint: disable=g-import-not-at-top
   from keras_defense.pipelines import sweep  # pylint: disable=g-import-not-at-top
   exp = experiment_flags.experiment_config(command)
+  # The adversarial methods' attack: the train flagfile's adversarial-training
+  # flags (each point sets its own method; the one here only completes the spec).
+  train_fv = experiment_flags.stage_flags("train", FLAGS.train_flagfile)
+  attack = train_flags.adversarial_spec(train_fv, method=train_fv.adversarial or "pgd")
   return sweep.SweepConfig(
       run_dir=FLAGS.run_dir or f"runs/{data.slug(common.dataset_name())}_sweep",
       train=exp.train, prune=exp.prune, augment=exp.augment,
       eval=dataclasses.replace(exp.eval, cw_attacks=()),
       sparsities=tuple(tuple(float(p) for p in v.split(":")) for v in FLAGS.sparsities),
       logits_epsilons=tuple(float(e) for e in FLAGS.logits_epsilons),
-      methods=tuple(FLAGS.methods),
+      methods=tuple(FLAGS.methods), adversarial=attack,
       base_models=dict(v.split(":", 1) for v in FLAGS.base_models),
       dataset=exp.dataset, data_dir=exp.data_dir, manual_dir=exp.manual_dir,
       seed=FLAGS.seed, deterministic=FLAGS.deterministic, stages=tuple(FLAGS.stages),

@@ -63,10 +63,24 @@ def train_config(fv=None) -> training.TrainConfig:
       manual_dir=fv.manual_dir, export_dir=fv.export_dir,
       export_version=fv.export_version, compute_dtype=fv.compute_dtype,
       deterministic=fv.deterministic, strategy=fv.strategy,
-      num_cpu_devices=fv.num_cpu_devices, **adversarial_fields(fv),
+      num_cpu_devices=fv.num_cpu_devices, adversarial=adversarial_spec(fv),
       temperature=fv.temperature, teacher_model_path=fv.teacher_model_path)
 
 
-def adversarial_fields(fv) -> dict:
-  """The adversarial-training flags, for TrainConfig and PruneConfig (robust pruning)."""
-  return {name: fv[name].value for name in training.ADVERSARIAL_FIELDS}
+def adversarial_spec(fv=None, *, method: str | None = None) -> training.AdversarialSpec | None:
+  """The adversarial-training flags as a spec, for TrainConfig and PruneConfig (robust pruning).
+
+  Args:
+    fv: the flag values (default: ``FLAGS``).
+    method: the method to build for (default: ``--adversarial``).
+
+  Returns:
+    None when neither ``method`` nor ``--adversarial`` is set (standard training).
+  """
+  fv = FLAGS if fv is None else fv
+  method = method or fv.adversarial
+  if method is None:
+    return None
+  return training.AdversarialSpec(
+      method=method, epsilon=fv.adv_epsilon, steps=fv.adv_steps, step_size=fv.adv_step_size,
+      trades_beta=fv.trades_beta, robust_val_size=fv.robust_val_size)

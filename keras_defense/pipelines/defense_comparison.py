@@ -68,6 +68,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense import data
+from keras_defense import defenses
 from keras_defense.evaluation import diagnostics
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.models import export
@@ -270,7 +271,7 @@ class _Comparison:
     logging.info("row %s: building %s (%s)", row.name, path, step.source or step.kind)
     start = time.time()
     if step.kind == "train":
-      result = training.train(config)
+      result = defenses.train(config)
     elif step.kind == "prune":
       from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
       result = pruning.prune(config)

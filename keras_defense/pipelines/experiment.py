@@ -35,6 +35,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense import data
+from keras_defense import defenses
 from keras_defense.evaluation import diagnostics
 from keras_defense.training import distribution
 from keras_defense.evaluation import grid as evaluation
@@ -167,7 +168,7 @@ def _stage_config(run: _Run, stage: str, *, base_model_path: str | None = None):
 
 
 def _stage_train(run: _Run) -> dict:
-  result = training.train(_stage_config(run, "train"))
+  result = defenses.train(_stage_config(run, "train"))
   return {"saved_model": result.saved_model_path, **result.to_dict()}
 
 
@@ -393,7 +394,7 @@ def _config_dict(run: _Run) -> dict:
 
   def plain(v):
     if dataclasses.is_dataclass(v):
-      return {k: plain(x) for k, x in dataclasses.asdict(v).items()}
+      return {k: plain(x) for k, x in training.config_dict(v).items()}
     if isinstance(v, tuple):
       return list(v)
     return v

@@ -61,6 +61,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense import data
+from keras_defense import defenses
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.models import export
 from keras_defense.util import file_lock
@@ -73,9 +74,9 @@ from keras_defense.util.errors import UserError
 
 STAGES = ("train", "prune", "augment", "attack", "autoattack", "report")
 STANDARD = "standard"
-# PruneConfig's robust-pruning fields (defenses.pruning): part of a sweep's
-# identity only when prune.adversarial is set.
-ROBUST_PRUNING_FIELDS = training.ADVERSARIAL_FIELDS
+# PruneConfig's robust-pruning flags (defenses.pruning, its adversarial spec):
+# part of a sweep's identity only when prune.adversarial is set.
+ROBUST_PRUNING_FIELDS = training.ADVERSARIAL_FLAGS
 THREAT_MODEL = "Linf"  # RobustBench's name of the L-inf ball every attack here uses
 SOURCE = "m0"  # the attack grid's name of the method's M0 (transfer source)
 
@@ -153,6 +154,9 @@ class SweepConfig:
   sparsities: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.9, 0.95))
   logits_epsilons: tuple[float, ...] = (0.0, 20.0)
   methods: tuple[str, ...] = (STANDARD,)
+  # The adversarial methods' attack (the adversarial-training flags; its method is each
+  # point's); None: the spec's defaults. train.adversarial is set per point.
+  adversarial: training.AdversarialSpec | None = None
   base_models: dict[str, str] = dataclasses.field(default_factory=dict)  # method -> SavedModel
   dataset: str = "mnist"
   data_dir: str | None = None
@@ -230,6 +234,7 @@ class SweepConfig:
              f"the {stage} config's `{field}` is {getattr(sub, field)!r} but the sweep's is "
              f"{getattr(self, field)!r}: every stage must use the sweep's data.")
     data.split_name(self.dataset)
+    training.check_adversarial(self.adversarial)
     self.train.validate()
     self.prune.validate()
     self.augment.validate()
@@ -255,13 +260,16 @@ class SweepConfig:
   def identity(self) -> dict[str, Any]:
     """What a run directory is bound to: everything but the grid, shards and stages.
 
-    The training method sets ``train.adversarial`` per point, so it is left out.
-    Pruning's robust-pruning fields (``ROBUST_PRUNING_FIELDS``) count only when
-    ``prune.adversarial`` is set: they do nothing otherwise, and a plain sweep
-    keeps the identity it had before pruning had them.
+    The configs as their flags name them (``training.config_dict``). The
+    training method sets ``train.adversarial`` per point, so it is left out;
+    the other adversarial flags are ``adversarial``'s (the sweep's attack for
+    its adversarial methods). Pruning's robust-pruning flags
+    (``ROBUST_PRUNING_FIELDS``) count only when ``prune.adversarial`` is set:
+    they do nothing otherwise, and a plain sweep keeps the identity it had
+    before pruning had them.
     """
     def plain(v, drop=()):
-      d = dataclasses.asdict(v)
+      d = training.config_dict(v)
       return {k: list(x) if isinstance(x, tuple) else x for k, x in d.items()
               if k not in ("verbose", "run_dir", "export_dir", "export_version",
                            "base_model_path", "report_path", "dense_sparsity",
@@ -270,7 +278,8 @@ class SweepConfig:
     return json.loads(json.dumps({
         "dataset": self.dataset, "seed": self.seed, "deterministic": self.deterministic,
         "base_models": dict(sorted(self.base_models.items())),
-        "train": plain(self.train, drop=("adversarial",)),
+        "train": plain(dataclasses.replace(self.train, adversarial=self.adversarial),
+                       drop=("adversarial",)),
         "prune": plain(self.prune, drop=prune_drop), "augment": plain(self.augment),
         "eval": plain(self.eval)}, default=str))
 
@@ -337,11 +346,18 @@ class _Sweep:
       cfg = dataclasses.replace(
           self.c.train, run_dir=str(pdir / "run"), export_dir=str(pdir / "model"),
           export_version=1, seed=self.c.seed, deterministic=self.c.deterministic,
-          **({"adversarial": None if p.method == STANDARD else p.method}
+          **({"adversarial": self._attack(p.method)}
              if "adversarial" in _train_fields() else {}))
-      result = training.train(cfg)
+      result = defenses.train(cfg)
       return {"saved_model": result.saved_model_path, **result.to_dict()}
     return self._parent(p.m0_key, "train", build)
+
+  def _attack(self, method: str) -> training.AdversarialSpec | None:
+    """The training attack of ``method``: None for standard training."""
+    if method == STANDARD:
+      return None
+    return dataclasses.replace(self.c.adversarial or training.AdversarialSpec(method),
+                               method=method)
 
   def pruned(self, p: Point) -> str:
     base = self.m0(p)
