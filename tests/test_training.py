@@ -198,6 +198,11 @@ def test_binary_user_error_is_one_line_no_traceback(tmp_path):
   assert "error: MNIST folder" in out.stderr and "Traceback" not in out.stderr
 
 
+_MOVED_MODULES = {"distribution": "training.distribution", "io_utils": "util.io_utils",
+                  "provenance": "util.provenance", "compat": "util.compat",
+                  "errors": "util.errors"}
+
+
 def _training_module_at(commit, monkeypatch):
   """keras_defense/training.py as it was at ``commit``, imported under another name."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -206,6 +211,11 @@ def _training_module_at(commit, monkeypatch):
                             capture_output=True, text=True, check=True).stdout
   except (OSError, subprocess.CalledProcessError):
     pytest.skip(f"git history with commit {commit} is not available")
+  # The modules it imports moved into packages (issue 24's layout); the code is the same.
+  for old, new in _MOVED_MODULES.items():
+    source = source.replace(f"from keras_defense import {old}\n",
+                            f"from keras_defense.{new.rpartition('.')[0]} import {old}\n")
+    source = source.replace(f"from keras_defense.{old} import", f"from keras_defense.{new} import")
   spec = importlib.util.spec_from_loader(f"training_at_{commit}", loader=None)
   module = importlib.util.module_from_spec(spec)
   monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
