@@ -28,17 +28,10 @@ class _CarliniWagnerL0(Machinery):
 
   def __init__(self, logits_fn, *, image_shape, **kwargs):
     super().__init__(logits_fn, **kwargs)
-    self.run = tf.function(self._run, input_signature=[
-        tf.TensorSpec([None, *image_shape], tf.float32),
-        tf.TensorSpec([None], tf.int64),
-        tf.TensorSpec([], tf.float32),    # initial_const
-        tf.TensorSpec([], tf.float32),    # largest_const
-        tf.TensorSpec([], tf.float32),    # const_factor
-        tf.TensorSpec([], tf.int32),      # max_iterations
-        tf.TensorSpec([], tf.float32),    # learning_rate
-        tf.TensorSpec([], tf.bool),       # abort_early
-        tf.TensorSpec([], tf.int32),      # max_rounds
-    ])
+    self.run = self.compile_run(
+        image_shape, initial_const=tf.float32, largest_const=tf.float32,
+        const_factor=tf.float32, max_iterations=tf.int32,
+        learning_rate=tf.float32, abort_early=tf.bool, max_rounds=tf.int32)
 
   def _run(self, x, y, initial_const, largest_const, const_factor,
            max_iterations, lr, abort_early, max_rounds):
@@ -161,9 +154,8 @@ def carlini_wagner_l0(model: Any, x: Any, y: Any, *, targeted: bool = False,
   # At least one pixel leaves the set per success, plus every doubling of c.
   max_rounds = (int(np.prod(inputs.x.shape[1:3]))
                 + machinery.doublings(initial_const, largest_const, const_factor) + 2)
-  run = lambda xb, yb: attack.run(  # pylint: disable=g-long-lambda
-      xb, yb, tf.constant(initial_const, tf.float32),
+  return machinery.run_in_batches(
+      attack, inputs, batch_size, tf.constant(initial_const, tf.float32),
       tf.constant(largest_const, tf.float32), tf.constant(const_factor, tf.float32),
       tf.constant(max_iterations), tf.constant(learning_rate, tf.float32),
       tf.constant(bool(abort_early)), tf.constant(max_rounds))
-  return inputs.restore(runtime.in_batches(run, batch_size, inputs.x, inputs.y))

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
 from keras_defense.attacks.carlini_wagner import machinery
 from keras_defense.attacks.carlini_wagner.machinery import DEFAULT_BATCH_SIZE
@@ -30,16 +29,10 @@ class _CarliniWagnerL2(Machinery):
 
   def __init__(self, logits_fn, *, image_shape, **kwargs):
     super().__init__(logits_fn, **kwargs)
-    self.run = tf.function(self._run, input_signature=[
-        tf.TensorSpec([None, *image_shape], tf.float32),
-        tf.TensorSpec([None], tf.int64),
-        tf.TensorSpec([], tf.float32),    # initial_const
-        tf.TensorSpec([], tf.int32),      # binary_search_steps
-        tf.TensorSpec([], tf.int32),      # max_iterations
-        tf.TensorSpec([], tf.float32),    # learning_rate
-        tf.TensorSpec([], tf.bool),       # abort_early
-        tf.TensorSpec([], tf.bool),       # warm_start
-    ])
+    self.run = self.compile_run(
+        image_shape, initial_const=tf.float32, binary_search_steps=tf.int32,
+        max_iterations=tf.int32, learning_rate=tf.float32, abort_early=tf.bool,
+        warm_start=tf.bool)
 
   def _run(self, x, y, initial_const, search_steps, max_iterations, lr,
            abort_early, warm_start):
@@ -182,8 +175,8 @@ def carlini_wagner_l2(model: Any, x: Any, y: Any, *, targeted: bool = False,
       compute_dtype=compute_dtype, batch_size=batch_size,
       learning_rate=learning_rate, max_iterations=max_iterations,
       initial_const=initial_const)
-  run = lambda xb, yb: attack.run(  # pylint: disable=g-long-lambda
-      xb, yb, tf.constant(initial_const, tf.float32), tf.constant(steps),
-      tf.constant(max_iterations), tf.constant(learning_rate, tf.float32),
-      tf.constant(bool(abort_early)), tf.constant(bool(warm_start)))
-  return inputs.restore(runtime.in_batches(run, batch_size, inputs.x, inputs.y))
+  return machinery.run_in_batches(
+      attack, inputs, batch_size, tf.constant(initial_const, tf.float32),
+      tf.constant(steps), tf.constant(max_iterations),
+      tf.constant(learning_rate, tf.float32), tf.constant(bool(abort_early)),
+      tf.constant(bool(warm_start)))

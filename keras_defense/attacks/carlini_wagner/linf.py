@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from keras_defense.attacks import runtime
 from keras_defense.attacks import validation
 from keras_defense.attacks.carlini_wagner import machinery
 from keras_defense.attacks.carlini_wagner.machinery import DEFAULT_BATCH_SIZE
@@ -29,18 +28,11 @@ class _CarliniWagnerLinf(Machinery):
   def __init__(self, logits_fn, *, image_shape, clip_min, clip_max, **kwargs):
     super().__init__(logits_fn, clip_min=clip_min, clip_max=clip_max, **kwargs)
     self._range = clip_max - clip_min
-    self.run = tf.function(self._run, input_signature=[
-        tf.TensorSpec([None, *image_shape], tf.float32),
-        tf.TensorSpec([None], tf.int64),
-        tf.TensorSpec([], tf.float32),    # initial_const
-        tf.TensorSpec([], tf.float32),    # largest_const
-        tf.TensorSpec([], tf.float32),    # const_factor
-        tf.TensorSpec([], tf.float32),    # decrease_factor
-        tf.TensorSpec([], tf.int32),      # max_iterations
-        tf.TensorSpec([], tf.float32),    # learning_rate
-        tf.TensorSpec([], tf.bool),       # abort_early
-        tf.TensorSpec([], tf.int32),      # max_rounds
-    ])
+    self.run = self.compile_run(
+        image_shape, initial_const=tf.float32, largest_const=tf.float32,
+        const_factor=tf.float32, decrease_factor=tf.float32,
+        max_iterations=tf.int32, learning_rate=tf.float32, abort_early=tf.bool,
+        max_rounds=tf.int32)
 
   def _run(self, x, y, initial_const, largest_const, const_factor,
            decrease_factor, max_iterations, lr, abort_early, max_rounds):
@@ -134,10 +126,9 @@ def carlini_wagner_linf(model: Any, x: Any, y: Any, *, targeted: bool = False,
   # Enough rounds for every tau decrease and every doubling of c.
   max_rounds = (math.ceil(math.log(256.0) / -math.log(decrease_factor))
                 + machinery.doublings(initial_const, largest_const, const_factor) + 2)
-  run = lambda xb, yb: attack.run(  # pylint: disable=g-long-lambda
-      xb, yb, tf.constant(initial_const, tf.float32),
+  return machinery.run_in_batches(
+      attack, inputs, batch_size, tf.constant(initial_const, tf.float32),
       tf.constant(largest_const, tf.float32), tf.constant(const_factor, tf.float32),
       tf.constant(decrease_factor, tf.float32), tf.constant(max_iterations),
       tf.constant(learning_rate, tf.float32), tf.constant(bool(abort_early)),
       tf.constant(max_rounds))
-  return inputs.restore(runtime.in_batches(run, batch_size, inputs.x, inputs.y))

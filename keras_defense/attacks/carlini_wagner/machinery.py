@@ -23,7 +23,7 @@ cache the three public functions share.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 from keras_defense.attacks import losses
 from keras_defense.attacks import runtime
@@ -95,6 +95,17 @@ class Machinery:
     self.confidence = confidence
     self._half = (clip_max - clip_min) / 2.0
     self._mid = (clip_max + clip_min) / 2.0
+
+  def compile_run(self, image_shape, **hyperparameters: tf.DType):
+    """``self._run`` compiled once for images, labels and scalar hyperparameters.
+
+    ``hyperparameters`` name each scalar argument after the labels, in order,
+    with its dtype; as tensors they change without a retrace.
+    """
+    return tf.function(self._run, input_signature=[
+        tf.TensorSpec([None, *image_shape], tf.float32),
+        tf.TensorSpec([None], tf.int64),
+        *(tf.TensorSpec([], dtype) for dtype in hyperparameters.values())])
 
   def to_tanh(self, x: tf.Tensor) -> tf.Tensor:
     unit = tf.clip_by_value((x - self._mid) / self._half, -1.0, 1.0)
@@ -233,6 +244,14 @@ def setup(model, x, y, *, variant, targeted, confidence, clip_min, clip_max,
       confidence=confidence, clip_min=clip_min, clip_max=clip_max,
       exact_logits=exact))
   return attack, inputs, batch_size
+
+
+def run_in_batches(attack, inputs: runtime.Inputs, batch_size: int,
+                   *hyperparameters: tf.Tensor) -> Any:
+  """``attack.run(x, y, *hyperparameters)`` batch by batch, returned as ``x`` came."""
+  return inputs.restore(runtime.in_batches(
+      lambda xb, yb: attack.run(xb, yb, *hyperparameters), batch_size,
+      inputs.x, inputs.y))
 
 
 def check_const_schedule(initial_const, largest_const, const_factor):
