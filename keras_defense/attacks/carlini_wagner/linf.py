@@ -113,10 +113,8 @@ def carlini_wagner_linf(model: Any, x: Any, y: Any, *, targeted: bool = False,
   """
   largest_const, const_factor = machinery.check_const_schedule(
       initial_const, largest_const, const_factor)
-  decrease_factor = validation.check_number("decrease_factor", decrease_factor,
-                                            strictly_positive=True)
-  if decrease_factor >= 1.0:
-    raise ValueError(f"`decrease_factor` must be in (0, 1); got {decrease_factor!r}.")
+  decrease_factor = validation.check_fraction("decrease_factor", decrease_factor,
+                                              zero_ok=False, one_ok=False)
   attack, inputs, batch_size = machinery.setup(
       model, x, y, variant=_CarliniWagnerLinf, targeted=targeted,
       confidence=confidence, clip_min=clip_min, clip_max=clip_max,
