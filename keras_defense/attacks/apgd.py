@@ -397,9 +397,7 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
                                           minimum=1)
   steps = validation.check_int("steps", steps, minimum=1)
   restarts = validation.check_int("restarts", restarts, minimum=1)
-  rho = validation.check_number("rho", rho, minimum=0.0)
-  if rho > 1.0:
-    raise ValueError(f"`rho` must be in [0, 1]; got {rho!r}.")
+  rho = validation.check_fraction("rho", rho, zero_ok=True)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)
   eot_samples = validation.check_int("eot_samples", eot_samples, minimum=1)

@@ -283,13 +283,9 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
                                           minimum=1)
   steps = validation.check_int("steps", steps, minimum=1)
   restarts = validation.check_int("restarts", restarts, minimum=1)
-  alpha_max = validation.check_number("alpha_max", alpha_max, minimum=0.0)
-  if alpha_max > 1.0:
-    raise ValueError(f"`alpha_max` must be in [0, 1]; got {alpha_max!r}.")
+  alpha_max = validation.check_fraction("alpha_max", alpha_max, zero_ok=True)
   eta = validation.check_number("eta", eta, minimum=1.0)
-  beta = validation.check_number("beta", beta, strictly_positive=True)
-  if beta > 1.0:
-    raise ValueError(f"`beta` must be in (0, 1]; got {beta!r}.")
+  beta = validation.check_fraction("beta", beta, zero_ok=False)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)
   validation.check_choice("compute_dtype", compute_dtype,

@@ -345,9 +345,7 @@ def square(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
   validation.check_choice("norm", norm, validation.NORMS)
   queries = validation.check_int("queries", queries, minimum=1)
-  p_init = validation.check_number("p_init", p_init, strictly_positive=True)
-  if p_init > 1.0:
-    raise ValueError(f"`p_init` must be in (0, 1]; got {p_init!r}.")
+  p_init = validation.check_fraction("p_init", p_init, zero_ok=False)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)
   logits_fn = runtime.logits_function(model, "float32")

@@ -37,6 +37,20 @@ def check_number(name: str, value: Any, *, minimum: float | None = None,
   return value
 
 
+def check_fraction(name: str, value: Any, *, zero_ok: bool,
+                   one_ok: bool = True) -> float:
+  """Returns ``value`` as a float in [0, 1] after checking its type and bounds.
+
+  The interval is open at 0 unless ``zero_ok`` and open at 1 unless ``one_ok``.
+  """
+  value = check_number(name, value, minimum=0.0 if zero_ok else None,
+                       strictly_positive=not zero_ok)
+  if value > 1.0 or (value == 1.0 and not one_ok):
+    raise ValueError(f"`{name}` must be in {'[' if zero_ok else '('}0, "
+                     f"1{']' if one_ok else ')'}; got {value!r}.")
+  return value
+
+
 def check_int(name: str, value: Any, *, minimum: int) -> int:
   """Returns ``value`` as an int after checking its type and lower bound."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral):
