@@ -130,7 +130,9 @@ def test_kd_evaluate_refuses_before_calling(bad, tmp_path, case, op, function):
   if target is not None:
     assert not target.exists()  # the model never ran
   # Every path that loads a SavedModel refuses it the same way.
-  with pytest.raises(scan.UnsafeModelError, match=rf"it calls {op} "):
+  with pytest.raises(scan.UnsafeModelError,
+                     match=rf"it calls {op} .* pass --allow_ops={op} to kd-evaluate, or "
+                           rf"allow_ops=\['{op}'\] to keras_defense.load_model"):
     export.load_model(model)
   with pytest.raises(scan.UnsafeModelError, match=rf"it calls {op} "):
     classifier.load_classifier(model)
@@ -169,8 +171,11 @@ def test_allow_ops_lets_the_model_run(bad, tmp_path):
                        attack_plan=_no_attack, write_artifacts=False)
   assert res.n == 20
   assert target.read_text() == "written by the model"  # it ran, as allowed
-  # Allowing another op does not let it through, and the fix names them all.
   target.unlink()
+  # The library loader takes the same override (the module is no Keras model).
+  with pytest.raises(export.ModelLoadError, match=r"holds no Keras model"):
+    export.load_model(model, allow_ops=["WriteFile"])
+  # Allowing another op does not let it through, and the fix names them all.
   with pytest.raises(scan.UnsafeModelError, match=r"pass --allow_ops=PrintV2,WriteFile "):
     robustness.run(_config(model, tmp_path / "run2", allow_ops=("PrintV2",)),
                    attack_plan=_no_attack)

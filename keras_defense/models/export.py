@@ -247,7 +247,7 @@ def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> ker
     raise ModelLoadError(f"model path {str(p)!r} is not a SavedModel (no "
                          f"saved_model.pb in it).")
   if p.is_dir():
-    scan.check_saved_model(p, allow_ops=allow_ops)
+    scan.check_saved_model(p, allow_ops=allow_ops, fix=scan.FIX_LIBRARY)
   _check_builtin_classes(p)
   try:
     kwargs = {} if p.is_dir() else {"safe_mode": True}

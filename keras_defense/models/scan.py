@@ -138,7 +138,12 @@ DENYLIST: dict[str, str] = {
 SAVER_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints",
                        "Restore", "RestoreV2", "RestoreSlice"})
 
-ALLOW_FLAG = "--allow_ops"
+# How to allow ops, in the refusal: kd-evaluate's flag, or the library argument
+# for loaders no binary flag reaches yet.
+FIX_FLAG = "pass --allow_ops={ops}"
+FIX_LIBRARY = ("pass --allow_ops={ops} to kd-evaluate, or allow_ops=[{quoted}] to "
+               "keras_defense.load_model (kd-train, kd-prune, kd-augment, kd-experiment and "
+               "kd-sweep have no override)")
 _DOCS = 'docs/RELIABILITY.md, "Running models you did not write"'
 _GRAPH = "<top-level graph>"
 
@@ -295,13 +300,16 @@ def _describe(findings: Sequence[Finding], limit: int = 3) -> str:
   return "; ".join(parts)
 
 
-def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> None:
+def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = (),
+                      fix: str = FIX_FLAG) -> None:
   """Refuses a SavedModel whose graph touches the outside world, before it is loaded.
 
   Args:
     path: a SavedModel directory.
     allow_ops: op types to let through (the user's explicit, per-op
       ``--allow_ops``), e.g. ``("WriteFile",)``.
+    fix: how the caller's user allows ops, with ``{ops}`` for their
+      comma-separated names (``FIX_FLAG``: kd-evaluate's flag).
 
   Raises:
     UnsafeModelError: the model holds a denied op not in ``allow_ops``; the
@@ -315,5 +323,6 @@ def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ())
     raise UnsafeModelError(
         f"model {str(path)!r} refused: it calls {_describe(findings)}. A model is a "
         f"program and keras-defense does not run one that touches files, prints or calls "
-        f"out unless told to. If you trust it, pass {ALLOW_FLAG}={ops} (a scan is not a "
-        f"sandbox: see {_DOCS}).")
+        f"out unless told to. If you trust it, "
+        f"{fix.format(ops=ops, quoted=', '.join(repr(o) for o in ops.split(',')))} "
+        f"(a scan is not a sandbox: see {_DOCS}).")
