@@ -57,9 +57,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 # flags it added are removed again; only the set is used.
 _FLAGS_BEFORE = frozenset(_absl_flags.FLAGS)
 from tensorflow.python.tools import saved_model_cli as _saved_model_cli  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-for _name in frozenset(_absl_flags.FLAGS) - _FLAGS_BEFORE:
+for _name in frozenset(_absl_flags.FLAGS) - _FLAGS_BEFORE:  # none if imported before
   delattr(_absl_flags.FLAGS, _name)
-del _name
 
 TF_DENYLIST = frozenset(_saved_model_cli._OP_DENYLIST)  # pylint: disable=protected-access
 
