@@ -39,7 +39,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from keras_defense.models import export
-from keras_defense.models import scan
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
@@ -195,7 +194,7 @@ def _pick_output(path: str, where: str, keys: Sequence[str], output_key: str | N
 def _load_saved_model(path: str, signature: str, output_key: str | None,
                       allow_ops: Sequence[str]) -> Classifier:
   # Before tf.saved_model.load: loading alone runs the model's initializers.
-  scan.check_saved_model(path, allow_ops=allow_ops)
+  export.check_saved_model(path, allow_ops=allow_ops)
   try:
     loaded = tf.saved_model.load(path)
   except Exception as e:  # corrupt protobuf, missing variables ...

@@ -218,6 +218,20 @@ def _check_builtin_classes(p: pathlib.Path) -> None:
           f"Python code from the file. Export models with built-in layers only.")
 
 
+def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = (),
+                      fix: str = scan.FIX_FLAG) -> None:
+  """``scan.check_saved_model``, an unreadable saved_model.pb a ``ModelLoadError``.
+
+  Raises:
+    ModelLoadError: saved_model.pb missing or corrupt.
+    scan.UnsafeModelError: ops not in ``allow_ops`` (see ``scan``).
+  """
+  try:
+    scan.check_saved_model(path, allow_ops=allow_ops, fix=fix)
+  except scan.UnreadableModelError as e:
+    raise ModelLoadError(str(e)) from e
+
+
 def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> keras.Model:
   """Loads a Keras model exported by ``export_saved_model`` (or a .keras/.h5 file).
 
@@ -247,7 +261,7 @@ def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> ker
     raise ModelLoadError(f"model path {str(p)!r} is not a SavedModel (no "
                          f"saved_model.pb in it).")
   if p.is_dir():
-    scan.check_saved_model(p, allow_ops=allow_ops, fix=scan.FIX_LIBRARY)
+    check_saved_model(p, allow_ops=allow_ops, fix=scan.FIX_LIBRARY)
   _check_builtin_classes(p)
   try:
     kwargs = {} if p.is_dir() else {"safe_mode": True}

@@ -151,6 +151,10 @@ class UnsafeModelError(UserError):
   """A SavedModel holds ops that touch the outside world and were not allowed."""
 
 
+class UnreadableModelError(UserError):
+  """saved_model.pb is missing or does not parse (the loaders say "corrupt")."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Finding:
   """One denied op in a SavedModel.
@@ -251,12 +255,15 @@ def _scan_meta_graph(meta, denylist) -> list[Finding]:
 def _read(path: pathlib.Path):
   pb = path / "saved_model.pb"
   if not pb.is_file():
-    raise UserError(f"model path {str(path)!r} is not a SavedModel (no saved_model.pb in it).")
+    raise UnreadableModelError(f"model path {str(path)!r} is not a SavedModel (no "
+                               f"saved_model.pb in it).")
   proto = saved_model_pb2.SavedModel()
   try:
     proto.ParseFromString(pb.read_bytes())
   except Exception as e:  # pylint: disable=broad-except  (a corrupt protobuf)
-    raise UserError(f"could not read {str(pb)!r} (corrupt?): {type(e).__name__}: {e}") from e
+    # Fail closed: refused unscanned (tf.saved_model.load parses it the same way).
+    raise UnreadableModelError(f"could not load the model at {str(path)!r} (corrupt "
+                               f"saved_model.pb): {type(e).__name__}: {e}") from e
   return proto
 
 
@@ -273,7 +280,7 @@ def scan_saved_model(path: str | os.PathLike, *,
     library (the loader's own checkpoint ops excepted); empty if none.
 
   Raises:
-    UserError: no saved_model.pb, or one that does not parse.
+    UnreadableModelError: no saved_model.pb, or one that does not parse.
   """
   denylist = DENYLIST if denylist is None else denylist
   proto = _read(pathlib.Path(path))
@@ -313,7 +320,7 @@ def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = (),
   Raises:
     UnsafeModelError: the model holds a denied op not in ``allow_ops``; the
       message names each op, the function it sits in and the flag to allow it.
-    UserError: no saved_model.pb, or one that does not parse.
+    UnreadableModelError: no saved_model.pb, or one that does not parse.
   """
   allowed = {str(a).strip() for a in allow_ops}
   findings = [f for f in scan_saved_model(path) if f.op not in allowed]
