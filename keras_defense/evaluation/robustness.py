@@ -81,6 +81,10 @@ class RobustnessConfig:
       knows them); None otherwise.
     signature: the SavedModel signature to call.
     output_key: the signature's output holding logits or probabilities.
+    allow_ops: ops the SavedModel may hold although they touch the outside
+      world (``models.scan.DENYLIST``), each named explicitly; any other is
+      refused before the model is loaded. Not part of the run's identity:
+      it decides whether the model runs, not the numbers.
     seed: the attacks' seed.
     batch_size: images per attack call.
     compute_dtype: passed to the attacks.
@@ -97,6 +101,7 @@ class RobustnessConfig:
   attacks: tuple[str, ...] | None = None
   signature: str = "serving_default"
   output_key: str | None = None
+  allow_ops: tuple[str, ...] = ()
   seed: int = 0
   batch_size: int = DEFAULT_BATCH_SIZE
   compute_dtype: str = "float32"  # "auto" may pick bfloat16, which costs strength
@@ -132,6 +137,8 @@ class RobustnessConfig:
          f"`batch_size` must be an integer >= 1; got {self.batch_size!r}.")
     need(self.compute_dtype in COMPUTE_DTYPES, f"`compute_dtype` must be one of "
          f"{', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
+    need(all(isinstance(op, str) and op for op in self.allow_ops),
+         f"`allow_ops` must be op names such as WriteFile; got {list(self.allow_ops)!r}.")
     if self.version == "custom":
       need(bool(self.attacks), "version 'custom' needs `attacks` (e.g. apgd-ce,square).")
     else:
@@ -364,7 +371,9 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
 
   Raises:
     UserError: a bad config, model, signature, input spec, output or run
-      directory, all before any attack runs or anything is written.
+      directory, all before any attack runs or anything is written;
+      ``scan.UnsafeModelError`` for a SavedModel holding ops that touch the
+      outside world and are not in ``allow_ops``, before it is loaded.
   """
   wall_start = time.perf_counter()
   config.validate()
@@ -373,8 +382,9 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
   if blocker is not None:
     raise UserError(f"`run_dir` {str(run_dir)!r} cannot be a directory: {str(blocker)!r} "
                     f"exists and is not a directory.")
+  # Scanned for side-effect ops before it is loaded, and before run_dir is touched.
   clf = clf_lib.load_classifier(config.model, signature=config.signature,
-                                output_key=config.output_key)
+                                output_key=config.output_key, allow_ops=config.allow_ops)
   facts = data.info(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
   clf.check_input(facts.image_shape, dataset=config.dataset)
   try:

@@ -29,6 +29,11 @@ flags.DEFINE_string("signature", "serving_default",
 flags.DEFINE_string("output_key", None,
                     "kd-evaluate: the signature output holding logits or probabilities "
                     "(needed when it has several, e.g. logits for saved_models/*).")
+flags.DEFINE_list("allow_ops", [],
+                  "kd-evaluate: ops a SavedModel may hold although they touch the outside "
+                  "world (e.g. WriteFile,PrintV2), named one by one; by default a model "
+                  "holding any is refused before it runs (models/scan.py, docs/RELIABILITY.md "
+                  "'Running models you did not write').")
 
 
 def evaluate_flags(fv=None) -> None:
@@ -72,6 +77,7 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       dataset=common.dataset_name(fv), norm=fv.norm,
       epsilons=tuple(common.parse_epsilon(e) for e in fv.epsilons), n_examples=fv.n_examples,
       version=fv.version, attacks=tuple(fv.attacks) if fv.attacks else None,
-      signature=fv.signature, output_key=fv.output_key, seed=fv.seed,
+      signature=fv.signature, output_key=fv.output_key, allow_ops=tuple(fv.allow_ops),
+      seed=fv.seed,
       batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, data_dir=fv.data_dir,
       manual_dir=fv.manual_dir, command=command)

@@ -6,7 +6,9 @@ program (one signature of it, one output of that signature) or a Keras
 a plain callable float32 NHWC images in [0, 1] -> float32 logits that the
 attacks differentiate like any Keras model.
 
-* SavedModel: loaded with ``tf.saved_model.load`` (a graph: no Python from the
+* SavedModel: scanned first (``scan.check_saved_model``: a graph that reads
+  or writes files, prints or calls out is refused unless its ops are allowed),
+  then loaded with ``tf.saved_model.load`` (a graph: no Python from the
   file runs, no keras-defense or Keras import is needed in the program that
   saved it). The signature is chosen by name, its output by key; a signature
   with one output needs no key.
@@ -189,7 +191,10 @@ def _pick_output(path: str, where: str, keys: Sequence[str], output_key: str | N
                   f"probabilities as --output_key.")
 
 
-def _load_saved_model(path: str, signature: str, output_key: str | None) -> Classifier:
+def _load_saved_model(path: str, signature: str, output_key: str | None,
+                      allow_ops: Sequence[str]) -> Classifier:
+  # Before tf.saved_model.load: loading alone runs the model's initializers.
+  export.check_saved_model(path, allow_ops=allow_ops)
   try:
     loaded = tf.saved_model.load(path)
   except Exception as e:  # corrupt protobuf, missing variables ...
@@ -247,7 +252,8 @@ def _load_keras_file(path: str, output_key: str | None) -> Classifier:
 
 
 def load_classifier(path: str | os.PathLike, *, signature: str = "serving_default",
-                    output_key: str | None = None) -> Classifier:
+                    output_key: str | None = None,
+                    allow_ops: Sequence[str] = ()) -> Classifier:
   """Loads a SavedModel directory or a ``.keras``/``.h5`` file as a Classifier.
 
   Args:
@@ -255,6 +261,8 @@ def load_classifier(path: str | os.PathLike, *, signature: str = "serving_defaul
     signature: the SavedModel signature to call (ignored for Keras files).
     output_key: the output holding logits or probabilities; needed when the
       signature (or Keras model) has more than one.
+    allow_ops: ops a SavedModel may hold although they touch the outside world
+      (``scan.DENYLIST``), each named explicitly; ignored for Keras files.
 
   Returns:
     A ``Classifier`` reading the output as logits (see ``detect_output``).
@@ -262,7 +270,8 @@ def load_classifier(path: str | os.PathLike, *, signature: str = "serving_defaul
   Raises:
     UserError: missing or corrupt model, unknown signature or output key,
       several outputs and no key, several inputs, or a non-float output
-      (``export.ModelLoadError`` for the first two).
+      (``export.ModelLoadError`` for the first two); ``scan.UnsafeModelError``
+      for a SavedModel holding ops not allowed, before it is loaded.
   """
   p = pathlib.Path(path)
   if not p.exists():
@@ -272,7 +281,7 @@ def load_classifier(path: str | os.PathLike, *, signature: str = "serving_defaul
     if not (p / "saved_model.pb").is_file():
       raise export.ModelLoadError(f"model path {str(p)!r} is not a SavedModel (no "
                                   f"saved_model.pb in it).")
-    return _load_saved_model(str(path), signature, output_key)
+    return _load_saved_model(str(path), signature, output_key, allow_ops)
   return _load_keras_file(str(path), output_key)
 
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Sequence
 
+from keras_defense.models import scan
 from keras_defense.util import io_utils
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
@@ -216,7 +218,21 @@ def _check_builtin_classes(p: pathlib.Path) -> None:
           f"Python code from the file. Export models with built-in layers only.")
 
 
-def load_model(path: str | os.PathLike) -> keras.Model:
+def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = (),
+                      fix: str = scan.FIX_FLAG) -> None:
+  """``scan.check_saved_model``, an unreadable saved_model.pb a ``ModelLoadError``.
+
+  Raises:
+    ModelLoadError: saved_model.pb missing or corrupt.
+    scan.UnsafeModelError: ops not in ``allow_ops`` (see ``scan``).
+  """
+  try:
+    scan.check_saved_model(path, allow_ops=allow_ops, fix=fix)
+  except scan.UnreadableModelError as e:
+    raise ModelLoadError(str(e)) from e
+
+
+def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> keras.Model:
   """Loads a Keras model exported by ``export_saved_model`` (or a .keras/.h5 file).
 
   Loading runs no Python from the file: SavedModels hold graphs, and only the
@@ -224,10 +240,18 @@ def load_model(path: str | os.PathLike) -> keras.Model:
   The model's saved config is checked *before* Keras deserializes it, because
   tf_keras applies ``safe_mode`` to .keras files only: a Lambda layer in an
   .h5 file or a SavedModel's keras_metadata.pb would otherwise be rebuilt from
-  its marshalled Python bytecode (arbitrary code execution).
+  its marshalled Python bytecode (arbitrary code execution). A SavedModel's
+  graph is scanned first (``scan.check_saved_model``): one that reads or
+  writes files, prints or calls out is refused unless those ops are allowed.
+
+  Args:
+    path: a SavedModel directory or a .keras/.h5 file.
+    allow_ops: ops a SavedModel may hold although they touch the outside world
+      (``scan.DENYLIST``), each named explicitly; ignored for Keras files.
 
   Raises:
     ModelLoadError: missing path, not a model, or corrupt files.
+    scan.UnsafeModelError: a SavedModel holding ops not in ``allow_ops``.
   """
   p = pathlib.Path(path)
   if not p.exists():
@@ -236,6 +260,8 @@ def load_model(path: str | os.PathLike) -> keras.Model:
   if p.is_dir() and not (p / "saved_model.pb").is_file():
     raise ModelLoadError(f"model path {str(p)!r} is not a SavedModel (no "
                          f"saved_model.pb in it).")
+  if p.is_dir():
+    check_saved_model(p, allow_ops=allow_ops, fix=scan.FIX_LIBRARY)
   _check_builtin_classes(p)
   try:
     kwargs = {} if p.is_dir() else {"safe_mode": True}
