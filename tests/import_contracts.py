@@ -26,12 +26,15 @@ class ForbiddenSubmodulesContract(Contract):
   Configuration options:
     source_modules: packages whose modules are checked.
     forbidden_submodules: dotted names inside an external package, e.g. absl.flags.
+    exempt_modules: modules allowed the import anyway (optional; give the reason
+      in the contract's comment).
   """
 
   type_name = "forbidden_submodules"
 
   source_modules = fields.ListField(subfield=fields.ModuleField())
   forbidden_submodules = fields.ListField(subfield=fields.StringField())
+  exempt_modules = fields.ListField(subfield=fields.ModuleField(), required=False, default=[])
 
   def check(self, graph, verbose: bool) -> ContractCheck:
     del verbose
@@ -44,7 +47,8 @@ class ForbiddenSubmodulesContract(Contract):
           rf"|from\s+{package}\.{name}\b|import\s+{package}\.{name}\b)")
       for source in self.source_modules:
         modules = {source.name} | graph.find_descendants(source.name)
-        for module in sorted(modules):
+        exempt = {m.name for m in self.exempt_modules}
+        for module in sorted(modules - exempt):
           if package not in graph.find_modules_directly_imported_by(module):
             continue
           for detail in graph.get_import_details(importer=module, imported=package):
