@@ -196,13 +196,13 @@ def experiment_config(command: str | None = None):
   train_fv = stage_flags("train", FLAGS.train_flagfile)
   prune_fv = stage_flags("prune", FLAGS.prune_flagfile)
   augment_fv = stage_flags("augment", FLAGS.augment_flagfile)
-  eval_config = eval_config()
+  evaluation = eval_config()
   del pruning
   return experiment.ExperimentConfig(
       run_dir=FLAGS.run_dir or f"runs/{data.slug(common.dataset_name())}",
       dataset=common.dataset_name(), data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
       train=train_flags.train_config(train_fv), prune=prune_flags.prune_config(prune_fv),
-      augment=prune_flags.augment_config(augment_fv), eval=eval_config,
+      augment=prune_flags.augment_config(augment_fv), eval=evaluation,
       stages=tuple(FLAGS.stages), reuse_saved_models=FLAGS.reuse_saved_models,
       saved_models_dir=FLAGS.saved_models_dir, seed=FLAGS.seed,
       deterministic=FLAGS.deterministic, strategy=FLAGS.strategy,
