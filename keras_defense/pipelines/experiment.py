@@ -336,7 +336,7 @@ def autoattack_summary(aa_dir: pathlib.Path | None, run_dir: pathlib.Path, names
 
 
 def _stage_report(run: _Run, start_time: float) -> dict:
-  from keras_defense.reports import reporting  # pylint: disable=g-import-not-at-top
+  from keras_defense.reports import experiment_report  # pylint: disable=g-import-not-at-top
   c = run.config
   facts_path = run.dir / "attack" / "models.json"
   if not facts_path.is_file():
@@ -372,7 +372,7 @@ def _stage_report(run: _Run, start_time: float) -> dict:
   commands = [(run.done(s) or {}).get("command") for s in STAGES[:-1]]
   command = next((cmd for cmd in commands if cmd), c.command)
   info = data.info(c.dataset, validation_size=c.train.validation_size, **c.data_kwargs())
-  paths = reporting.write_report(
+  paths = experiment_report.write_report(
       str(run.dir), rows=rows, models=facts, warnings=warnings, config=config_dict,
       versions=versions(), examples=examples, wall_seconds=wall, command=command,
       title=c.dataset.upper() if "/" not in c.dataset and ":" not in c.dataset else c.dataset,
