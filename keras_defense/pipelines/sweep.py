@@ -12,7 +12,7 @@ sparsity) (``pruning.prune``; sparsity 0:0 is M0 itself, not fine-tuned), one
 augmented model per (method, sparsity, ε) (``logits_augmentation.augment``;
 ε = 0 is the pruned model itself). A point's attacks are the attack grid of
 ``evaluation.evaluate`` (FGSM/BIM, grey-box / transfer from M0 / adaptive) at
-one ε, and AutoAttack through ``robustness.run`` when
+one ε, and AutoAttack through ``evaluate.run`` when
 ``eval.autoattack_version != "none"``.
 
 Keys: a parent or point is named by its coordinates and the seed, e.g.
@@ -25,7 +25,7 @@ Run-directory layout::
   <run_dir>/parents/<key>/             model/1 (SavedModel), run/ (checkpoints),
                                        done.json (finished), lock (while building)
   <run_dir>/work/<method>__s<seed>/cells/   attack cells of every point of the method
-  <run_dir>/work/<key>/autoattack/     robustness.run of the point
+  <run_dir>/work/<key>/autoattack/     evaluate.run of the point
   <run_dir>/points/<key>.json          one finished point (written last, atomically)
   <run_dir>/sweep.csv, report.md, plots/, tensorboard/   (sweep_report)
 
@@ -440,6 +440,7 @@ class _Sweep:
 
   def _autoattack(self, p: Point, path: str) -> tuple[dict, np.ndarray]:
     from keras_defense.evaluation import robustness  # pylint: disable=g-import-not-at-top
+    from keras_defense.pipelines import evaluate  # pylint: disable=g-import-not-at-top
     c, e = self.c, self.c.eval
     info = data.info(c.dataset, data_dir=c.data_dir, manual_dir=c.manual_dir)
     n = info.num_test if e.autoattack_size is None else min(int(e.autoattack_size),
@@ -449,7 +450,7 @@ class _Sweep:
                 "compute_dtype": e.compute_dtype}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     aa_dir = self.dir / "work" / p.key / "autoattack" / tag
-    result = robustness.run(robustness.RobustnessConfig(
+    result = evaluate.run(robustness.RobustnessConfig(
         model=path, run_dir=str(aa_dir), dataset=c.dataset, norm="linf",
         epsilons=(c.epsilon,), n_examples=n, version=e.autoattack_version,
         output_key="logits", seed=e.seed, batch_size=e.autoattack_batch_size,
