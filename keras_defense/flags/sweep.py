@@ -71,9 +71,9 @@ flags.register_multi_flags_validator(
 def sweep_config(command: str | None = None):
   """The SweepConfig the kd-sweep flags describe (kd-experiment's stage configs)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from keras_defense.pipelines import sweep  # pylint: disable=g-import-not-at-top
+  from keras_defense.evaluation import sweep_grid  # pylint: disable=g-import-not-at-top
   exp = experiment_flags.experiment_config(command)
-  return sweep.SweepConfig(
+  return sweep_grid.SweepConfig(
       run_dir=FLAGS.run_dir or f"runs/{data.slug(common.dataset_name())}_sweep",
       train=exp.train, prune=exp.prune, augment=exp.augment,
       eval=dataclasses.replace(exp.eval, cw_attacks=()),
