@@ -261,7 +261,7 @@ def test_adversarial_methods_follow_train_config(tmp_path, monkeypatch):
   has_field = "adversarial" in {f.name for f in dataclasses.fields(training.TrainConfig)}
   if has_field:
     _config(tmp_path / "run", methods=("standard", training.ADVERSARIAL_METHODS[0])).validate()
-  monkeypatch.setattr(sweep, "methods_available", lambda: ("standard",))
+  monkeypatch.setattr(sweep_grid, "methods_available", lambda: ("standard",))
   with pytest.raises(UserError, match="no `adversarial` field"):
     _config(tmp_path / "run", methods=("standard", "pgd")).validate()
 
