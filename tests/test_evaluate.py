@@ -6,7 +6,8 @@ saved with ``tf.saved_model.save``, the same as a ``.keras`` file, and a
 SavedModel of hand-written signatures: softmax output, uint8 images, 32x32x3
 images. The
 attack ensemble is a cheap stand-in (FGSM then PGD-5 from
-``keras_defense.attacks``) handed to ``robustness.run`` as ``attack_plan``,
+``keras_defense.attacks``) handed to ``pipelines.evaluate.run`` (kd-evaluate's
+runner + report) as ``attack_plan``,
 so these tests check kd-evaluate's bookkeeping, not the strength of the
 ensemble (tests/test_autoattack*.py do that).
 """
@@ -30,6 +31,7 @@ from keras_defense import data
 from keras_defense import flags as kd_flags
 from keras_defense.util import provenance
 from keras_defense.evaluation import robustness
+from keras_defense.pipelines import evaluate
 from keras_defense.reports import robustness_report
 from keras_defense.util.errors import UserError
 
@@ -138,8 +140,8 @@ def _check_invariants(res: dict):
 
 def test_plain_saved_model_evaluates(models, tmp_path):
   run_dir = tmp_path / "run"
-  result = robustness.run(_config(models / "plain_logits", run_dir),
-                          attack_plan=_stand_in_plan)
+  result = evaluate.run(_config(models / "plain_logits", run_dir),
+                        attack_plan=_stand_in_plan)
   res = json.loads((run_dir / "results.json").read_text())
   _check_invariants(res)
   assert res["output"] == "logits" and res["model_kind"] == "saved_model"
@@ -159,8 +161,8 @@ def test_plain_saved_model_evaluates(models, tmp_path):
 
 
 def test_keras_file_evaluates(models, tmp_path):
-  res = robustness.run(_config(models / "plain.keras", tmp_path / "run", epsilons=(0.1,)),
-                       attack_plan=_stand_in_plan).to_dict()
+  res = evaluate.run(_config(models / "plain.keras", tmp_path / "run", epsilons=(0.1,)),
+                     attack_plan=_stand_in_plan).to_dict()
   _check_invariants(res)
   assert res["model_kind"] == "keras" and res["signature"] is None
   assert res["output"] == "logits" and res["robust_acc"][0] < res["clean_acc"]
@@ -174,9 +176,9 @@ def test_probability_output_is_attacked_as_log(models, tmp_path):
   logits = clf.use_output(classifier.PROBABILITIES)(x).numpy()
   np.testing.assert_allclose(logits, np.log(np.maximum(probs, 1e-38)), rtol=1e-5, atol=1e-5)
   run_dir = tmp_path / "run"
-  res = robustness.run(_config(models / "signatures", run_dir, epsilons=(0.1,),
-                               signature="probs"),
-                       attack_plan=_stand_in_plan).to_dict()
+  res = evaluate.run(_config(models / "signatures", run_dir, epsilons=(0.1,),
+                             signature="probs"),
+                     attack_plan=_stand_in_plan).to_dict()
   _check_invariants(res)
   assert res["output"] == "probabilities (attacked as log)"
   assert res["robust_acc"][0] < res["clean_acc"] - 0.1  # log(p) gives real gradients
@@ -217,8 +219,8 @@ def test_wrong_input_is_one_line_error_exit_2(models, tmp_path):
   assert not run_dir.exists()  # refused before any work
   # A wrong shape (the other signature), in-process.
   with pytest.raises(UserError, match=r"float32 \[\?, 32, 32, 3\].*float32 \[\?, 28, 28, 1\]"):
-    robustness.run(_config(models / "signatures", run_dir, signature="rgb",
-                           output_key="logits"), attack_plan=_stand_in_plan)
+    evaluate.run(_config(models / "signatures", run_dir, signature="rgb",
+                         output_key="logits"), attack_plan=_stand_in_plan)
   assert not run_dir.exists()
 
 
@@ -239,15 +241,15 @@ def test_bad_input_is_a_user_error(tmp_path, kw, match):
   config = robustness.RobustnessConfig(model=str(M0), run_dir=str(tmp_path / "run"),
                                        n_examples=n, **kw)
   with pytest.raises(UserError, match=match):
-    robustness.run(config, attack_plan=_stand_in_plan)
+    evaluate.run(config, attack_plan=_stand_in_plan)
   assert not (tmp_path / "run").exists()
 
 
 def test_adversarials_outside_the_ball_do_not_count(models, tmp_path):
   def cheat(version, norm, names):
     return [("cheat", lambda model, x, y, eps, **kw: np.clip(x + 2 * eps, 0, 1))]
-  res = robustness.run(_config(models / "plain_logits", tmp_path / "run", epsilons=(0.1,)),
-                       attack_plan=cheat).to_dict()
+  res = evaluate.run(_config(models / "plain_logits", tmp_path / "run", epsilons=(0.1,)),
+                     attack_plan=cheat).to_dict()
   step, = res["per_eps"][0]["attacks"]
   assert step["outside_threat_model"] == step["attacked"] == res["n_clean_correct"]
   assert step["broken"] == 0 and res["robust_acc"] == [res["clean_acc"]]
@@ -257,9 +259,9 @@ def test_adversarials_outside_the_ball_do_not_count(models, tmp_path):
 def test_same_numbers_as_auto_attack(models, tmp_path):
   autoattack = pytest.importorskip("keras_defense.attacks.autoattack")
   run_dir = tmp_path / "run"
-  res = robustness.run(_config(models / "plain_logits", run_dir, epsilons=(0.1,),
-                               n_examples=100, version="custom",
-                               attacks=("apgd-ce",))).to_dict()
+  res = evaluate.run(_config(models / "plain_logits", run_dir, epsilons=(0.1,),
+                             n_examples=100, version="custom",
+                             attacks=("apgd-ce",))).to_dict()
   _check_invariants(res)
   assert res["attacks"] == ["apgd-ce"] and res["robust_acc"][0] < res["clean_acc"]
   x, y = data.load_arrays("mnist", "test", limit=100)
@@ -276,23 +278,37 @@ def test_no_attack_keeps_clean_accuracy_and_run_dir_is_bound(models, tmp_path):
   def identity(version, norm, names):
     return [("none", lambda model, x, y, eps, **kw: np.array(x))]
   run_dir = tmp_path / "run"
-  res = robustness.run(_config(models / "plain_logits", run_dir), attack_plan=identity).to_dict()
+  res = evaluate.run(_config(models / "plain_logits", run_dir), attack_plan=identity).to_dict()
   assert res["robust_acc"] == [res["clean_acc"]] * 2
   before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
   with pytest.raises(UserError, match=r"holds another evaluation \(epsilons=\[0.05, 0.1\] -> "
                      r"\[0.3\]\).*pass a new `run_dir`"):
-    robustness.run(_config(models / "plain_logits", run_dir, epsilons=(0.3,)),
-                   attack_plan=identity)
+    evaluate.run(_config(models / "plain_logits", run_dir, epsilons=(0.3,)),
+                 attack_plan=identity)
   assert before == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_runner_writes_only_its_state_and_the_pipeline_adds_the_report(models, tmp_path):
+  def identity(version, norm, names):
+    return [("none", lambda model, x, y, eps, **kw: np.array(x))]
+  run_dir = tmp_path / "run"
+  result = robustness.run(_config(models / "plain_logits", run_dir, epsilons=(0.1,)),
+                          attack_plan=identity)
+  assert sorted(p.name for p in run_dir.iterdir()) == ["run.json", "state"]
+  # The pipeline resumes the finished run (nothing recomputed) and writes the artifacts.
+  again = evaluate.run(_config(models / "plain_logits", run_dir, epsilons=(0.1,)),
+                       attack_plan=identity)
+  assert _without_timing(again.to_dict()) == _without_timing(result.to_dict())
+  assert {"results.json", "report.md", "tensorboard"} <= {p.name for p in run_dir.iterdir()}
 
 
 _KILLABLE = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[3])
-    from keras_defense.evaluation import robustness
+    from keras_defense.pipelines import evaluate
     import test_evaluate as t
     config = t._config(sys.argv[1], sys.argv[2], epsilons=(0.05, 0.1, 0.2), n_examples=100)
-    robustness.run(config, attack_plan=t._stand_in_plan)
+    evaluate.run(config, attack_plan=t._stand_in_plan)
 """)
 
 
@@ -307,7 +323,7 @@ def test_kill_9_then_rerun_gives_the_same_results(models, tmp_path, monkeypatch)
   monkeypatch.setattr(robustness.provenance, "versions", lambda: versions)
   model = models / "plain_logits"
   config = _config(model, tmp_path / "whole", epsilons=(0.05, 0.1, 0.2), n_examples=100)
-  whole = robustness.run(config, attack_plan=_stand_in_plan).to_dict()
+  whole = evaluate.run(config, attack_plan=_stand_in_plan).to_dict()
   run_dir = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, "-", str(model), str(run_dir),
                            str(pathlib.Path(__file__).parent)],
@@ -325,8 +341,8 @@ def test_kill_9_then_rerun_gives_the_same_results(models, tmp_path, monkeypatch)
   assert not (run_dir / "results.json").exists()  # killed mid-run
   finished = {p: p.stat().st_mtime_ns for p in run_dir.glob("state/eps_*/*.npz")}
   assert 1 <= len(finished) < 6
-  resumed = robustness.run(_config(model, run_dir, epsilons=(0.05, 0.1, 0.2), n_examples=100),
-                           attack_plan=_stand_in_plan).to_dict()
+  resumed = evaluate.run(_config(model, run_dir, epsilons=(0.05, 0.1, 0.2), n_examples=100),
+                         attack_plan=_stand_in_plan).to_dict()
   on_disk = json.loads((run_dir / "results.json").read_text())
   assert _without_timing(on_disk) == _without_timing(resumed)
   _check_invariants(on_disk)

@@ -1,4 +1,7 @@
-"""Tests for keras_defense.reports.reporting: every artifact exists, parses and says the right thing."""
+"""Tests for the experiment's report (reports.experiment_report, tables, plots).
+
+Every artifact exists, parses and says the right thing.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
-from keras_defense.reports import reporting
+from keras_defense.reports import experiment_report
+from keras_defense.reports import tables
 from keras_defense.evaluation import statistics
 
 MODELS = ("m0", "m1", "m2")
@@ -96,7 +100,7 @@ def report(tmp_path_factory):
   # numpy scalars, as the experiment produces them, must be converted.
   rows[0]["n"] = np.int64(rows[0]["n"])
   rows[0]["success_rate"] = np.float32(rows[0]["success_rate"])
-  paths = reporting.write_report(
+  paths = experiment_report.write_report(
       str(run_dir), rows=rows, models=synthetic_models(), warnings=WARNINGS,
       config={"epsilons": EPSILONS, "seed": np.int32(0)}, versions={"tensorflow": "2.21.0"},
       examples=synthetic_examples(), wall_seconds=123.4,
@@ -148,8 +152,8 @@ def test_no_temporary_files_left(report):
 
 def test_results_json_round_trips(report):
   run_dir, paths = report
-  results = reporting.load_results(paths["results.json"])
-  assert results == reporting.load_results(run_dir)
+  results = experiment_report.load_results(paths["results.json"])
+  assert results == experiment_report.load_results(run_dir)
   expected = json.loads(json.dumps(synthetic_rows()))
   assert results["rows"] == expected
   assert isinstance(results["rows"][0]["n"], int)
@@ -168,7 +172,7 @@ def test_csv_has_one_line_per_row(report):
     records = list(csv.DictReader(f))
   rows = synthetic_rows()
   assert len(records) == len(rows)
-  assert list(records[0]) == list(reporting.ROW_KEYS)
+  assert list(records[0]) == list(experiment_report.ROW_KEYS)
   assert records[0]["model"] == "m0" and records[0]["epsilon"] == "0.05"
   assert float(records[5]["success_rate"]) == pytest.approx(rows[5]["success_rate"])
   assert records[-1]["epsilon"] == "" and records[-1]["mean_l2"] == ""
@@ -231,7 +235,7 @@ def test_report_cw_models_warnings_definitions(report):
 
 def test_no_warnings_reads_none(tmp_path):
   rows = [r for r in synthetic_rows() if r["threat_model"] == "grey_box"]
-  paths = reporting.write_report(str(tmp_path), rows=rows, models=synthetic_models(),
+  paths = experiment_report.write_report(str(tmp_path), rows=rows, models=synthetic_models(),
                                  warnings=[], config={}, versions={})
   markdown = pathlib.Path(paths["report.md"]).read_text(encoding="utf-8")
   assert _section(markdown, "## Warnings").strip() == "none"
@@ -291,7 +295,7 @@ def tf_value(event):
 def test_rerun_replaces_tensorboard_logs(tmp_path):
   rows = [r for r in synthetic_rows() if r["attack"] == "fgsm"]
   for _ in range(2):
-    reporting.write_report(str(tmp_path), rows=rows, models=synthetic_models(), warnings=[],
+    experiment_report.write_report(str(tmp_path), rows=rows, models=synthetic_models(), warnings=[],
                            config={}, versions={})
   events = list((tmp_path / "tensorboard" / "report").glob("events.out.tfevents.*"))
   assert len(events) == 1
@@ -315,15 +319,15 @@ def test_rerun_replaces_tensorboard_logs(tmp_path):
 ])
 def test_validate_rows_rejects_bad_rows(mutate, match):
   rows = copy.deepcopy(synthetic_rows())
-  reporting.validate_rows(rows)  # the synthetic rows are valid
+  experiment_report.validate_rows(rows)  # the synthetic rows are valid
   mutate(rows[3])
   with pytest.raises(ValueError, match=match):
-    reporting.validate_rows(rows)
+    experiment_report.validate_rows(rows)
 
 
 def test_validate_rows_rejects_non_list():
   with pytest.raises(TypeError, match="`rows` must be a list of dicts"):
-    reporting.validate_rows({"model": "m0"})
+    experiment_report.validate_rows({"model": "m0"})
 
 
 def test_write_report_rejects_unknown_model_and_writes_nothing(tmp_path):
@@ -331,15 +335,15 @@ def test_write_report_rejects_unknown_model_and_writes_nothing(tmp_path):
   models = synthetic_models()
   del models["m1"]
   with pytest.raises(ValueError, match=r"rows name model\(s\) \['m1'\] that are not in `models`"):
-    reporting.write_report(str(tmp_path), rows=rows, models=models, warnings=[], config={},
+    experiment_report.write_report(str(tmp_path), rows=rows, models=models, warnings=[], config={},
                            versions={})
   assert list(tmp_path.iterdir()) == []
 
 
 def test_format_epsilon():
-  assert reporting.format_epsilon(0.3) == "0.3"
-  assert reporting.format_epsilon(8 / 255) == "8/255"
-  assert reporting.format_epsilon(None) == "—"
+  assert tables.format_epsilon(0.3) == "0.3"
+  assert tables.format_epsilon(8 / 255) == "8/255"
+  assert tables.format_epsilon(None) == "—"
 
 
 def test_threat_model_with_two_losses_labels_each(tmp_path):
@@ -350,7 +354,7 @@ def test_threat_model_with_two_losses_labels_each(tmp_path):
                 ci_low=statistics.wilson_interval(r["successes"] - 5, r["n"])[0],
                 ci_high=statistics.wilson_interval(r["successes"] - 5, r["n"])[1])
            for r in rows if r["threat_model"] == "adaptive"]
-  paths = reporting.write_report(str(tmp_path), rows=rows + extra, models=synthetic_models(),
+  paths = experiment_report.write_report(str(tmp_path), rows=rows + extra, models=synthetic_models(),
                                  warnings=[], config={}, versions={}, title="MNIST")
   markdown = pathlib.Path(paths["report.md"]).read_text(encoding="utf-8")
   adaptive = _table(_section(markdown, "### adaptive"))
@@ -371,7 +375,7 @@ def test_cifar_epsilons_are_shown_in_255ths(tmp_path):
   models = {"c0": dict(synthetic_models()["m0"], description="C0")}
   rows = [_row("c0", "fgsm", False, k / 255, "grey_box", "c0", "cross_entropy", 100, 10 * i)
           for i, k in enumerate((2, 4, 8, 16))]
-  paths = reporting.write_report(str(tmp_path), rows=rows, models=models, warnings=[], config={},
+  paths = experiment_report.write_report(str(tmp_path), rows=rows, models=models, warnings=[], config={},
                                  versions={}, title="CIFAR-10")
   markdown = pathlib.Path(paths["report.md"]).read_text(encoding="utf-8")
   assert markdown.startswith("# CIFAR-10")
@@ -417,7 +421,7 @@ def test_examples_without_targeted_get_distinct_image_tags(tmp_path):
     ex.pop("targeted")
     ex.update(model="m1", threat_model="grey_box")
   rows = [r for r in synthetic_rows() if r["attack"] == "fgsm"]
-  reporting.write_report(str(tmp_path), rows=rows, models=synthetic_models(), warnings=[],
+  experiment_report.write_report(str(tmp_path), rows=rows, models=synthetic_models(), warnings=[],
                          config={}, versions={}, examples=examples)
   acc = _accumulator(tmp_path / "tensorboard" / "report")
   image_tags = sorted(t for t in acc.Tags()["tensors"] if t.startswith("adversarial_examples/"))

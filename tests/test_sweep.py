@@ -26,6 +26,7 @@ from keras_defense.evaluation import grid as evaluation
 from keras_defense.util import file_lock
 from keras_defense.defenses import logits_augmentation
 from keras_defense.defenses import pruning
+from keras_defense.evaluation import sweep_grid
 from keras_defense.pipelines import sweep
 from keras_defense import training
 from keras_defense.util.errors import UserError
@@ -35,9 +36,9 @@ KEYS = ["standard__d0_c0__eps0__s0", "standard__d0_c0__eps20__s0",
         "standard__d0.5_c0.5__eps0__s0", "standard__d0.5_c0.5__eps20__s0"]
 
 
-def _config(run_dir, **overrides) -> sweep.SweepConfig:
+def _config(run_dir, **overrides) -> sweep_grid.SweepConfig:
   adam = dict(optimizer="adam", learning_rate=1e-3, lr_decay_epochs=(100,))
-  config = sweep.SweepConfig(
+  config = sweep_grid.SweepConfig(
       run_dir=str(run_dir),
       train=training.TrainConfig(epochs=1, batch_size=32, **adam, **_SMALL),
       prune=pruning.PruneConfig(finetune_epochs=1, pruning_end_epoch=0.5, pruning_frequency=2,
@@ -114,7 +115,7 @@ def test_run_dir_is_bound_to_its_settings_robust_pruning_fields_only_when_on(tmp
   identity = config.identity()
   # Plain pruning: the robust-pruning fields do nothing, so they are not part of
   # the identity (a sweep made before pruning had them keeps its run directory).
-  assert not set(sweep.ROBUST_PRUNING_FIELDS) & set(identity["prune"])
+  assert not set(sweep_grid.ROBUST_PRUNING_FIELDS) & set(identity["prune"])
   # The training attack of the adversarial methods: the sweep's, as flags name it.
   assert "adversarial" not in identity["train"] and identity["train"]["adv_epsilon"] == 0.3
   attack = dataclasses.replace(config, adversarial=training.AdversarialSpec("pgd", epsilon=0.1))
@@ -262,7 +263,7 @@ def test_adversarial_methods_follow_train_config(tmp_path, monkeypatch):
   has_field = "adversarial" in {f.name for f in dataclasses.fields(training.TrainConfig)}
   if has_field:
     _config(tmp_path / "run", methods=("standard", training.ADVERSARIAL_METHODS[0])).validate()
-  monkeypatch.setattr(sweep, "methods_available", lambda: ("standard",))
+  monkeypatch.setattr(sweep_grid, "methods_available", lambda: ("standard",))
   with pytest.raises(UserError, match="no `adversarial` field"):
     _config(tmp_path / "run", methods=("standard", "pgd")).validate()
 

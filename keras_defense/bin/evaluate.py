@@ -17,7 +17,7 @@ import tqdm
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
 from keras_defense.util import provenance
-from keras_defense.evaluation import robustness
+from keras_defense.pipelines import evaluate
 from keras_defense.util.compat import tf
 
 
@@ -44,7 +44,7 @@ def main(argv):
   if flags.FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
   config = kd_flags.evaluate_config(provenance.command_line(sys.argv))
-  result = robustness.run(config, progress=_Progress())
+  result = evaluate.run(config, progress=_Progress())
   print(result.summary())
   print(f"report: {config.run_dir}/report.md")
 

@@ -17,9 +17,10 @@ Crash safety: after every (ε, attack) the per-image state (robust mask, the
 indices of the images that attack broke and their adversarials) is written
 atomically to ``<run_dir>/state/eps_<ε>/<k>_<attack>.npz``; a rerun with the
 same configuration loads the finished steps and continues with the next one,
-so a kill -9 costs at most one (ε, attack) and gives the same ``results.json``
-(timing fields, the keys ending in ``seconds``, aside). The run directory is
-bound to its configuration and model bytes (``run.json``).
+so a kill -9 costs at most one (ε, attack) and gives the same result
+(``results.json``, written by ``pipelines.evaluate.run``; timing fields, the keys
+ending in ``seconds``, aside). The run directory is bound to its configuration
+and model bytes (``run.json``).
 
 Example:
   >>> config = RobustnessConfig(model="saved_models/mnist_m0/1", output_key="logits",
@@ -30,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import time
@@ -44,18 +44,14 @@ from keras_defense import data
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util import randomness
-from keras_defense.reports import robustness_report
 from keras_defense.attacks import runtime
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
+from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.evaluation.robustness_result import AttackStep
 from keras_defense.evaluation.robustness_result import EpsilonResult
 from keras_defense.evaluation.robustness_result import RobustnessResult
 
-NORMS = ("linf", "l2")
-VERSIONS = ("standard", "plus", "rand", "custom")
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
-DEFAULT_BATCH_SIZE = 500
 EXAMPLES_PER_EPSILON = 8  # worst-case adversarials shown per ε in the grid
 # Float32 rounding allowed at the ε-ball's edge (as autoattack.auto_attack).
 _TOLERANCE = 1e-6
@@ -63,98 +59,6 @@ _TOLERANCE = 1e-6
 AttackFn = Callable[..., np.ndarray]
 Plan = Sequence[tuple[str, AttackFn]]
 Progress = Callable[[float, int, str], None]
-
-
-@dataclasses.dataclass
-class RobustnessConfig:
-  """What ``kd-evaluate`` evaluates; field names match its flags.
-
-  Attributes:
-    model: a SavedModel directory or a .keras/.h5 file.
-    run_dir: where state, results.json, report.md, TensorBoard and the grid go.
-    dataset: tfds dataset; its test split is used.
-    norm: "linf" or "l2".
-    epsilons: radii > 0 in pixel units of [0, 1] images.
-    n_examples: the first n test images (RobustBench: 10,000).
-    version: AutoAttack version: standard, plus, rand or custom.
-    attacks: the attacks of version="custom" (names as ``autoattack.plan``
-      knows them); None otherwise.
-    signature: the SavedModel signature to call.
-    output_key: the signature's output holding logits or probabilities.
-    allow_ops: ops the SavedModel may hold although they touch the outside
-      world (``models.scan.DENYLIST``), each named explicitly; any other is
-      refused before the model is loaded. Not part of the run's identity:
-      it decides whether the model runs, not the numbers.
-    seed: the attacks' seed.
-    batch_size: images per attack call.
-    compute_dtype: passed to the attacks.
-    data_dir, manual_dir: see ``data.prepare``.
-    command: the command line, recorded in the report.
-  """
-  model: str
-  run_dir: str
-  dataset: str = "mnist"
-  norm: str = "linf"
-  epsilons: tuple[float, ...] = (0.3,)
-  n_examples: int = 10000
-  version: str = "standard"
-  attacks: tuple[str, ...] | None = None
-  signature: str = "serving_default"
-  output_key: str | None = None
-  allow_ops: tuple[str, ...] = ()
-  seed: int = 0
-  batch_size: int = DEFAULT_BATCH_SIZE
-  compute_dtype: str = "float32"  # "auto" may pick bfloat16, which costs strength
-  data_dir: str | None = None
-  manual_dir: str | None = None
-  command: str | None = None
-
-  def validate(self) -> "RobustnessConfig":
-    """Checks every field; returns self.
-
-    Raises:
-      UserError: a field out of range, naming it.
-    """
-    def need(cond, msg):
-      if not cond:
-        raise UserError(msg)
-    need(bool(self.model), "`model` must name a SavedModel directory or a .keras/.h5 file.")
-    need(bool(self.run_dir), "`run_dir` must name a directory for the results.")
-    need(self.norm in NORMS, f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}.")
-    need(self.version in VERSIONS,
-         f"`version` must be one of {', '.join(VERSIONS)}; got {self.version!r}.")
-    need(len(self.epsilons) > 0, "`epsilons` must list at least one epsilon; got none.")
-    for e in self.epsilons:
-      need(isinstance(e, (int, float)) and np.isfinite(e) and e > 0,
-           f"`epsilons` must all be finite and > 0; got {e!r}.")
-    need(len(set(self.epsilons)) == len(self.epsilons),
-         f"`epsilons` must not repeat; got {list(self.epsilons)}.")
-    need(self.norm != "linf" or max(self.epsilons) <= 1,
-         f"L-inf `epsilons` must be <= 1 (the whole [0, 1] range); got {list(self.epsilons)}.")
-    need(isinstance(self.n_examples, int) and self.n_examples >= 1,
-         f"`n_examples` must be an integer >= 1; got {self.n_examples!r}.")
-    need(isinstance(self.batch_size, int) and self.batch_size >= 1,
-         f"`batch_size` must be an integer >= 1; got {self.batch_size!r}.")
-    need(self.compute_dtype in COMPUTE_DTYPES, f"`compute_dtype` must be one of "
-         f"{', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
-    need(all(isinstance(op, str) and op for op in self.allow_ops),
-         f"`allow_ops` must be op names such as WriteFile; got {list(self.allow_ops)!r}.")
-    if self.version == "custom":
-      need(bool(self.attacks), "version 'custom' needs `attacks` (e.g. apgd-ce,square).")
-    else:
-      need(not self.attacks, f"`attacks` only goes with version 'custom'; version "
-           f"{self.version!r} has its own list. Got attacks={list(self.attacks or ())}.")
-    return self
-
-  def identity(self) -> dict[str, Any]:
-    """The fields that decide the numbers (a run directory is bound to them)."""
-    return {"model": str(self.model), "dataset": self.dataset, "norm": self.norm,
-            "epsilons": sorted(float(e) for e in self.epsilons),
-            "n_examples": self.n_examples, "version": self.version,
-            "attacks": list(self.attacks) if self.attacks else None,
-            "signature": self.signature, "output_key": self.output_key,
-            "seed": self.seed, "batch_size": self.batch_size,
-            "compute_dtype": self.compute_dtype}
 
 
 def _real_plan(version: str, norm: str, attacks: Sequence[str] | None) -> Plan:
@@ -353,9 +257,13 @@ class _Evaluation:
 
 
 def run(config: RobustnessConfig, *, progress: Progress | None = None,
-        attack_plan: Callable[[str, str, Sequence[str] | None], Plan] | None = None,
-        write_artifacts: bool = True) -> RobustnessResult:
+        attack_plan: Callable[[str, str, Sequence[str] | None], Plan] | None = None
+        ) -> RobustnessResult:
   """Evaluates the model's worst-case robust accuracy at every ε, resuming saved state.
+
+  Writes only the run's own state (``run.json``, ``state/``); the artifacts
+  (results.json, report.md, TensorBoard, the grid) are written above, by
+  ``pipelines.evaluate.run``, which calls this and then ``reports.robustness_report``.
 
   Args:
     config: what to evaluate (validated here).
@@ -364,7 +272,6 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
       description holds the running robust accuracy.
     attack_plan: ``(version, norm, attacks) -> [(name, fn)]``; default
       ``keras_defense.attacks.autoattack.plan``.
-    write_artifacts: write results.json, report.md, TensorBoard and the grid.
 
   Returns:
     A ``RobustnessResult``.
@@ -423,15 +330,12 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
     result, robust = ev.epsilon(eps, robust, adv, clean_correct)
     results.append(result)
     logging.info("ε=%g: robust accuracy %.4f", eps, result.robust / len(y))
-  out = RobustnessResult(
+  return RobustnessResult(
       config=config, attacks=[name for name, _ in plan], n=len(y),
       clean_correct=clean_correct, output=clf.output, model_kind=clf.kind,
       model_sha256=sha256, compute_dtype=ev.compute_dtype, epsilons=results,
       clean_seconds=clean_seconds, wall_seconds=time.perf_counter() - wall_start,
       versions=provenance.versions())
-  if write_artifacts:
-    robustness_report.write(run_dir, out)
-  return out
 
 
 def robust_masks(run_dir: str | os.PathLike) -> dict[float, np.ndarray]:

@@ -1,6 +1,7 @@
 """What a robustness evaluation found: per attack, per ε, and results.json.
 
-``robustness.run`` returns a ``RobustnessResult``; ``to_dict`` is the
+``robustness.run`` returns a ``RobustnessResult`` (this module sits below the
+runner and below ``reports.robustness_report``, which renders it); ``to_dict`` is the
 ``results.json`` schema, with RobustBench's field names (``clean_acc``,
 ``robust_acc``, ``eps``, ``threat_model``, ``n_examples``) and accuracies as
 fractions in [0, 1], each with a 95% Wilson interval. Timing fields are exactly
@@ -11,14 +12,12 @@ one only there).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from keras_defense.evaluation import statistics
-
-if TYPE_CHECKING:
-  from keras_defense.evaluation.robustness import RobustnessConfig
+from keras_defense.evaluation.robustness_config import RobustnessConfig
 
 THREAT_MODELS = {"linf": "Linf", "l2": "L2"}  # RobustBench's names
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from absl import flags
 
-from keras_defense.evaluation import robustness as _rob
+from keras_defense.evaluation import robustness_config as _rob
 from keras_defense.flags import common
 
 FLAGS = flags.FLAGS

@@ -72,13 +72,13 @@ flags.register_multi_flags_validator(
 def sweep_config(command: str | None = None):
   """The SweepConfig the kd-sweep flags describe (kd-experiment's stage configs)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  from keras_defense.pipelines import sweep  # pylint: disable=g-import-not-at-top
+  from keras_defense.evaluation import sweep_grid  # pylint: disable=g-import-not-at-top
   exp = experiment_flags.experiment_config(command)
   # The adversarial methods' attack: the train flagfile's adversarial-training
   # flags (each point sets its own method; the one here only completes the spec).
   train_fv = experiment_flags.stage_flags("train", FLAGS.train_flagfile)
   attack = train_flags.adversarial_spec(train_fv, method=train_fv.adversarial or "pgd")
-  return sweep.SweepConfig(
+  return sweep_grid.SweepConfig(
       run_dir=FLAGS.run_dir or f"runs/{data.slug(common.dataset_name())}_sweep",
       train=exp.train, prune=exp.prune, augment=exp.augment,
       eval=dataclasses.replace(exp.eval, cw_attacks=()),

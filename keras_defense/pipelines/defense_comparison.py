@@ -23,7 +23,7 @@ the transfer threat model crafts on it. Every row gets the same evaluation:
   ``prune_result.json`` in the step's run directory, when there is one);
 * the FGSM/BIM grid of ``evaluation.evaluate`` (grey-box, transfer from the
   reference, adaptive margin loss) at every ``eval.epsilons``;
-* AutoAttack (``robustness.run``, ``eval.autoattack_version``) at
+* AutoAttack (``evaluate.run``, ``eval.autoattack_version``) at
   ``eval.autoattack_eps`` on the first ``eval.autoattack_size`` test images,
   the ε = 1 sanity run, and for randomized rows (Defensive Dropout) also the
   ``rand`` version (expectation over transformation) beside it;
@@ -37,7 +37,7 @@ Run-directory layout::
   <run_dir>/comparison.json          the run's binding (the evaluation settings)
   <run_dir>/models/<key>/1           Defensive Dropout models built here
   <run_dir>/attack/cells/            the grid's cells (shared: the reference's are reused)
-  <run_dir>/autoattack/<key>/<tag>/  robustness.run per row (and <key>_rand, _sanity)
+  <run_dir>/autoattack/<key>/<tag>/  evaluate.run per row (and <key>_rand, _sanity)
   <run_dir>/rows/<key>.json          one finished row (written last, atomically)
 
 A rerun skips finished rows and resumes an interrupted one (its build from
@@ -316,6 +316,7 @@ class _Comparison:
   def _autoattack(self, row: Row, path: str, version: str, suffix: str = ""
                   ) -> tuple[dict, dict | None]:
     from keras_defense.evaluation import robustness  # pylint: disable=g-import-not-at-top
+    from keras_defense.pipelines import evaluate  # pylint: disable=g-import-not-at-top
     e = self.c.eval
     n = self.info.num_test if e.autoattack_size is None else min(int(e.autoattack_size),
                                                                  self.info.num_test)
@@ -329,7 +330,7 @@ class _Comparison:
                   compute_dtype=e.compute_dtype, data_dir=self.c.data_dir,
                   manual_dir=self.c.manual_dir)
     label = f"{row.name}{' EOT' if suffix else ''}"
-    robustness.run(robustness.RobustnessConfig(
+    evaluate.run(robustness.RobustnessConfig(
         run_dir=str(root / "main"), epsilons=tuple(e.autoattack_eps), n_examples=n, **common),
         progress=progress_lib.labelled(self.progress, f"{label} AutoAttack"))
     main = io_utils.read_json(root / "main" / "results.json")
@@ -337,7 +338,7 @@ class _Comparison:
     main["masks"] = {f"{k:g}": v for k, v in robustness.robust_masks(root / "main").items()}
     sanity = None
     if e.sanity_size:
-      robustness.run(robustness.RobustnessConfig(
+      evaluate.run(robustness.RobustnessConfig(
           run_dir=str(root / "sanity"), epsilons=(e.sanity_epsilon,),
           n_examples=min(int(e.sanity_size), n), **common),
           progress=progress_lib.labelled(self.progress, f"{label} sanity"))

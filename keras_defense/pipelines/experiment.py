@@ -18,7 +18,7 @@ Run-directory layout::
   <run_dir>/compression/            M1's compression report
   <run_dir>/attack/cells/           one JSON per finished attack cell
   <run_dir>/attack/models.json      clean accuracy, compression, zero-gradient fraction
-  <run_dir>/autoattack/<model>/     AutoAttack per model (robustness.run: per-(ε, attack)
+  <run_dir>/autoattack/<model>/     AutoAttack per model (evaluate.run: per-(ε, attack)
                                     state, results.json); <model>_sanity/ at ε = 1
   <run_dir>/results.json|csv, report.md, plots/, tensorboard/
 """
@@ -255,10 +255,11 @@ def _autoattack_dir(run: _Run) -> pathlib.Path:
 def _stage_autoattack(run: _Run, progress=None) -> dict:
   """AutoAttack on every model at the AutoAttack ε, and the ε = 1 sanity check.
 
-  Each model's evaluation is a ``robustness.run`` in
+  Each model's evaluation is an ``evaluate.run`` in
   ``<run_dir>/autoattack/<settings key>/<model>``, resumable per (ε, attack).
   """
   from keras_defense.evaluation import robustness  # pylint: disable=g-import-not-at-top
+  from keras_defense.pipelines import evaluate  # pylint: disable=g-import-not-at-top
   c = run.config
   e = c.eval
   settings = _autoattack_settings(e)
@@ -273,13 +274,13 @@ def _stage_autoattack(run: _Run, progress=None) -> dict:
   models = {}
   for i, name in enumerate(c.names):
     path = run.model_path(i)
-    main = robustness.run(robustness.RobustnessConfig(
+    main = evaluate.run(robustness.RobustnessConfig(
         model=path, run_dir=str(root / name),
         epsilons=e.autoattack_eps, n_examples=n, **common),
         progress=progress_lib.labelled(progress, f"AutoAttack {name}"))
     models[name] = {"dir": str(root / name), "robust_acc": main.robust_acc}
     if e.sanity_size:
-      sanity = robustness.run(robustness.RobustnessConfig(
+      sanity = evaluate.run(robustness.RobustnessConfig(
           model=path, run_dir=str(root / f"{name}_sanity"),
           epsilons=(e.sanity_epsilon,), n_examples=min(int(e.sanity_size), n), **common),
           progress=progress_lib.labelled(progress, f"AutoAttack {name} sanity"))
@@ -337,7 +338,7 @@ def autoattack_summary(aa_dir: pathlib.Path | None, run_dir: pathlib.Path, names
 
 
 def _stage_report(run: _Run, start_time: float) -> dict:
-  from keras_defense.reports import reporting  # pylint: disable=g-import-not-at-top
+  from keras_defense.reports import experiment_report  # pylint: disable=g-import-not-at-top
   c = run.config
   facts_path = run.dir / "attack" / "models.json"
   if not facts_path.is_file():
@@ -373,7 +374,7 @@ def _stage_report(run: _Run, start_time: float) -> dict:
   commands = [(run.done(s) or {}).get("command") for s in STAGES[:-1]]
   command = next((cmd for cmd in commands if cmd), c.command)
   info = data.info(c.dataset, validation_size=c.train.validation_size, **c.data_kwargs())
-  paths = reporting.write_report(
+  paths = experiment_report.write_report(
       str(run.dir), rows=rows, models=facts, warnings=warnings, config=config_dict,
       versions=versions(), examples=examples, wall_seconds=wall, command=command,
       title=c.dataset.upper() if "/" not in c.dataset and ":" not in c.dataset else c.dataset,

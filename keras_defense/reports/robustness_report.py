@@ -6,7 +6,7 @@ the robust accuracy after each attack with its 95% Wilson interval, the final
 per-image worst case, and the command line), ``tensorboard/`` (the robust
 accuracy per ε after each attack, and the grid) and
 ``worst_case_adversarials.png`` (clean vs worst-case adversarial images per ε,
-via ``reporting.plot_adversarial_examples``).
+via ``plots.plot_adversarial_examples``).
 
 Example:
   >>> paths = write("runs/eval_m0", result)
@@ -20,11 +20,10 @@ import pathlib
 from typing import Sequence
 
 from keras_defense.util import io_utils
-from keras_defense.reports import reporting
+from keras_defense.reports import plots
+from keras_defense.reports import tables
 from keras_defense.reports import tensorboard_writer
 from keras_defense.evaluation.robustness_result import RobustnessResult
-
-_md_table = reporting._md_table  # pylint: disable=protected-access  (one Markdown table writer)
 
 GRID = "worst_case_adversarials.png"
 
@@ -55,7 +54,7 @@ def render_markdown(results: dict) -> str:
                if r["output"] != "logits" else ""),
            f"- Data: the first {r['n_examples']} {r['dataset']} test images",
            f"- Threat model: {r['threat_model']}, ε ∈ "
-           f"{{{', '.join(reporting.format_epsilon(e) for e in r['eps'])}}}",
+           f"{{{', '.join(tables.format_epsilon(e) for e in r['eps'])}}}",
            f"- AutoAttack version `{r['version']}`: {', '.join(r['attacks'])} (in this "
            f"order, each on the images still robust)",
            f"- Clean accuracy: {_pct(r['clean_acc'])} {_ci(r['clean_acc_ci95'])} "
@@ -67,11 +66,12 @@ def render_markdown(results: dict) -> str:
            "", "Robust accuracy counts an image only if it is classified correctly and "
            "every attack so far failed on it (cumulative, per image); intervals are 95% "
            "Wilson intervals.", ""]
-  summary = [[reporting.format_epsilon(p["eps"]), _pct(r["clean_acc"]),
+  summary = [[tables.format_epsilon(p["eps"]), _pct(r["clean_acc"]),
               _pct(p["robust_acc"]), _ci(p["robust_acc_ci95"]),
               f"{p['n_robust']}/{r['n_examples']}"] for p in r["per_eps"]]
   lines += ["## Summary", ""]
-  lines += _md_table(["ε", "clean", "robust (worst case)", "95% CI", "robust images"], summary)
+  lines += tables.md_table(["ε", "clean", "robust (worst case)", "95% CI", "robust images"],
+                           summary)
   for p in r["per_eps"]:
     rows = [["clean", _pct(r["clean_acc"]), _ci(r["clean_acc_ci95"]),
              str(r["n_clean_correct"]), "—", "—"]]
@@ -88,9 +88,9 @@ def render_markdown(results: dict) -> str:
     rows.append([f"**final (worst case)**", f"**{_pct(p['robust_acc'])}**",
                  _ci(p["robust_acc_ci95"]), str(p["n_robust"]), "—",
                  f"{p['seconds']:.1f}"])
-    lines += ["", f"## ε = {reporting.format_epsilon(p['eps'])}", ""]
-    lines += _md_table(["", "robust accuracy", "95% CI", "robust images", "broken by it",
-                     "seconds"], rows)
+    lines += ["", f"## ε = {tables.format_epsilon(p['eps'])}", ""]
+    lines += tables.md_table(["", "robust accuracy", "95% CI", "robust images",
+                              "broken by it", "seconds"], rows)
   lines += ["", f"![worst-case adversarials]({GRID})", "",
             "## Reproduce", "", "```", r.get("command") or "(not recorded)", "```", "",
             "## Versions", ""]
@@ -128,13 +128,13 @@ def write(run_dir: str | os.PathLike, result: RobustnessResult) -> dict[str, str
   pngs = []
   if examples:
     paths[GRID] = str(run_dir / GRID)
-    reporting.plot_adversarial_examples(
+    plots.plot_adversarial_examples(
         examples, paths[GRID],
         title=f"{result.config.model}: worst-case adversarials ({results['threat_model']})")
     pngs.append(("worst_case_adversarials", paths[GRID]))
   scalars = []
   for p in results["per_eps"]:
-    tag = f"robust_accuracy/eps_{reporting.format_epsilon(p['eps']).replace('/', '_')}"
+    tag = f"robust_accuracy/eps_{tables.format_epsilon(p['eps']).replace('/', '_')}"
     scalars.append((tag, 0, results["clean_acc"]))
     scalars += [(tag, k + 1, s["robust_acc"]) for k, s in enumerate(p["attacks"])]
     scalars.append(("robust_accuracy/final", round(p["eps"] * 1000), p["robust_acc"]))

@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from keras_defense.util import io_utils
-from keras_defense.pipelines import sweep as sweep_lib
+from keras_defense.evaluation import sweep_grid
 from keras_defense.util.compat import tf
 
 COORDINATES = ("key", "method", "dense_sparsity", "conv_sparsity", "logits_epsilon", "seed")
@@ -41,12 +41,12 @@ METRICS = ("eps", "threat_model", "n_examples", "clean_acc", "robust_acc", "robu
            "compression_ratio", "zero_gradient_fraction")
 
 
-def columns(config: sweep_lib.SweepConfig) -> list[str]:
+def columns(config: sweep_grid.SweepConfig) -> list[str]:
   """sweep.csv's columns, in order."""
-  return [*COORDINATES, *METRICS, *sweep_lib.success_columns(config)]
+  return [*COORDINATES, *METRICS, *sweep_grid.success_columns(config)]
 
 
-def row(point: dict, config: sweep_lib.SweepConfig) -> dict[str, Any]:
+def row(point: dict, config: sweep_grid.SweepConfig) -> dict[str, Any]:
   """A point's CSV row (no timing)."""
   aa = point.get("autoattack") or {}
   out = {k: point[k] for k in COORDINATES}
@@ -55,12 +55,12 @@ def row(point: dict, config: sweep_lib.SweepConfig) -> dict[str, Any]:
                                      "compression_ratio", "zero_gradient_fraction")})
   out["robust_ci_low"], out["robust_ci_high"] = point["robust_ci95"]
   out["autoattack_robust_acc"] = aa.get("robust_acc")
-  for col in sweep_lib.success_columns(config):
+  for col in sweep_grid.success_columns(config):
     out[col] = (point["success"].get(col) or {}).get("success_rate")
   return out
 
 
-def csv_text(points: Sequence[dict], config: sweep_lib.SweepConfig) -> str:
+def csv_text(points: Sequence[dict], config: sweep_grid.SweepConfig) -> str:
   buf = io.StringIO()
   writer = csv.DictWriter(buf, fieldnames=columns(config), lineterminator="\n")
   writer.writeheader()
@@ -152,23 +152,23 @@ def plot_zero_gradient(points, path: pathlib.Path) -> None:
 # ----------------------------------------------------------------------- TensorBoard
 
 
-def hparams_metrics(config: sweep_lib.SweepConfig) -> list[str]:
+def hparams_metrics(config: sweep_grid.SweepConfig) -> list[str]:
   """The scalar tags of every HParams session (the dashboard's metric columns)."""
   out = ["clean_acc", "robust_acc", "compression_ratio", "nonzero_params",
-         "zero_gradient_fraction", *sweep_lib.success_columns(config), "seconds"]
+         "zero_gradient_fraction", *sweep_grid.success_columns(config), "seconds"]
   if config.eval.autoattack_version != "none":
     out.insert(2, "autoattack_robust_acc")
   return out
 
 
-def _metric_values(point: dict, config: sweep_lib.SweepConfig) -> dict[str, float]:
+def _metric_values(point: dict, config: sweep_grid.SweepConfig) -> dict[str, float]:
   r = row(point, config)
   values = {k: r.get(k) for k in hparams_metrics(config)}
   values["seconds"] = point.get("seconds")
   return {k: float(v) for k, v in values.items() if v is not None}
 
 
-def write_tensorboard(logdir: pathlib.Path, points, config: sweep_lib.SweepConfig) -> None:
+def write_tensorboard(logdir: pathlib.Path, points, config: sweep_grid.SweepConfig) -> None:
   """The HParams experiment, one session per point, and the curves (see the module doc)."""
   from tensorboard.plugins.hparams import api as hp  # pylint: disable=g-import-not-at-top
   hparams = {
@@ -233,7 +233,7 @@ def _pct(v) -> str:
   return "—" if v is None else f"{100 * v:.1f}%"
 
 
-def markdown(points, missing, config: sweep_lib.SweepConfig, plots: Sequence[str]) -> str:
+def markdown(points, missing, config: sweep_grid.SweepConfig, plots: Sequence[str]) -> str:
   e = config.eval
   total = len(config.points())
   lines = [f"# Robustness vs compression sweep: {config.dataset}", "",
@@ -261,7 +261,7 @@ def markdown(points, missing, config: sweep_lib.SweepConfig, plots: Sequence[str
       + ", with a 95% Wilson interval; success rates count only images the model "
       "classified correctly. Compression = all weights of M0 / nonzero weights.", "",
       "## Points", ""]
-  succ = sweep_lib.success_columns(config)
+  succ = sweep_grid.success_columns(config)
   header = ["method", "sparsity d:c", "logits ε", "clean", "robust [95% CI]"]
   if e.autoattack_version != "none":
     header.append("AutoAttack")
@@ -291,7 +291,7 @@ def markdown(points, missing, config: sweep_lib.SweepConfig, plots: Sequence[str
   return "\n".join(lines)
 
 
-def time_lines(points, config: sweep_lib.SweepConfig) -> list[str]:
+def time_lines(points, config: sweep_grid.SweepConfig) -> list[str]:
   """The compute time the run directory records: parents built, points evaluated.
 
   Summed over whichever processes did the work (shards add up, they do not
@@ -315,7 +315,7 @@ def time_lines(points, config: sweep_lib.SweepConfig) -> list[str]:
   return lines
 
 
-def write(config: sweep_lib.SweepConfig, points: list[dict], missing: list[str]
+def write(config: sweep_grid.SweepConfig, points: list[dict], missing: list[str]
           ) -> dict[str, str]:
   """Writes sweep.csv, report.md, plots/ and tensorboard/; returns their paths."""
   run_dir = pathlib.Path(config.run_dir)

@@ -1,0 +1,117 @@
+"""What a robustness evaluation (``kd-evaluate``) evaluates: ``RobustnessConfig``.
+
+Below both the runner (``robustness``) and its result types
+(``robustness_result``), so each can name the config without knowing the other.
+Field names match kd-evaluate's flags; ``identity()`` is what a run directory is
+bound to.
+
+Example:
+  >>> config = RobustnessConfig(model="saved_models/mnist_m0/1", output_key="logits",
+  ...                           run_dir="runs/eval_m0", epsilons=(0.3,)).validate()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from keras_defense.util.errors import UserError
+
+NORMS = ("linf", "l2")
+VERSIONS = ("standard", "plus", "rand", "custom")
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_BATCH_SIZE = 500
+
+
+@dataclasses.dataclass
+class RobustnessConfig:
+  """What ``kd-evaluate`` evaluates; field names match its flags.
+
+  Attributes:
+    model: a SavedModel directory or a .keras/.h5 file.
+    run_dir: where state, results.json, report.md, TensorBoard and the grid go.
+    dataset: tfds dataset; its test split is used.
+    norm: "linf" or "l2".
+    epsilons: radii > 0 in pixel units of [0, 1] images.
+    n_examples: the first n test images (RobustBench: 10,000).
+    version: AutoAttack version: standard, plus, rand or custom.
+    attacks: the attacks of version="custom" (names as ``autoattack.plan``
+      knows them); None otherwise.
+    signature: the SavedModel signature to call.
+    output_key: the signature's output holding logits or probabilities.
+    allow_ops: ops the SavedModel may hold although they touch the outside
+      world (``models.scan.DENYLIST``), each named explicitly; any other is
+      refused before the model is loaded. Not part of the run's identity:
+      it decides whether the model runs, not the numbers.
+    seed: the attacks' seed.
+    batch_size: images per attack call.
+    compute_dtype: passed to the attacks.
+    data_dir, manual_dir: see ``data.prepare``.
+    command: the command line, recorded in the report.
+  """
+  model: str
+  run_dir: str
+  dataset: str = "mnist"
+  norm: str = "linf"
+  epsilons: tuple[float, ...] = (0.3,)
+  n_examples: int = 10000
+  version: str = "standard"
+  attacks: tuple[str, ...] | None = None
+  signature: str = "serving_default"
+  output_key: str | None = None
+  allow_ops: tuple[str, ...] = ()
+  seed: int = 0
+  batch_size: int = DEFAULT_BATCH_SIZE
+  compute_dtype: str = "float32"  # "auto" may pick bfloat16, which costs strength
+  data_dir: str | None = None
+  manual_dir: str | None = None
+  command: str | None = None
+
+  def validate(self) -> "RobustnessConfig":
+    """Checks every field; returns self.
+
+    Raises:
+      UserError: a field out of range, naming it.
+    """
+    def need(cond, msg):
+      if not cond:
+        raise UserError(msg)
+    need(bool(self.model), "`model` must name a SavedModel directory or a .keras/.h5 file.")
+    need(bool(self.run_dir), "`run_dir` must name a directory for the results.")
+    need(self.norm in NORMS, f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}.")
+    need(self.version in VERSIONS,
+         f"`version` must be one of {', '.join(VERSIONS)}; got {self.version!r}.")
+    need(len(self.epsilons) > 0, "`epsilons` must list at least one epsilon; got none.")
+    for e in self.epsilons:
+      need(isinstance(e, (int, float)) and np.isfinite(e) and e > 0,
+           f"`epsilons` must all be finite and > 0; got {e!r}.")
+    need(len(set(self.epsilons)) == len(self.epsilons),
+         f"`epsilons` must not repeat; got {list(self.epsilons)}.")
+    need(self.norm != "linf" or max(self.epsilons) <= 1,
+         f"L-inf `epsilons` must be <= 1 (the whole [0, 1] range); got {list(self.epsilons)}.")
+    need(isinstance(self.n_examples, int) and self.n_examples >= 1,
+         f"`n_examples` must be an integer >= 1; got {self.n_examples!r}.")
+    need(isinstance(self.batch_size, int) and self.batch_size >= 1,
+         f"`batch_size` must be an integer >= 1; got {self.batch_size!r}.")
+    need(self.compute_dtype in COMPUTE_DTYPES, f"`compute_dtype` must be one of "
+         f"{', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
+    need(all(isinstance(op, str) and op for op in self.allow_ops),
+         f"`allow_ops` must be op names such as WriteFile; got {list(self.allow_ops)!r}.")
+    if self.version == "custom":
+      need(bool(self.attacks), "version 'custom' needs `attacks` (e.g. apgd-ce,square).")
+    else:
+      need(not self.attacks, f"`attacks` only goes with version 'custom'; version "
+           f"{self.version!r} has its own list. Got attacks={list(self.attacks or ())}.")
+    return self
+
+  def identity(self) -> dict[str, Any]:
+    """The fields that decide the numbers (a run directory is bound to them)."""
+    return {"model": str(self.model), "dataset": self.dataset, "norm": self.norm,
+            "epsilons": sorted(float(e) for e in self.epsilons),
+            "n_examples": self.n_examples, "version": self.version,
+            "attacks": list(self.attacks) if self.attacks else None,
+            "signature": self.signature, "output_key": self.output_key,
+            "seed": self.seed, "batch_size": self.batch_size,
+            "compute_dtype": self.compute_dtype}

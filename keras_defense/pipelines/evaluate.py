@@ -1,0 +1,50 @@
+"""kd-evaluate's pipeline: run the AutoAttack protocol on a model, then write its report.
+
+``run(config)`` composes the runner (``evaluation.robustness.run``: resumable
+per (ε, attack), writes only ``run.json`` and ``state/``) with the report
+(``reports.robustness_report.write``: results.json, report.md,
+worst_case_adversarials.png, tensorboard/), so the runner never knows the
+layer above it. The experiment, the defense comparison and the sweep run their
+AutoAttack evaluations through here too.
+
+Example:
+  >>> config = RobustnessConfig(model="saved_models/mnist_m0/1", output_key="logits",
+  ...                           run_dir="runs/eval_m0", epsilons=(0.3,), n_examples=1000)
+  >>> result = run(config)
+  >>> result.summary()
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from keras_defense.evaluation import robustness
+from keras_defense.evaluation.robustness_config import RobustnessConfig
+from keras_defense.evaluation.robustness_result import RobustnessResult
+from keras_defense.reports import robustness_report
+
+
+def run(config: RobustnessConfig, *, progress: robustness.Progress | None = None,
+        attack_plan: Callable[[str, str, Sequence[str] | None], robustness.Plan] | None = None
+        ) -> RobustnessResult:
+  """Evaluates (resuming saved state), then writes the run directory's artifacts.
+
+  Args:
+    config: what to evaluate (validated by the runner).
+    progress: called as ``progress(done, total, description)``; see
+      ``robustness.run``.
+    attack_plan: ``(version, norm, attacks) -> [(name, fn)]``; default
+      ``keras_defense.attacks.autoattack.plan``.
+
+  Returns:
+    The ``RobustnessResult``; ``config.run_dir`` then holds results.json,
+    report.md, tensorboard/ and, when an image was broken,
+    worst_case_adversarials.png.
+
+  Raises:
+    UserError: as ``robustness.run``, before any attack runs or anything is
+      written.
+  """
+  result = robustness.run(config, progress=progress, attack_plan=attack_plan)
+  robustness_report.write(config.run_dir, result)
+  return result
