@@ -40,7 +40,8 @@ from absl import logging
 import numpy as np
 
 from keras_defense.models import classifier as clf_lib
-from keras_defense import data
+from keras_defense.models import pixels as pixels_lib
+from keras_defense.evaluation import inputs
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util import randomness
@@ -70,9 +71,10 @@ class RobustnessConfig:
   """What ``kd-evaluate`` evaluates; field names match its flags.
 
   Attributes:
-    model: a SavedModel directory or a .keras/.h5 file.
+    model: a SavedModel directory or a .keras/.h5 file (tf_keras or Keras 3).
     run_dir: where state, results.json, report.md, TensorBoard and the grid go.
-    dataset: tfds dataset; its test split is used.
+    dataset: tfds dataset, folder:PATH or npz:PATH (``inputs``), optionally
+      @HxWxC; its test split is used.
     norm: "linf" or "l2".
     epsilons: radii > 0 in pixel units of [0, 1] images.
     n_examples: the first n test images (RobustBench: 10,000).
@@ -86,6 +88,8 @@ class RobustnessConfig:
     compute_dtype: passed to the attacks.
     data_dir, manual_dir: see ``data.prepare``.
     command: the command line, recorded in the report.
+    input_range, mean, std: the model's pixel convention
+      (``pixels.PixelConvention``); attacks work in [0, 1] pixels and ε.
   """
   model: str
   run_dir: str
@@ -103,6 +107,16 @@ class RobustnessConfig:
   data_dir: str | None = None
   manual_dir: str | None = None
   command: str | None = None
+  input_range: tuple[float, float] = (0.0, 1.0)
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+  def pixels(self) -> pixels_lib.PixelConvention:
+    """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
+    return pixels_lib.PixelConvention(
+        input_range=pixels_lib.parse_range(self.input_range),
+        mean=None if self.mean is None else tuple(float(v) for v in self.mean),
+        std=None if self.std is None else tuple(float(v) for v in self.std))
 
   def validate(self) -> "RobustnessConfig":
     """Checks every field; returns self.
@@ -137,6 +151,7 @@ class RobustnessConfig:
     else:
       need(not self.attacks, f"`attacks` only goes with version 'custom'; version "
            f"{self.version!r} has its own list. Got attacks={list(self.attacks or ())}.")
+    self.pixels().validate()
     return self
 
   def identity(self) -> dict[str, Any]:
@@ -147,7 +162,9 @@ class RobustnessConfig:
             "attacks": list(self.attacks) if self.attacks else None,
             "signature": self.signature, "output_key": self.output_key,
             "seed": self.seed, "batch_size": self.batch_size,
-            "compute_dtype": self.compute_dtype}
+            "compute_dtype": self.compute_dtype,
+            # Only when not [0, 1]: run directories made before these fields resume.
+            **({} if self.pixels().is_identity else {"pixels": self.pixels().to_dict()})}
 
 
 def _real_plan(version: str, norm: str, attacks: Sequence[str] | None) -> Plan:
@@ -374,35 +391,35 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
     raise UserError(f"`run_dir` {str(run_dir)!r} cannot be a directory: {str(blocker)!r} "
                     f"exists and is not a directory.")
   clf = clf_lib.load_classifier(config.model, signature=config.signature,
-                                output_key=config.output_key)
-  facts = data.info(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
-  clf.check_input(facts.image_shape, dataset=config.dataset)
+                                output_key=config.output_key).use_pixels(config.pixels())
+  images = inputs.load_test_images(config.dataset, n_examples=config.n_examples,
+                                   model_shape=clf.input_shape, data_dir=config.data_dir,
+                                   manual_dir=config.manual_dir)
+  clf.check_input(images.image_shape, dataset=config.dataset)
   try:
     plan = list((attack_plan or _real_plan)(config.version, config.norm, config.attacks))
   except (ValueError, TypeError) as e:
     if isinstance(e, UserError):
       raise
     raise UserError(str(e)) from e
-  if config.n_examples > facts.num_test:
-    raise UserError(f"`n_examples` must be at most the {facts.num_test} test images of "
-                    f"{config.dataset}; got {config.n_examples}.")
-  x, y = data.load_arrays(config.dataset, "test", limit=config.n_examples,
-                          data_dir=config.data_dir, manual_dir=config.manual_dir)
+  x, y = images.x, images.y
   clf.use_output(clf_lib.detect_output(clf, x[:min(len(x), 256)],
-                                       num_classes=facts.num_classes))
+                                       num_classes=inputs.resolve_num_classes(images,
+                                                                              clf.scores)))
   if clf.output == clf_lib.PROBABILITIES:
     logging.warning("%s outputs probabilities (rows >= 0 summing to 1): attacking log(p).",
                     config.model)
   if config.compute_dtype == "bfloat16" and clf.keras_model is None:
-    raise UserError("`compute_dtype` 'bfloat16' needs a Keras model file with logits "
-                    "output (its layers are cloned in bfloat16); a SavedModel signature or "
-                    "a probability output runs in float32. Fix: use float32.")
+    raise UserError("`compute_dtype` 'bfloat16' needs a tf_keras model file with logits "
+                    "output taking [0, 1] pixels (its layers are cloned in bfloat16); a "
+                    "SavedModel signature, a Keras 3 file, a probability output or another "
+                    "pixel convention runs in float32. Fix: use float32.")
   sha256 = clf_lib.fingerprint(config.model)
-  record = _bind_run_dir(run_dir, config.identity(), sha256)
+  record = _bind_run_dir(run_dir, dict(config.identity(), **images.identity), sha256)
 
   ev = _Evaluation(config, clf, x, y, plan, progress)
   ev.compute_dtype = _resolve_compute_dtype(run_dir, record, ev.attack_model, config,
-                                            facts.image_shape)
+                                            images.image_shape)
   ev.progress(0, ev.total_steps, "clean accuracy")
   pred, clean_seconds = ev.clean()
   robust = pred == y
