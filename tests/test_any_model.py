@@ -357,3 +357,31 @@ def test_flags_make_the_config(tmp_path):
   with pytest.raises(UserError, match=r"`mean` has 2 values; the images have 3 channel"):
     robustness.RobustnessConfig(model="m", run_dir="r", mean=(0.1, 0.2)).pixels().validate(
         channels=3)
+
+
+def test_64x64x3_model_on_a_folder_of_64x64_pngs(tmp_path):
+  rng = np.random.default_rng(4)
+  for split, n in (("train", 2), ("test", 5)):
+    for label in ("cat", "dog"):
+      (tmp_path / "pets" / split / label).mkdir(parents=True)
+      for i in range(n):
+        img = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        (tmp_path / "pets" / split / label / f"{i}.png").write_bytes(
+            tf.io.encode_png(img).numpy())
+  keras.utils.set_random_seed(5)
+  model = keras.Sequential([keras.Input((64, 64, 3)), keras.layers.Conv2D(4, 5, strides=4),
+                            keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)])
+  model.save(tmp_path / "pets.keras")
+  dataset = f"folder:{tmp_path / 'pets'}"
+  result = _run(tmp_path / "pets.keras", tmp_path / "run", dataset=dataset, n_examples=10)
+  x, y = data.load_arrays(f"{dataset}@64x64x3", "test")
+  assert result.n == 10 and result.clean_acc == _accuracy(model, x, y)
+  # A 48x48x3 model on the same folder: refused unless asked to resize.
+  small = keras.Sequential([keras.Input((48, 48, 3)), keras.layers.Flatten(),
+                            keras.layers.Dense(2)])
+  small.save(tmp_path / "small.keras")
+  with pytest.raises(UserError, match=r"has images of shape 64x64x3; the model takes 48x48x3\. "
+                                      r"Fix: pass --image_size=48x48x3"):
+    _run(tmp_path / "small.keras", tmp_path / "run2", dataset=dataset, n_examples=10)
+  assert _run(tmp_path / "small.keras", tmp_path / "run3", dataset=f"{dataset}@48x48x3",
+              n_examples=10).n == 10
