@@ -214,7 +214,9 @@ def test_lambda_layers_are_refused_before_any_python_runs(tmp_path, case, name, 
   del case
   _lambda_model().save(tmp_path / name, **kwargs)
   with pytest.raises(export.ModelLoadError,
-                     match=r"contains a 'Lambda' layer .* not a built-in Keras class; refusing"):
+                     match=r"\(tf_keras (\(Keras 2\) \.(keras|h5) file, saved with Keras 2\.[0-9.]+|"
+                           r"SavedModel)\): layer 'lambda(_\d+)?' is a Lambda: its Python code would "
+                           r"run on load; refusing"):
     export.load_model(tmp_path / name)
 
 
@@ -241,7 +243,7 @@ def test_custom_layer_classes_are_refused_too(tmp_path, name, kwargs):
   _BUILT.clear()
   # Registered, so Keras itself would load it and run Doubling.__init__.
   with pytest.raises(export.ModelLoadError,
-                     match=r"contains a '(kd_test>)?Doubling' layer or object, which is not "
+                     match=r"layer 'doubling(_\d+)?' is a '(kd_test>)?Doubling', which is not "
                            r"a built-in Keras class; refusing"):
     export.load_model(tmp_path / name)
   assert _BUILT == []

@@ -1,7 +1,7 @@
 """Datasets: tfds by name or ``folder:PATH``, checked against their source files.
 
 The package face re-exports ``datasets`` (loading); ``sources`` verifies builds,
-``image_folder`` reads a user's image folders.
+``image_folder`` reads a user's image folders, ``arrays`` a user's ``.npz`` test set.
 """
 
 from keras_defense.data.datasets import check_image_features
@@ -20,6 +20,7 @@ from keras_defense.data.datasets import prepare
 from keras_defense.data.datasets import resolve_validation_size
 from keras_defense.data.datasets import SHIPPED_DIR
 from keras_defense.data.datasets import slug
+from keras_defense.data.datasets import source_image_shapes
 from keras_defense.data.datasets import split_name
 from keras_defense.data.datasets import SPLITS
 from keras_defense.data.datasets import SUPPORTED_SHAPES

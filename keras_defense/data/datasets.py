@@ -5,8 +5,9 @@ Any tfds image-classification dataset with uint8 images of shape 28x28x1 or
 of float32 NHWC images in [0, 1] and int64 labels; so does a folder of images,
 ``folder:PATH`` (``PATH/train/<class>/*.png|jpg``, ``PATH/test/<class>/...``,
 read by tfds' own ``ImageFolder``, see ``image_folder``). A name may end in
-``@28x28x1`` or ``@32x32x3`` to resize/convert the images to that shape
-(``--image_size``); otherwise another shape is a clear error.
+``@HxWxC`` (any size, C 1 or 3) to resize/convert the images to that shape
+(``--image_size``); without it another shape than the two C&W shapes is a
+clear error (``source_image_shapes`` tells what the images are).
 
 MNIST works with no network: the package carries the four official MNIST
 files (byte-identical, checked against their SHA-256 before tfds sees them)
@@ -87,10 +88,14 @@ def default_data_dir() -> str:
 
 
 def parse_image_size(text: str | None) -> tuple[int, int, int] | None:
-  """"28x28x1" -> (28, 28, 1); None -> None.
+  """"28x28x1" -> (28, 28, 1); "64x64x3" -> (64, 64, 3); None -> None.
+
+  Any height and width >= 1 and 1 or 3 channels: evaluation resizes to the
+  model's shape; training a C&W network needs one of ``SUPPORTED_SHAPES``
+  (``models.model_for_shape`` and the training flags check that).
 
   Raises:
-    DataError: not one of the supported shapes.
+    DataError: not HxWxC with H, W >= 1 and C in (1, 3).
   """
   if text is None or text == "":
     return None
@@ -98,9 +103,10 @@ def parse_image_size(text: str | None) -> tuple[int, int, int] | None:
     shape = tuple(int(t) for t in str(text).lower().split("x"))
   except ValueError:
     shape = ()
-  if shape not in SUPPORTED_SHAPES:
-    raise DataError(f"`image_size` must be one of "
-                    f"{', '.join(_shape_text(s) for s in SUPPORTED_SHAPES)}; got {text!r}.")
+  if len(shape) != 3 or min(shape[:2]) < 1 or shape[2] not in (1, 3):
+    raise DataError(f"`image_size` must be HxWxC with H, W >= 1 and C 1 or 3 (e.g. "
+                    f"{', '.join(_shape_text(s) for s in SUPPORTED_SHAPES)} or 64x64x3); "
+                    f"got {text!r}.")
   return shape
 
 
@@ -352,6 +358,23 @@ def info(name: str, *, data_dir: str | None = None, manual_dir: str | None = Non
       class_names=opened.class_names, version=str(opened.record.get("version", "")),
       sources=dict(opened.record.get("sources", {})),
       content_check=str(opened.record.get("content_check", "")))
+
+
+def source_image_shapes(name: str, *, data_dir: str | None = None,
+                        manual_dir: str | None = None) -> tuple[tuple, ...]:
+  """The shapes of a dataset's images as stored, before any ``@HxWxC`` conversion.
+
+  One shape for a tfds dataset (None for a variable dimension), every shape
+  found for a folder.
+
+  Raises:
+    DataError: as ``prepare``.
+  """
+  opened = _open(name, data_dir, manual_dir)
+  shapes = getattr(opened.builder, "shapes_found", None)
+  if shapes is not None:
+    return tuple(shapes)
+  return (tuple(opened.builder.info.features["image"].shape),)
 
 
 def _check_validation_size(validation_size: int, n_train: int) -> None:

@@ -93,6 +93,7 @@ class ImageFolderDataset:
             f"every image. Pass --image_size=28x28x1 or --image_size=32x32x3 to "
             f"convert and resize them.")
       image_size = found[0]
+    self.shapes_found = tuple(found)  # as stored, before conversion
     self.image_shape = tuple(int(d) for d in image_size)
     self._needs_convert = found != [self.image_shape]
     # Decode with the target's channel count; sizes may vary until resized.

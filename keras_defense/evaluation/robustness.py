@@ -40,7 +40,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense.models import classifier as clf_lib
-from keras_defense import data
+from keras_defense.evaluation import inputs
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util import randomness
@@ -291,35 +291,36 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
                     f"exists and is not a directory.")
   # Scanned for side-effect ops before it is loaded, and before run_dir is touched.
   clf = clf_lib.load_classifier(config.model, signature=config.signature,
-                                output_key=config.output_key, allow_ops=config.allow_ops)
-  facts = data.info(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
-  clf.check_input(facts.image_shape, dataset=config.dataset)
+                                output_key=config.output_key,
+                                allow_ops=config.allow_ops).use_pixels(config.pixels())
+  images = inputs.load_test_images(config.dataset, n_examples=config.n_examples,
+                                   model_shape=clf.input_shape, data_dir=config.data_dir,
+                                   manual_dir=config.manual_dir)
+  clf.check_input(images.image_shape, dataset=config.dataset)
   try:
     plan = list((attack_plan or _real_plan)(config.version, config.norm, config.attacks))
   except (ValueError, TypeError) as e:
     if isinstance(e, UserError):
       raise
     raise UserError(str(e)) from e
-  if config.n_examples > facts.num_test:
-    raise UserError(f"`n_examples` must be at most the {facts.num_test} test images of "
-                    f"{config.dataset}; got {config.n_examples}.")
-  x, y = data.load_arrays(config.dataset, "test", limit=config.n_examples,
-                          data_dir=config.data_dir, manual_dir=config.manual_dir)
+  x, y = images.x, images.y
   clf.use_output(clf_lib.detect_output(clf, x[:min(len(x), 256)],
-                                       num_classes=facts.num_classes))
+                                       num_classes=inputs.resolve_num_classes(images,
+                                                                              clf.scores)))
   if clf.output == clf_lib.PROBABILITIES:
     logging.warning("%s outputs probabilities (rows >= 0 summing to 1): attacking log(p).",
                     config.model)
   if config.compute_dtype == "bfloat16" and clf.keras_model is None:
-    raise UserError("`compute_dtype` 'bfloat16' needs a Keras model file with logits "
-                    "output (its layers are cloned in bfloat16); a SavedModel signature or "
-                    "a probability output runs in float32. Fix: use float32.")
+    raise UserError("`compute_dtype` 'bfloat16' needs a tf_keras model file with logits "
+                    "output taking [0, 1] pixels (its layers are cloned in bfloat16); a "
+                    "SavedModel signature, a Keras 3 file, a probability output or another "
+                    "pixel convention runs in float32. Fix: use float32.")
   sha256 = clf_lib.fingerprint(config.model)
-  record = _bind_run_dir(run_dir, config.identity(), sha256)
+  record = _bind_run_dir(run_dir, dict(config.identity(), **images.identity), sha256)
 
   ev = _Evaluation(config, clf, x, y, plan, progress)
   ev.compute_dtype = _resolve_compute_dtype(run_dir, record, ev.attack_model, config,
-                                            facts.image_shape)
+                                            images.image_shape)
   ev.progress(0, ev.total_steps, "clean accuracy")
   pred, clean_seconds = ev.clean()
   robust = pred == y

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_defense.models import pixels as pixels_lib
 from keras_defense.util.errors import UserError
 
 NORMS = ("linf", "l2")
@@ -30,9 +31,10 @@ class RobustnessConfig:
   """What ``kd-evaluate`` evaluates; field names match its flags.
 
   Attributes:
-    model: a SavedModel directory or a .keras/.h5 file.
+    model: a SavedModel directory or a .keras/.h5 file (tf_keras or Keras 3).
     run_dir: where state, results.json, report.md, TensorBoard and the grid go.
-    dataset: tfds dataset; its test split is used.
+    dataset: tfds dataset, folder:PATH or npz:PATH (``inputs``), optionally
+      @HxWxC; its test split is used.
     norm: "linf" or "l2".
     epsilons: radii > 0 in pixel units of [0, 1] images.
     n_examples: the first n test images (RobustBench: 10,000).
@@ -50,6 +52,8 @@ class RobustnessConfig:
     compute_dtype: passed to the attacks.
     data_dir, manual_dir: see ``data.prepare``.
     command: the command line, recorded in the report.
+    input_range, mean, std: the model's pixel convention
+      (``pixels.PixelConvention``); attacks work in [0, 1] pixels and ε.
   """
   model: str
   run_dir: str
@@ -68,6 +72,16 @@ class RobustnessConfig:
   data_dir: str | None = None
   manual_dir: str | None = None
   command: str | None = None
+  input_range: tuple[float, float] = (0.0, 1.0)
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+
+  def pixels(self) -> pixels_lib.PixelConvention:
+    """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
+    return pixels_lib.PixelConvention(
+        input_range=pixels_lib.parse_range(self.input_range),
+        mean=None if self.mean is None else tuple(float(v) for v in self.mean),
+        std=None if self.std is None else tuple(float(v) for v in self.std))
 
   def validate(self) -> "RobustnessConfig":
     """Checks every field; returns self.
@@ -104,6 +118,7 @@ class RobustnessConfig:
     else:
       need(not self.attacks, f"`attacks` only goes with version 'custom'; version "
            f"{self.version!r} has its own list. Got attacks={list(self.attacks or ())}.")
+    self.pixels().validate()
     return self
 
   def identity(self) -> dict[str, Any]:
@@ -114,4 +129,6 @@ class RobustnessConfig:
             "attacks": list(self.attacks) if self.attacks else None,
             "signature": self.signature, "output_key": self.output_key,
             "seed": self.seed, "batch_size": self.batch_size,
-            "compute_dtype": self.compute_dtype}
+            "compute_dtype": self.compute_dtype,
+            # Only when not [0, 1]: run directories made before these fields resume.
+            **({} if self.pixels().is_identity else {"pixels": self.pixels().to_dict()})}

@@ -96,6 +96,7 @@ class RobustnessResult:
         "model_sha256": self.model_sha256,
         "signature": c.signature if self.model_kind == "saved_model" else None,
         "output_key": c.output_key, "output": self.output,
+        "pixels": c.pixels().to_dict(),  # the model's convention; attacks ran in [0, 1]
         "dataset": c.dataset, "split": "test", "n_examples": self.n,
         "threat_model": THREAT_MODELS[c.norm], "norm": c.norm,
         "version": c.version, "attacks": list(self.attacks),

@@ -1,11 +1,14 @@
-"""kd-evaluate's flags: the model path, the norm, the ensemble; RobustnessConfig."""
+"""kd-evaluate's flags: the model path, its data and pixels, the norm, the ensemble."""
 
 from __future__ import annotations
 
 from absl import flags
 
+from keras_defense import data as _data
+from keras_defense.evaluation import inputs as _inputs
 from keras_defense.evaluation import robustness_config as _rob
 from keras_defense.flags import common
+from keras_defense.util.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -34,6 +37,18 @@ flags.DEFINE_list("allow_ops", [],
                   "world (e.g. WriteFile,PrintV2), named one by one; by default a model "
                   "holding any is refused before it runs (models/scan.py, docs/RELIABILITY.md "
                   "'Running models you did not write').")
+flags.DEFINE_string("data", None,
+                    "kd-evaluate: your own test set instead of --dataset, a .npz with arrays "
+                    "x (NHWC, uint8 0-255 or float32 0-1), y (int labels) and optionally "
+                    "class_names.")
+flags.DEFINE_enum("input_range", "0,1", ["0,1", "0,255"],
+                  "kd-evaluate: the pixel range the model takes; attacks and --epsilons stay "
+                  "in [0, 1] units and the scaling runs inside the attacked function.")
+flags.DEFINE_list("mean", None, "kd-evaluate: per-channel mean (or one for all) the model "
+                  "subtracts from its input, in --input_range units; e.g. 0.5 with --std=0.5 "
+                  "for inputs in [-1, 1] (Keras applications' 'tf' preprocess_input).")
+flags.DEFINE_list("std", None, "kd-evaluate: per-channel std (or one for all) the model "
+                  "divides its input by after --mean, in --input_range units.")
 
 
 def evaluate_flags(fv=None) -> None:
@@ -57,6 +72,36 @@ def evaluate_flags(fv=None) -> None:
                     "in (0, 1], L2 > 0.", flag_values=fv, allow_override=True)
   flags.register_multi_flags_validator(["epsilons", "norm"], _check_evaluate_epsilons,
                                        flag_values=fv)
+  # Evaluation resizes to any shape; kd-train's two C&W shapes do not apply.
+  flags.DEFINE_string("image_size", None, "kd-evaluate: convert and resize every test image "
+                      "to HxWxC (any size, C 1 or 3), e.g. the model's 64x64x3 (default: the "
+                      "images must already have the model's shape).", flag_values=fv,
+                      allow_override=True)
+  flags.register_validator("image_size", _check_image_size, flag_values=fv)
+  flags.register_multi_flags_validator(["mean", "std"], _check_mean_std, flag_values=fv)
+
+
+def _check_image_size(value) -> bool:
+  try:
+    _data.parse_image_size(value)
+  except ValueError as e:
+    raise flags.ValidationError(f"--image_size: {e}") from None
+  return True
+
+
+def _floats(values) -> tuple[float, ...] | None:
+  return None if values is None else tuple(float(v) for v in values)
+
+
+def _check_mean_std(values: dict) -> bool:
+  for name in ("mean", "std"):
+    try:
+      _floats(values[name])
+    except ValueError:
+      raise flags.ValidationError(f"--{name} must list numbers; got {values[name]}.") from None
+  if values["std"] is not None and any(v <= 0 for v in _floats(values["std"])):
+    raise flags.ValidationError(f"--std must be > 0 for every channel; got {values['std']}.")
+  return True
 
 
 def _check_evaluate_epsilons(values: dict) -> bool:
@@ -72,12 +117,20 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
   """The RobustnessConfig the kd-evaluate flags describe (after evaluate_flags())."""
   fv = FLAGS if fv is None else fv
   label = "_".join(p for p in str(fv.model or "model").replace("\\", "/").split("/")[-2:] if p)
+  if fv.data and fv["dataset"].present:
+    raise UserError(f"pass --data (your arrays) or --dataset, not both; got "
+                    f"--data={fv.data} and --dataset={fv.dataset}.")
+  dataset = common.dataset_name(fv)
+  if fv.data:  # the library names a .npz test set like a dataset: npz:PATH[@HxWxC]
+    dataset = f"{_inputs.NPZ_PREFIX}{fv.data}" + (f"@{fv.image_size}" if fv.image_size else "")
   return _rob.RobustnessConfig(
       model=fv.model, run_dir=fv.run_dir or f"runs/evaluate_{label}_{fv.norm}",
-      dataset=common.dataset_name(fv), norm=fv.norm,
+      dataset=dataset, norm=fv.norm,
       epsilons=tuple(common.parse_epsilon(e) for e in fv.epsilons), n_examples=fv.n_examples,
       version=fv.version, attacks=tuple(fv.attacks) if fv.attacks else None,
       signature=fv.signature, output_key=fv.output_key, allow_ops=tuple(fv.allow_ops),
       seed=fv.seed,
       batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, data_dir=fv.data_dir,
-      manual_dir=fv.manual_dir, command=command)
+      manual_dir=fv.manual_dir, command=command,
+      input_range=tuple(float(v) for v in fv.input_range.split(",")),
+      mean=_floats(fv.mean), std=_floats(fv.std))

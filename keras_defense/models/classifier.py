@@ -11,9 +11,17 @@ attacks differentiate like any Keras model.
   then loaded with ``tf.saved_model.load`` (a graph: no Python from the
   file runs, no keras-defense or Keras import is needed in the program that
   saved it). The signature is chosen by name, its output by key; a signature
-  with one output needs no key.
+  with one output needs no key. If ``serving_default`` is asked for (the
+  default) and the SavedModel has none, its ``serve`` signature (what Keras
+  3's ``model.export()`` writes) or else its only signature is used, and
+  ``describe()`` names it.
 * ``.keras``/``.h5``: ``export.load_model`` (built-in layers only,
-  ``compile=False``, ``safe_mode``).
+  ``compile=False``, ``safe_mode``); a Keras 3 file is loaded by Keras 3 and
+  called as an opaque function (``kind`` "keras3").
+
+Pixels: the attacks feed [0, 1] images; ``use_pixels`` sets the model's own
+convention (0-255, per-channel mean/std, ``pixels.PixelConvention``), applied
+inside ``scores`` so that gradients go through it.
 
 The input spec is checked against the dataset before any work
 (``check_input``), and ``detect_output`` tells logits from probabilities on a
@@ -39,6 +47,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from keras_defense.models import export
+from keras_defense.models import keras_files
+from keras_defense.models import pixels as pixels_lib
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
@@ -62,15 +72,17 @@ class Classifier:
 
   Attributes:
     path: the model path as given.
-    kind: "saved_model" or "keras".
+    kind: "saved_model", "keras" (tf_keras) or "keras3".
     signature: the SavedModel signature used (None for Keras files).
     output_key: the output used (None: the only one).
     input_name: the name of the image input.
     input_dtype: the dtype the model takes (a ``tf.DType``).
     input_shape: the shape it takes, None for unknown dimensions.
     output: ``LOGITS`` or ``PROBABILITIES`` (set by ``use_output``).
-    keras_model: the Keras model when the output is logits of a Keras file
-      (attacks can then clone it for bfloat16), else None.
+    pixels: the model's pixel convention (set by ``use_pixels``).
+    keras_model: the tf_keras model when the output is logits of a tf_keras
+      file and the pixels are [0, 1] (attacks can then clone it for
+      bfloat16), else None.
   """
 
   def __init__(self, scores: Callable[[tf.Tensor], tf.Tensor], *, path: str, kind: str,
@@ -88,6 +100,7 @@ class Classifier:
     self.input_dtype = tf.as_dtype(input_dtype)
     self.input_shape = tuple(None if d is None else int(d) for d in input_shape)
     self.output = LOGITS
+    self.pixels = pixels_lib.PixelConvention()
 
   @property
   def loaded(self) -> Any:
@@ -96,18 +109,26 @@ class Classifier:
 
   @property
   def keras_model(self) -> keras.Model | None:
-    return self._keras_model if self.output == LOGITS else None
+    if self.output != LOGITS or not self.pixels.is_identity:
+      return None
+    return self._keras_model
 
   def describe(self) -> str:
     """E.g. "model 'm/1' (SavedModel, signature 'serving_default', output 'logits')"."""
     text = f"SavedModel, signature {self.signature!r}" if self.kind == "saved_model" else \
-        "Keras file"
+        ("Keras 3 file" if self.kind == "keras3" else "Keras file")
     text += f", output {self.output_key!r}" if self.output_key else ""
     return f"model {self.path!r} ({text})"
 
   def scores(self, x: Any) -> tf.Tensor:
-    """The model's own output (logits or probabilities) as float32 (N, K)."""
-    return tf.cast(self._scores(tf.convert_to_tensor(x, tf.float32)), tf.float32)
+    """The model's own output (logits or probabilities) as float32 (N, K).
+
+    Args:
+      x: float32 (N, H, W, C) images in [0, 1]; converted to the model's
+        pixel convention here (differentiably).
+    """
+    x = self.pixels.to_model(tf.convert_to_tensor(x, tf.float32))
+    return tf.cast(self._scores(x), tf.float32)
 
   def __call__(self, x: Any) -> tf.Tensor:
     """Logits, float32 (N, K): the output itself, or log of probabilities."""
@@ -121,6 +142,12 @@ class Classifier:
     if output not in OUTPUT_KINDS:
       raise ValueError(f"`output` must be one of {OUTPUT_KINDS}; got {output!r}.")
     self.output = output
+    return self
+
+  def use_pixels(self, convention: pixels_lib.PixelConvention) -> "Classifier":
+    """Sets the model's pixel convention (validated against its channel count)."""
+    channels = self.input_shape[-1] if self.input_shape else None
+    self.pixels = convention.validate(channels=channels)
     return self
 
   def check_input(self, image_shape: Sequence[int], *, dataset: str) -> None:
@@ -142,8 +169,9 @@ class Classifier:
         f"{self.describe()} takes input {self.input_name!r} as "
         f"{_spec_text(self.input_dtype, self.input_shape)}; kd-evaluate feeds {dataset} "
         f"test images as {_spec_text(tf.float32, want)} in [0, 1]. Fix: evaluate a "
-        f"signature or model that takes float32 images in [0, 1] of the dataset's shape "
-        f"(--signature), or pick the matching --dataset.")
+        f"signature or model that takes float32 images of the dataset's shape "
+        f"(--signature), pick the matching --dataset, or resize the images to the "
+        f"model's shape with --image_size=HxWxC.")
 
 
 def detect_output(clf: Classifier, x_probe: np.ndarray, *, num_classes: int) -> str:
@@ -163,10 +191,15 @@ def detect_output(clf: Classifier, x_probe: np.ndarray, *, num_classes: int) -> 
   """
   out = clf.scores(x_probe).numpy()
   if out.ndim != 2 or out.shape != (x_probe.shape[0], num_classes):
+    width = ""
+    if out.ndim == 2 and out.shape[0] == x_probe.shape[0]:
+      width = (f": the model outputs {out.shape[1]} class scores, the dataset has "
+               f"{num_classes} classes; they must be equal (evaluate the model on its own "
+               f"label set, or pass the output of one score per class as --output_key)")
     raise UserError(
         f"{clf.describe()} returned shape {tuple(out.shape)} for "
         f"{x_probe.shape[0]} images; kd-evaluate needs one score per class, "
-        f"({x_probe.shape[0]}, {num_classes}).")
+        f"({x_probe.shape[0]}, {num_classes}){width}.")
   if not np.all(np.isfinite(out)):
     raise UserError(f"{clf.describe()} returned NaN or inf on "
                     f"clean test images.")
@@ -201,6 +234,10 @@ def _load_saved_model(path: str, signature: str, output_key: str | None,
     raise export.ModelLoadError(f"could not load the SavedModel at {path!r} (corrupt?): "
                                 f"{type(e).__name__}: {e}") from e
   signatures = dict(loaded.signatures)
+  if signature == export.SERVING_SIGNATURE and signature not in signatures and (
+      "serve" in signatures or len(signatures) == 1):
+    # Keras 3's model.export() names its endpoint "serve".
+    signature = "serve" if "serve" in signatures else next(iter(signatures))
   if signature not in signatures:
     have = ", ".join(repr(s) for s in sorted(signatures)) or "none"
     raise UserError(f"model {path!r} has no signature {signature!r}; its signatures: "
@@ -230,8 +267,28 @@ def _load_saved_model(path: str, signature: str, output_key: str | None,
                     holder=loaded)
 
 
+def _load_keras3_model(path: str, model: Any, output_key: str | None) -> Classifier:
+  """A Keras 3 model as an opaque callable (never mixed with tf_keras layers)."""
+  try:
+    io = keras_files.keras3_io(model)
+  except UserError as e:
+    raise UserError(f"model {path!r}: {e}") from None
+  names = list(io.output_names)
+  key = _pick_output(path, "the Keras 3 model", names, output_key)
+  index = names.index(key)
+
+  def scores(x):
+    return keras_files.select_output(model(x, training=False), index, key)
+
+  return Classifier(scores, path=path, kind="keras3", signature=None,
+                    output_key=key if len(names) > 1 else None, input_name=io.input_name,
+                    input_dtype=io.input_dtype, input_shape=io.input_shape, holder=model)
+
+
 def _load_keras_file(path: str, output_key: str | None) -> Classifier:
   model = export.load_model(path)
+  if keras_files.is_keras3_model(model):
+    return _load_keras3_model(path, model, output_key)
   if len(model.inputs) != 1:
     raise UserError(f"model {path!r} takes {len(model.inputs)} inputs; kd-evaluate feeds "
                     f"one image tensor.")

@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Sequence
+from typing import Any, Sequence
 
+from keras_defense.models import keras_files
 from keras_defense.models import scan
 from keras_defense.util import io_utils
 from keras_defense.util.compat import keras
@@ -158,64 +159,17 @@ def check_model_dataset(path: str | os.PathLike, dataset: str, *, what: str) -> 
   return record
 
 
-# Configs may name these besides layers: models, dtype policies, and the
-# tensor specs/shapes/tuples a SavedModel's keras_metadata stores as data.
-_MODEL_CLASSES = ("Functional", "Sequential", "Model", "Policy", "DTypePolicy",
-                  "TypeSpec", "TensorShape", "__tuple__", "__ellipsis__")
-
-
-def _class_names(obj):
-  """Every ``class_name`` in a Keras config (nested dicts and lists)."""
-  if isinstance(obj, dict):
-    if isinstance(obj.get("class_name"), str):
-      yield obj["class_name"]
-    for v in obj.values():
-      yield from _class_names(v)
-  elif isinstance(obj, list):
-    for v in obj:
-      yield from _class_names(v)
-
-
-def _saved_configs(p: pathlib.Path) -> list:
-  """The Keras configs stored at ``p`` (read as data, nothing deserialized)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import zipfile  # pylint: disable=g-import-not-at-top
-  if p.is_dir():
-    meta = p / "keras_metadata.pb"
-    if not meta.is_file():
-      return []
-    from tf_keras.protobuf import saved_metadata_pb2  # pylint: disable=g-import-not-at-top
-    proto = saved_metadata_pb2.SavedMetadata()
-    proto.ParseFromString(meta.read_bytes())
-    return [json.loads(node.metadata) for node in proto.nodes if node.metadata]
-  if zipfile.is_zipfile(p):  # .keras
-    with zipfile.ZipFile(p) as z:
-      return [json.loads(z.read("config.json"))] if "config.json" in z.namelist() else []
-  import h5py  # pylint: disable=g-import-not-at-top
-  with h5py.File(p, "r") as f:
-    config = f.attrs.get("model_config")
-    if config is None:
-      return []
-    return [json.loads(config.decode() if isinstance(config, bytes) else config)]
-
-
-def _check_builtin_classes(p: pathlib.Path) -> None:
-  """Raises ModelLoadError if the saved config names a non-built-in class."""
+def _check_builtin_classes(p: pathlib.Path, where: str, kind: str) -> None:
+  """Raises ModelLoadError if the saved config names a non-built-in class or a Lambda."""
   try:
-    configs = _saved_configs(p)
+    configs = keras_files.read_configs(p)
   except Exception as e:  # pylint: disable=broad-except  (corrupt: load reports it)
     del e
     return
-  namespaces = (keras.layers, keras.initializers, keras.regularizers,
-                keras.constraints, keras.metrics, keras.losses, keras.optimizers)
-  for name in {n for c in configs for n in _class_names(c)}:
-    builtin = name in _MODEL_CLASSES or any(
-        isinstance(getattr(ns, name, None), type) for ns in namespaces)
-    if name == "Lambda" or not builtin:
-      raise ModelLoadError(
-          f"model at {str(p)!r} contains a {name!r} layer or object, which is not a "
-          f"built-in Keras class; refusing to load it, since rebuilding it could run "
-          f"Python code from the file. Export models with built-in layers only.")
+  try:
+    keras_files.check_config(configs, keras=kind, where=where)
+  except keras_files.UnsafeModelError as e:
+    raise ModelLoadError(str(e)) from None
 
 
 def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = (),
@@ -232,17 +186,33 @@ def check_saved_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = (),
     raise ModelLoadError(str(e)) from e
 
 
-def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> keras.Model:
+def _inspect(p: pathlib.Path) -> keras_files.KerasFile | None:
+  try:
+    return keras_files.inspect(p)
+  except UserError:
+    return None  # not a Keras file: tf_keras's loader names what is wrong
+
+
+def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> Any:
   """Loads a Keras model exported by ``export_saved_model`` (or a .keras/.h5 file).
 
   Loading runs no Python from the file: SavedModels hold graphs, and only the
-  built-in Keras layers are accepted (no custom objects, ``safe_mode`` on).
-  The model's saved config is checked *before* Keras deserializes it, because
-  tf_keras applies ``safe_mode`` to .keras files only: a Lambda layer in an
-  .h5 file or a SavedModel's keras_metadata.pb would otherwise be rebuilt from
-  its marshalled Python bytecode (arbitrary code execution). A SavedModel's
-  graph is scanned first (``scan.check_saved_model``): one that reads or
-  writes files, prints or calls out is refused unless those ops are allowed.
+  built-in Keras layers are accepted (no custom objects, no Lambda layers,
+  ``safe_mode`` on). The model's saved config is checked *before* Keras
+  deserializes it, because tf_keras applies ``safe_mode`` to .keras files
+  only: a Lambda layer in an .h5 file or a SavedModel's keras_metadata.pb
+  would otherwise be rebuilt from its marshalled Python bytecode (arbitrary
+  code execution).
+
+  Which Keras made a file is read from the file (``keras_files.inspect``): a
+  ``.keras``/``.h5`` saved by Keras 3 (``model.save("m.keras")`` with
+  TensorFlow >= 2.16) is loaded by Keras 3 and returned as a **Keras 3
+  model** (a ``keras.Model`` of the ``keras`` package, not tf_keras): the
+  attacks take it as a callable images -> logits (gradients flow through
+  it), but it cannot be pruned, cloned or mixed with tf_keras layers.
+  SavedModels and tf_keras files give a tf_keras model. A SavedModel's graph
+  is scanned first (``scan.check_saved_model``): one that reads or writes
+  files, prints or calls out is refused unless those ops are allowed.
 
   Args:
     path: a SavedModel directory or a .keras/.h5 file.
@@ -250,7 +220,9 @@ def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> ker
       (``scan.DENYLIST``), each named explicitly; ignored for Keras files.
 
   Raises:
-    ModelLoadError: missing path, not a model, or corrupt files.
+    ModelLoadError: missing path, not a model, corrupt files, or a Lambda or
+      non-built-in class (the message names the format, the Keras version
+      that saved it and the layer).
     scan.UnsafeModelError: a SavedModel holding ops not in ``allow_ops``.
   """
   p = pathlib.Path(path)
@@ -262,7 +234,15 @@ def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> ker
                          f"saved_model.pb in it).")
   if p.is_dir():
     check_saved_model(p, allow_ops=allow_ops, fix=scan.FIX_LIBRARY)
-  _check_builtin_classes(p)
+  info = None if p.is_dir() else _inspect(p)
+  where = f"model at {str(p)!r} " + ("(tf_keras SavedModel)" if info is None
+                                     else f"({info.describe()})")
+  _check_builtin_classes(p, where, keras_files.TF_KERAS if info is None else info.keras)
+  if info is not None and info.keras == keras_files.KERAS3:
+    try:
+      return keras_files.load_keras3(p, info)
+    except UserError as e:
+      raise ModelLoadError(str(e)) from e.__cause__
   try:
     kwargs = {} if p.is_dir() else {"safe_mode": True}
     model = keras.models.load_model(str(p), compile=False, **kwargs)
