@@ -7,6 +7,7 @@ at ε 0.3 with short attack budgets.
 """
 
 import json
+import pathlib
 
 import numpy as np
 import pytest
@@ -155,3 +156,26 @@ def test_gradient_attacks_on_a_tflite_are_refused(setup, tmp_path):
     RobustnessConfig(model=sm, run_dir=str(tmp_path / "r"), surrogate=sm).validate()
   with pytest.raises(UserError, match="no gradients"):
     evaluate.run(_config(tmp_path / "b", lite, surrogate=lite))
+
+
+def test_deployment_report_rows_intervals_and_masking_warning(tmp_path):
+  from keras_defense.reports import deployment_report  # pylint: disable=g-import-not-at-top
+  def row(variant, robust, square=0):
+    return {"parent": "M1-AT", "variant": variant, "runtime": "LiteRT", "bytes": 1000,
+            "gzip_bytes": 800, "latency_seconds": 1e-4, "clean_correct": 99, "clean_n": 100,
+            "agreement": 0.99,
+            "robust": {"0.3": {"robust": robust, "n": 200,
+                               "per_attack": {"transfer-pgd": 5, "square": square}}},
+            "twin_robust": {"0.3": {"robust": 100, "n": 200, "per_attack": {}}}}
+  rows = [row("float", 100), row("int8_ptq", 180), row("int8_qat", 100, square=30)]
+  config = {"epsilons": (0.3,), "clean_size": 100, "robust_size": 200, "dataset": "mnist",
+            "square_queries": 1000, "twin_attacks": None, "twin_version": "standard",
+            "latency_repeats": 10, "fine_tune_epochs": 1, "train_limit": None,
+            "command": "kd-experiment --flagfile=flags/mnist_deployment.flags"}
+  paths = deployment_report.write(tmp_path, rows, config=config)
+  md = pathlib.Path(paths["deployment.md"]).read_text()
+  assert "90.0% [85.1, 93.4]" in md  # 180/200 with its Wilson interval
+  assert "int8_ptq at ε 0.3: black-box robust 90.0% above its twin" in md
+  assert "int8_qat at ε 0.3: Square broke 30" in md
+  assert "float at" not in md
+  assert len(pathlib.Path(paths["rows.csv"]).read_text().splitlines()) == 4
