@@ -18,6 +18,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense.attacks import validation
+from keras_defense.util import numpy_model
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 
@@ -103,6 +104,10 @@ def logits_function(model: Any, compute_dtype: str) -> Callable[[tf.Tensor], tf.
   model on every call of this function (cheap), so a model trained further
   between attacks is attacked with its current weights.
 
+  A model that runs on NumPy outside TensorFlow (``util.numpy_model``, e.g.
+  a ``.tflite`` interpreter) is called through ``tf.numpy_function``:
+  forward only, a gradient through it raises ``NoGradientError``.
+
   Raises:
     TypeError: ``model`` is not callable, or ``compute_dtype="bfloat16"`` with
       a callable that is not a Keras model.
@@ -112,6 +117,7 @@ def logits_function(model: Any, compute_dtype: str) -> Callable[[tf.Tensor], tf.
                     f"images to logits; got {type(model).__name__}.")
   validation.check_choice("compute_dtype", compute_dtype, validation.COMPUTE_DTYPES)
   is_keras = isinstance(model, keras.Model)
+  on_numpy = numpy_model.is_numpy_model(model)  # e.g. a LiteRT interpreter: no gradients
   target = model
   if compute_dtype == "bfloat16":
     if not is_keras:
@@ -127,6 +133,8 @@ def logits_function(model: Any, compute_dtype: str) -> Callable[[tf.Tensor], tf.
 
   def logits(x: tf.Tensor) -> tf.Tensor:
     m = ref()
+    if on_numpy:
+      return numpy_model.call(m, x)
     out = m(x, training=False) if is_keras else m(x)
     return tf.cast(out, tf.float32)
 

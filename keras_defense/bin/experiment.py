@@ -6,6 +6,10 @@ With --defense rows it compares defenses instead (defense_comparison.py):
 
   kd-experiment --flagfile=flags/mnist_defenses.flags   # -> reports/mnist/defenses.md
 
+With --deployment_parent rows it builds the deployment table instead (deployment.py):
+
+  kd-experiment --flagfile=flags/mnist_deployment.flags  # -> reports/mnist/deployment.md
+
 A rerun with the same --run_dir skips finished stages and resumes an
 interrupted one. Results: <run_dir>/report.md, results.json, results.csv,
 plots/, and TensorBoard under <run_dir>.
@@ -34,9 +38,18 @@ def _compare(command: str) -> None:
   print(f"report: {result.artifacts.get('defenses.md', '')}")
 
 
+def _deploy(command: str) -> None:
+  from keras_defense.pipelines import deployment  # pylint: disable=g-import-not-at-top
+  result = deployment.run(kd_flags.deployment_config(command), progress=progress.ProgressBar())
+  print(f"report: {result['artifacts']['deployment.md']}")
+
+
 def main(argv):
   del argv
   command = provenance.command_line(sys.argv)
+  if kd_flags.FLAGS.deployment_parent:
+    _deploy(command)
+    return
   if kd_flags.FLAGS.defense:
     _compare(command)
     return

@@ -24,6 +24,7 @@ NORMS = ("linf", "l2")
 VERSIONS = ("standard", "plus", "rand", "custom")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_BATCH_SIZE = 500
+DEFAULT_SQUARE_QUERIES = 5000  # AutoAttack's
 
 
 @dataclasses.dataclass
@@ -54,6 +55,10 @@ class RobustnessConfig:
     command: the command line, recorded in the report.
     input_range, mean, std: the model's pixel convention
       (``pixels.PixelConvention``); attacks work in [0, 1] pixels and ε.
+    surrogate: for a ``.tflite`` model (no gradients): the differentiable twin
+      (any model kd-evaluate loads) whose APGD/PGD examples are transferred
+      (``black_box``); None: Square alone.
+    square_queries: Square's query budget per image in the black-box ensemble.
   """
   model: str
   run_dir: str
@@ -75,6 +80,8 @@ class RobustnessConfig:
   input_range: tuple[float, float] = (0.0, 1.0)
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
+  surrogate: str | None = None
+  square_queries: int = DEFAULT_SQUARE_QUERIES
 
   def pixels(self) -> pixels_lib.PixelConvention:
     """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
@@ -118,6 +125,11 @@ class RobustnessConfig:
     else:
       need(not self.attacks, f"`attacks` only goes with version 'custom'; version "
            f"{self.version!r} has its own list. Got attacks={list(self.attacks or ())}.")
+    need(isinstance(self.square_queries, int) and self.square_queries >= 1,
+         f"`square_queries` must be an integer >= 1; got {self.square_queries!r}.")
+    need(self.surrogate is None or str(self.model).endswith(".tflite"),
+         f"`surrogate` is for a .tflite model (no gradients); {self.model!r} is attacked "
+         f"white-box. Fix: drop --surrogate, or evaluate the .tflite.")
     self.pixels().validate()
     return self
 
@@ -131,4 +143,6 @@ class RobustnessConfig:
             "seed": self.seed, "batch_size": self.batch_size,
             "compute_dtype": self.compute_dtype,
             # Only when not [0, 1]: run directories made before these fields resume.
-            **({} if self.pixels().is_identity else {"pixels": self.pixels().to_dict()})}
+            **({} if self.pixels().is_identity else {"pixels": self.pixels().to_dict()}),
+            **({"surrogate": self.surrogate, "square_queries": self.square_queries}
+               if str(self.model).endswith(".tflite") else {})}

@@ -17,11 +17,13 @@ from keras_defense.flags import sweep
 from keras_defense.flags import comparison
 from keras_defense.flags import quantize
 from keras_defense.flags import certify
+from keras_defense.flags import deployment
 from keras_defense.flags.common import dataset_name
 from keras_defense.flags.common import FLAGS
 from keras_defense.flags.certify import certify_config
 from keras_defense.flags.certify import certify_flags
 from keras_defense.flags.comparison import comparison_config
+from keras_defense.flags.deployment import deployment_config
 from keras_defense.flags.evaluate import evaluate_config
 from keras_defense.flags.evaluate import evaluate_flags
 from keras_defense.flags.experiment import DEFAULT_EPSILONS

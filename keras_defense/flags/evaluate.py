@@ -49,6 +49,13 @@ flags.DEFINE_list("mean", None, "kd-evaluate: per-channel mean (or one for all) 
                   "for inputs in [-1, 1] (Keras applications' 'tf' preprocess_input).")
 flags.DEFINE_list("std", None, "kd-evaluate: per-channel std (or one for all) the model "
                   "divides its input by after --mean, in --input_range units.")
+flags.DEFINE_string("surrogate", None,
+                    "kd-evaluate on a .tflite (no gradients): the differentiable twin (float "
+                    "parent or QAT twin, any model kd-evaluate loads) whose PGD/APGD examples "
+                    "are transferred; without it Square alone runs (evaluation/black_box.py).")
+flags.DEFINE_integer("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
+                     "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).",
+                     lower_bound=1)
 
 
 def evaluate_flags(fv=None) -> None:
@@ -59,7 +66,7 @@ def evaluate_flags(fv=None) -> None:
   """
   fv = FLAGS if fv is None else fv
   flags.DEFINE_string("model", None, "kd-evaluate: the model to evaluate, a SavedModel "
-                      "directory or a .keras/.h5 file.", flag_values=fv, allow_override=True)
+                      "directory, a .keras/.h5 file or a .tflite (black-box: see --surrogate).", flag_values=fv, allow_override=True)
   flags.DEFINE_list("attacks", None, "kd-evaluate --version=custom: the ensemble's attacks, "
                     "in order (e.g. apgd-ce,square).", flag_values=fv, allow_override=True)
   flags.DEFINE_enum("compute_dtype", "float32", ["auto", "float32", "bfloat16"],
@@ -133,4 +140,5 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, data_dir=fv.data_dir,
       manual_dir=fv.manual_dir, command=command,
       input_range=tuple(float(v) for v in fv.input_range.split(",")),
-      mean=_floats(fv.mean), std=_floats(fv.std))
+      mean=_floats(fv.mean), std=_floats(fv.std),
+      surrogate=fv.surrogate, square_queries=fv.square_queries)

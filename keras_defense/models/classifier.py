@@ -15,6 +15,9 @@ attacks differentiate like any Keras model.
   default) and the SavedModel has none, its ``serve`` signature (what Keras
   3's ``model.export()`` writes) or else its only signature is used, and
   ``describe()`` names it.
+* ``.tflite``: run on LiteRT (``tflite.TFLiteModel``, int8 I/O handled) and
+  called through ``tf.numpy_function`` (``util.numpy_model``): kind
+  "tflite", no gradients, so kd-evaluate attacks it black-box.
 * ``.keras``/``.h5``: ``export.load_model`` (built-in layers only,
   ``compile=False``, ``safe_mode``); a Keras 3 file is loaded by Keras 3 and
   called as an opaque function (``kind`` "keras3").
@@ -49,6 +52,8 @@ import numpy as np
 from keras_defense.models import export
 from keras_defense.models import keras_files
 from keras_defense.models import pixels as pixels_lib
+from keras_defense.models import tflite
+from keras_defense.util import numpy_model
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
@@ -72,7 +77,8 @@ class Classifier:
 
   Attributes:
     path: the model path as given.
-    kind: "saved_model", "keras" (tf_keras) or "keras3".
+    kind: "saved_model", "keras" (tf_keras), "keras3" or "tflite" (a LiteRT
+      interpreter: no gradients).
     signature: the SavedModel signature used (None for Keras files).
     output_key: the output used (None: the only one).
     input_name: the name of the image input.
@@ -116,7 +122,7 @@ class Classifier:
   def describe(self) -> str:
     """E.g. "model 'm/1' (SavedModel, signature 'serving_default', output 'logits')"."""
     text = f"SavedModel, signature {self.signature!r}" if self.kind == "saved_model" else \
-        ("Keras 3 file" if self.kind == "keras3" else "Keras file")
+        {"keras3": "Keras 3 file", "tflite": "TFLite on LiteRT"}.get(self.kind, "Keras file")
     text += f", output {self.output_key!r}" if self.output_key else ""
     return f"model {self.path!r} ({text})"
 
@@ -308,10 +314,22 @@ def _load_keras_file(path: str, output_key: str | None) -> Classifier:
                     keras_model=None if multi else model, holder=model)
 
 
+def _load_tflite(path: str) -> Classifier:
+  """A .tflite flatbuffer on LiteRT: forward only (``util.numpy_model``)."""
+  model = tflite.TFLiteModel(path)
+
+  def scores(x):
+    return numpy_model.call(model, x)
+
+  return Classifier(scores, path=path, kind="tflite", signature=None, output_key=None,
+                    input_name="images", input_dtype=tf.float32,
+                    input_shape=(None, *model.input_shape), holder=model)
+
+
 def load_classifier(path: str | os.PathLike, *, signature: str = "serving_default",
                     output_key: str | None = None,
                     allow_ops: Sequence[str] = ()) -> Classifier:
-  """Loads a SavedModel directory or a ``.keras``/``.h5`` file as a Classifier.
+  """Loads a SavedModel directory, a ``.keras``/``.h5`` or ``.tflite`` file as a Classifier.
 
   Args:
     path: a SavedModel directory (with ``saved_model.pb``) or a Keras file.
@@ -339,6 +357,8 @@ def load_classifier(path: str | os.PathLike, *, signature: str = "serving_defaul
       raise export.ModelLoadError(f"model path {str(p)!r} is not a SavedModel (no "
                                   f"saved_model.pb in it).")
     return _load_saved_model(str(path), signature, output_key, allow_ops)
+  if p.suffix == ".tflite":
+    return _load_tflite(str(path))
   return _load_keras_file(str(path), output_key)
 
 

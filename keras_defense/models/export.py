@@ -32,6 +32,7 @@ from typing import Any, Sequence
 
 from keras_defense.models import keras_files
 from keras_defense.models import scan
+from keras_defense.models import tflite
 from keras_defense.util import io_utils
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
@@ -214,8 +215,12 @@ def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> Any
   is scanned first (``scan.check_saved_model``): one that reads or writes
   files, prints or calls out is refused unless those ops are allowed.
 
+  A ``.tflite`` file gives a ``tflite.TFLiteModel``: the flatbuffer on the
+  LiteRT interpreter (float32 NumPy images in [0, 1] -> logits, int8 I/O
+  handled, no gradients; Square and kd-evaluate's black-box ensemble run on it).
+
   Args:
-    path: a SavedModel directory or a .keras/.h5 file.
+    path: a SavedModel directory, a .keras/.h5 or a .tflite file.
     allow_ops: ops a SavedModel may hold although they touch the outside world
       (``scan.DENYLIST``), each named explicitly; ignored for Keras files.
 
@@ -232,6 +237,8 @@ def load_model(path: str | os.PathLike, *, allow_ops: Sequence[str] = ()) -> Any
   if p.is_dir() and not (p / "saved_model.pb").is_file():
     raise ModelLoadError(f"model path {str(p)!r} is not a SavedModel (no "
                          f"saved_model.pb in it).")
+  if p.suffix == ".tflite" and p.is_file():
+    return tflite.TFLiteModel(p)  # LiteRT, NumPy in/out, no gradients
   if p.is_dir():
     check_saved_model(p, allow_ops=allow_ops, fix=scan.FIX_LIBRARY)
   info = None if p.is_dir() else _inspect(p)

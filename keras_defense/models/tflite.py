@@ -127,6 +127,10 @@ def dequantize(q: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 class TFLiteModel:
   """A ``.tflite`` classifier as a callable: float32 (N, H, W, C) in [0, 1] -> float32 logits (N, K).
 
+  ``runs_on_numpy`` tells the attacks (``util.numpy_model``) to call it
+  through ``tf.numpy_function``: score-based attacks (Square) run on it,
+  gradient attacks are refused. ``queries`` counts the images it has scored.
+
   Args:
     model: path of a ``.tflite`` file, or its bytes.
     num_threads: interpreter threads (>= 1); 1 is the deployment setting.
@@ -138,8 +142,11 @@ class TFLiteModel:
     UnsupportedOpsError: custom or Flex operators.
   """
 
+  runs_on_numpy = True
+
   def __init__(self, model: str | os.PathLike | bytes, *, num_threads: int = 1,
                output_key: str = LOGITS_KEY):
+    self.queries = 0
     if isinstance(model, (bytes, bytearray)):
       content, self.path = bytes(model), None
     else:
@@ -238,6 +245,7 @@ class TFLiteModel:
     if not self._dynamic_batch:
       batch_size = 1  # a static batch dimension (1): one image per call
     out = []
+    self.queries += len(x)
     for i in range(0, len(x), batch_size):
       chunk = x[i:i + batch_size]
       self._resize(len(chunk))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from keras_defense.evaluation import black_box
 from keras_defense.evaluation import robustness
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.evaluation.robustness_result import RobustnessResult
@@ -34,7 +35,8 @@ def run(config: RobustnessConfig, *, progress: robustness.Progress | None = None
     progress: called as ``progress(done, total, description)``; see
       ``robustness.run``.
     attack_plan: ``(version, norm, attacks) -> [(name, fn)]``; default
-      ``keras_defense.attacks.autoattack.plan``.
+      ``keras_defense.attacks.autoattack.plan``, or for a ``.tflite`` (no
+      gradients) the black-box ensemble (``evaluation.black_box``).
 
   Returns:
     The ``RobustnessResult``; ``config.run_dir`` then holds results.json,
@@ -45,6 +47,8 @@ def run(config: RobustnessConfig, *, progress: robustness.Progress | None = None
     UserError: as ``robustness.run``, before any attack runs or anything is
       written.
   """
+  if attack_plan is None and black_box.applies(config):  # a .tflite: no gradients
+    attack_plan = black_box.plan_factory(config)
   result = robustness.run(config, progress=progress, attack_plan=attack_plan)
   robustness_report.write(config.run_dir, result)
   return result

@@ -19,6 +19,7 @@ import os
 import pathlib
 from typing import Sequence
 
+from keras_defense.evaluation import black_box
 from keras_defense.util import io_utils
 from keras_defense.reports import plots
 from keras_defense.reports import tables
@@ -39,7 +40,8 @@ def _ci(ci: Sequence[float]) -> str:
 def render_markdown(results: dict) -> str:
   """report.md from the results.json dict."""
   r = results
-  kind = {"saved_model": "SavedModel", "keras": "Keras file"}.get(r["model_kind"], r["model_kind"])
+  kind = {"saved_model": "SavedModel", "keras": "Keras file",
+          "tflite": "TFLite flatbuffer on LiteRT"}.get(r["model_kind"], r["model_kind"])
   model = f"`{r['model']}` ({kind}"
   if r.get("signature"):
     model += f", signature `{r['signature']}`"
@@ -55,8 +57,9 @@ def render_markdown(results: dict) -> str:
            f"- Data: the first {r['n_examples']} {r['dataset']} test images",
            f"- Threat model: {r['threat_model']}, ε ∈ "
            f"{{{', '.join(tables.format_epsilon(e) for e in r['eps'])}}}",
-           f"- AutoAttack version `{r['version']}`: {', '.join(r['attacks'])} (in this "
-           f"order, each on the images still robust)",
+           *_black_box_lines(r),
+           f"- {'Attacks' if 'black_box' in r else 'AutoAttack version `' + r['version'] + '`'}"
+           f": {', '.join(r['attacks'])} (in this order, each on the images still robust)",
            f"- Clean accuracy: {_pct(r['clean_acc'])} {_ci(r['clean_acc_ci95'])} "
            f"({r['n_clean_correct']}/{r['n_examples']})",
            f"- Seed {r['seed']}, batch size {r['batch_size']}, compute dtype "
@@ -98,6 +101,26 @@ def render_markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _black_box_lines(r: dict) -> list[str]:
+  """The report's lines on a black-box evaluation (a model without gradients)."""
+  bb = r.get("black_box")
+  if not bb:
+    return []
+  lines = ["- **Black-box evaluation**: the model runs on the LiteRT interpreter and has no "
+           "gradients, so white-box AutoAttack cannot run on it (it would be masked). "
+           + (f"Transfer attacks are crafted on the surrogate `{bb['surrogate']}` and judged "
+              f"on the interpreter; " if bb.get("surrogate") else
+              "No surrogate was given, so Square alone runs: a weaker evaluation (pass "
+              "--surrogate=PATH, the float parent or QAT twin, for the transfer attacks); ")
+           + f"Square queries the interpreter ({bb['square_queries']} queries per image at "
+           f"most). The surrogate's own white-box AutoAttack is a separate kd-evaluate run "
+           f"of the surrogate."]
+  for eps, q in bb.get("queries", {}).items():
+    lines.append(f"- Square at ε {eps}: {q['total']:,} queries on {q['images']} images "
+                 f"(mean {q['mean']:.0f}, median {q['median']:.0f}, max {q['max']} per image)")
+  return lines
+
+
 def _model_label(path: str | os.PathLike) -> str:
   """A short name: 'mnist_m0/1' for a versioned SavedModel, else the file or folder name."""
   p = pathlib.Path(path)
@@ -121,6 +144,10 @@ def write(run_dir: str | os.PathLike, result: RobustnessResult) -> dict[str, str
   """Writes results.json, report.md, the grid PNG and TensorBoard; returns their paths."""
   run_dir = pathlib.Path(run_dir)
   results = result.to_dict()
+  if result.model_kind == "tflite":
+    results["black_box"] = {"surrogate": result.config.surrogate,
+                            "square_queries": result.config.square_queries,
+                            "queries": black_box.query_summary(str(run_dir))}
   paths = {"results.json": str(run_dir / "results.json"),
            "report.md": str(run_dir / "report.md"),
            "tensorboard": str(run_dir / "tensorboard")}

@@ -1,0 +1,181 @@
+"""A .tflite is a model like any other: kd.load_model, kd-evaluate's black-box ensemble.
+
+One tiny CNN trained on 1,000 shipped MNIST training images (as
+test_quantization), exported as a SavedModel and quantized to a full-integer
+.tflite with int8 I/O by keras_defense.compression; evaluated on 40 test images
+at ε 0.3 with short attack budgets.
+"""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+import keras_defense as kd
+from keras_defense import attacks
+from keras_defense import data
+from keras_defense.compression import conversion
+from keras_defense.evaluation import black_box
+from keras_defense.evaluation import robustness
+from keras_defense.evaluation.robustness_config import RobustnessConfig
+from keras_defense.models import classifier as clf_lib
+from keras_defense.models import export
+from keras_defense.models import tflite
+from keras_defense.pipelines import evaluate
+from keras_defense.util import numpy_model
+from keras_defense.util import provenance
+from keras_defense.util.compat import keras
+from keras_defense.util.compat import tf
+from keras_defense.util.errors import UserError
+
+N = 40
+
+
+def _tiny_model(seed=0):
+  keras.utils.set_random_seed(seed)
+  inputs = keras.Input((28, 28, 1))
+  h = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+  h = keras.layers.MaxPooling2D(2)(h)
+  h = keras.layers.Flatten()(h)
+  h = keras.layers.Dense(32, activation="relu")(h)
+  outputs = keras.layers.Dense(10, name="logits")(h)
+  return keras.Model(inputs, outputs)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """(float Keras model, SavedModel path, .tflite path, test images, labels)."""
+  x_train, y_train = data.load_arrays("mnist", "train", limit=1000)
+  x_test, y_test = data.load_arrays("mnist", "test", limit=N)
+  model = _tiny_model()
+  model.compile(keras.optimizers.Adam(3e-3),
+                keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+  model.fit(x_train, y_train, epochs=3, batch_size=64, verbose=0)
+  root = tmp_path_factory.mktemp("tfl")
+  path = export.export_saved_model(
+      model, root / "tiny", version=1,
+      provenance=provenance.model_provenance("train", data.info("mnist")))
+  content = conversion.convert(path, "ptq_int8", representative=x_train[:100], int8_io=True)
+  lite = root / "tiny_int8.tflite"
+  lite.write_bytes(content)
+  return model, str(path), str(lite), x_test, y_test
+
+
+def test_load_model_runs_tflite_on_litert_with_int8_io(setup):
+  model, _, lite, x, _ = setup
+  m = kd.load_model(lite)
+  assert isinstance(m, tflite.TFLiteModel) and m.input_dtype == np.int8
+  logits = m(x)
+  assert logits.shape == (N, 10) and logits.dtype == np.float32
+  agree = np.mean(np.argmax(logits, -1) == np.argmax(model.predict(x, verbose=0), -1))
+  assert agree >= 0.9
+
+
+def test_square_runs_on_the_interpreter_and_gradients_are_refused(setup):
+  _, _, lite, x, y = setup
+  m = kd.load_model(lite)
+  before = m.queries
+  x_adv, counts = attacks.square(m, x[:8], y[:8], 0.3, queries=30, return_queries=True)
+  assert np.abs(x_adv - x[:8]).max() <= 0.3 + 1e-6
+  assert m.queries > before and counts.max() <= 30
+  # Raised while the attack's step is traced (tf.function wraps it in a StagingError).
+  with pytest.raises(Exception, match="no gradients"):
+    attacks.pgd(m, x[:2], y[:2], 0.3, step_size=0.01, steps=2)
+
+
+def test_classifier_of_a_tflite_is_forward_only(setup):
+  _, _, lite, x, _ = setup
+  clf = clf_lib.load_classifier(lite)
+  assert clf.kind == "tflite" and "LiteRT" in clf.describe()
+  xt = tf.constant(x[:4])
+  with tf.GradientTape() as tape:
+    tape.watch(xt)
+    out = clf(xt)
+  assert out.shape == (4, 10)
+  with pytest.raises(numpy_model.NoGradientError):
+    tape.gradient(out, xt)
+
+
+def _config(tmp_path, lite, **kwargs):
+  return RobustnessConfig(model=lite, run_dir=str(tmp_path / "run"), dataset="mnist",
+                          epsilons=(0.3,), n_examples=N, batch_size=N, square_queries=50,
+                          **kwargs)
+
+
+def test_black_box_ensemble_worst_case_and_report(setup, tmp_path):
+  model, sm, lite, x, y = setup
+  result = evaluate.run(_config(tmp_path, lite, surrogate=sm))
+  assert result.attacks == list(black_box.ATTACKS)
+  lite_model = tflite.TFLiteModel(lite)
+  correct = lite_model.predict_classes(x) == y
+  worst = robustness.robust_masks(tmp_path / "run")[0.3]
+  assert worst.sum() == result.epsilons[0].robust
+  # Per-image worst case <= each attack alone (all on the clean-correct images).
+  fns = dict(black_box.plan_factory(_config(tmp_path / "alone", lite, surrogate=sm))(
+      "standard", "linf", None))
+  for name, fn in fns.items():
+    if name == "square":
+      continue  # queries-limited; its own robust count is checked through the report
+    x_adv = fn(lite_model, x[correct], y[correct], 0.3, seed=0, batch_size=N,
+               compute_dtype="float32")
+    alone = correct.copy()
+    alone[np.flatnonzero(correct)] = lite_model.predict_classes(x_adv) == y[correct]
+    assert worst.sum() <= alone.sum(), name
+  # The plain PGD transfer from the float parent: the ensemble is at least as strong.
+  pgd_adv = attacks.pgd(model, x[correct], y[correct], 0.3, step_size=0.01, steps=40, seed=0)
+  pgd_alone = correct.copy()
+  pgd_alone[np.flatnonzero(correct)] = lite_model.predict_classes(pgd_adv) == y[correct]
+  assert worst.sum() <= pgd_alone.sum()
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["model_kind"] == "tflite"
+  assert results["black_box"]["surrogate"] == sm
+  queries = results["black_box"]["queries"]
+  square_step = result.epsilons[0].steps[-1]
+  if square_step.attacked:
+    assert queries["0.3"]["images"] == square_step.attacked
+    assert 1 <= queries["0.3"]["max"] <= 50
+  report = (tmp_path / "run" / "report.md").read_text()
+  assert "Black-box evaluation" in report and "transfer-apgd-t" in report
+
+
+def test_without_surrogate_square_alone(setup, tmp_path):
+  _, _, lite, _, _ = setup
+  result = evaluate.run(_config(tmp_path, lite))
+  assert result.attacks == ["square"]
+  report = (tmp_path / "run" / "report.md").read_text()
+  assert "Square alone" in report
+
+
+def test_gradient_attacks_on_a_tflite_are_refused(setup, tmp_path):
+  _, sm, lite, _, _ = setup
+  with pytest.raises(UserError, match="no gradients"):
+    evaluate.run(_config(tmp_path, lite, surrogate=sm, version="custom",
+                         attacks=("apgd-ce",)))
+  with pytest.raises(UserError, match="surrogate"):
+    RobustnessConfig(model=sm, run_dir=str(tmp_path / "r"), surrogate=sm).validate()
+  with pytest.raises(UserError, match="no gradients"):
+    evaluate.run(_config(tmp_path / "b", lite, surrogate=lite))
+
+
+def test_deployment_report_rows_intervals_and_masking_warning(tmp_path):
+  from keras_defense.reports import deployment_report  # pylint: disable=g-import-not-at-top
+  def row(variant, robust, square=0):
+    return {"parent": "M1-AT", "variant": variant, "runtime": "LiteRT", "bytes": 1000,
+            "gzip_bytes": 800, "latency_seconds": 1e-4, "clean_correct": 99, "clean_n": 100,
+            "agreement": 0.99,
+            "robust": {"0.3": {"robust": robust, "n": 200,
+                               "per_attack": {"transfer-pgd": 5, "square": square}}},
+            "twin_robust": {"0.3": {"robust": 100, "n": 200, "per_attack": {}}}}
+  rows = [row("float", 100), row("int8_ptq", 180), row("int8_qat", 100, square=30)]
+  config = {"epsilons": (0.3,), "clean_size": 100, "robust_size": 200, "dataset": "mnist",
+            "square_queries": 1000, "twin_attacks": None, "twin_version": "standard",
+            "latency_repeats": 10, "fine_tune_epochs": 1, "train_limit": None,
+            "command": "kd-experiment --flagfile=flags/mnist_deployment.flags"}
+  paths = deployment_report.write(tmp_path, rows, config=config)
+  md = pathlib.Path(paths["deployment.md"]).read_text()
+  assert "90.0% [85.1, 93.4]" in md  # 180/200 with its Wilson interval
+  assert "int8_ptq at ε 0.3: black-box robust 90.0% above its twin" in md
+  assert "int8_qat at ε 0.3: Square broke 30" in md
+  assert "float at" not in md
+  assert len(pathlib.Path(paths["rows.csv"]).read_text().splitlines()) == 4
