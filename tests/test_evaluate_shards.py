@@ -26,6 +26,7 @@ import pytest
 from keras_defense import attacks
 from keras_defense import data
 from keras_defense.attacks import memory
+from keras_defense.models import classifier
 from keras_defense.evaluation import robustness
 from keras_defense.evaluation import robustness_state
 from keras_defense.pipelines import evaluate
@@ -68,13 +69,13 @@ def without_timing(obj):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-  x, y = data.load_arrays("mnist", "train", limit=2000)
+  x, y = data.load_arrays("mnist", "train", limit=1000)
   keras.utils.set_random_seed(0)
   m = keras.Sequential([keras.layers.Input((28, 28, 1)),
                         keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
                         keras.layers.Flatten(), keras.layers.Dense(10)])
   m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  m.fit(x, y, epochs=1, batch_size=64, verbose=0)
+  m.fit(x, y, epochs=2, batch_size=50, verbose=0)
   path = tmp_path_factory.mktemp("model") / "cnn.keras"
   m.save(path)
   return path
@@ -86,6 +87,24 @@ def fixed_versions():
   versions = robustness.provenance.versions()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(robustness.provenance, "versions", lambda: versions)
+    yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_model_per_file():
+  """In this process, each model file is loaded once (its compiled attack steps are
+  cached on it, so the many runs below do not retrace them); the subprocess loads
+  its own."""
+  load, loaded = classifier.load_classifier, {}
+
+  def cached(path, **kw):
+    key = (str(path), tuple(sorted(kw.items())))
+    if key not in loaded:
+      loaded[key] = load(path, **kw)
+    return loaded[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(robustness.clf_lib, "load_classifier", cached)
     yield
 
 
