@@ -7,6 +7,10 @@
 file. A rerun with the same --run_dir resumes after the last finished
 (ε, attack). Results: <run_dir>/results.json, report.md,
 worst_case_adversarials.png and tensorboard/.
+
+Across machines: the same command with --shard_index=i --num_shards=n on each
+(a Slurm array, a Kubernetes Indexed Job), then `kd-evaluate --merge
+--run_dir=...` once all are done (docs/DISTRIBUTED.md).
 """
 
 import sys
@@ -19,6 +23,7 @@ from keras_defense import flags as kd_flags
 from keras_defense.util import provenance
 from keras_defense.pipelines import evaluate
 from keras_defense.util.compat import tf
+from keras_defense.util.errors import UserError
 
 
 class _Progress:
@@ -43,10 +48,25 @@ def main(argv):
   del argv
   if flags.FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
-  config = kd_flags.evaluate_config(provenance.command_line(sys.argv))
-  result = evaluate.run(config, progress=_Progress())
+  if flags.FLAGS.strategy != "default":
+    raise UserError(f"kd-evaluate does not run under --strategy={flags.FLAGS.strategy}: "
+                    f"its attacks are not replicated. Fix: split the images into shards, "
+                    f"one process per GPU or machine (--shard_index/--num_shards, then "
+                    f"--merge; docs/DISTRIBUTED.md).")
+  command = provenance.command_line(sys.argv)
+  if flags.FLAGS.merge:
+    if not flags.FLAGS.run_dir:
+      raise UserError("--merge needs the --run_dir the shards wrote into.")
+    result = evaluate.merge(flags.FLAGS.run_dir, progress=_Progress(), command=command)
+  else:
+    config = kd_flags.evaluate_config(command)
+    result = evaluate.run(config, progress=_Progress())
   print(result.summary())
-  print(f"report: {config.run_dir}/report.md")
+  if result.shard:
+    print(f"shard done: {result.config.run_dir}/shards/; when every shard is, run "
+          f"kd-evaluate --merge --run_dir={result.config.run_dir}")
+  else:
+    print(f"report: {result.config.run_dir}/report.md")
 
 
 def run_main():

@@ -22,6 +22,11 @@ so a kill -9 costs at most one (ε, attack) and gives the same result
 ending in ``seconds``, aside). The run directory is bound to its configuration
 and model bytes (``run.json``).
 
+Slices and shards (``robustness_state``): the images are attacked in slices of
+``slice_size`` (each slice's calls and seeds its own), so ``num_shards``
+processes, each taking whole slices into ``<run_dir>/shards/<i>-of-<n>/``,
+and ``merge`` give exactly one process's per-image outcomes.
+
 Example:
   >>> config = RobustnessConfig(model="saved_models/mnist_m0/1", output_key="logits",
   ...                           run_dir="runs/eval_m0", epsilons=(0.3,), n_examples=1000)
@@ -31,6 +36,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import pathlib
 import time
@@ -41,10 +48,13 @@ import numpy as np
 
 from keras_defense.models import classifier as clf_lib
 from keras_defense.evaluation import inputs
+from keras_defense.evaluation import robustness_state as state_lib
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util import randomness
+from keras_defense.attacks import memory
 from keras_defense.attacks import runtime
+from keras_defense.evaluation import robustness_config as rob_config
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
 from keras_defense.evaluation.robustness_config import RobustnessConfig
@@ -66,8 +76,9 @@ def _real_plan(version: str, norm: str, attacks: Sequence[str] | None) -> Plan:
   return autoattack.plan(version, norm, attacks)
 
 
-def _bind_run_dir(run_dir: pathlib.Path, identity: dict[str, Any], sha256: str) -> dict:
-  """Writes run.json, or refuses a run directory that holds another run; returns it."""
+def _bind_run_dir(run_dir: pathlib.Path, identity: dict[str, Any], sha256: str,
+                  extra: dict[str, Any] | None = None) -> dict:
+  """Writes run.json (with ``extra``), or refuses a run directory that holds another run."""
   record = {"config": identity, "model_sha256": sha256}
   path = run_dir / "run.json"
   if path.exists():
@@ -83,6 +94,7 @@ def _bind_run_dir(run_dir: pathlib.Path, identity: dict[str, Any], sha256: str) 
                       f"saved state cannot be resumed by this one. Fix: pass a new "
                       f"`run_dir` or delete that one.")
     return old
+  record.update(extra or {})
   io_utils.write_json(path, record)
   return record
 
@@ -102,17 +114,8 @@ def _resolve_compute_dtype(run_dir: pathlib.Path, record: dict, model: Any,
   return dtype
 
 
-def _save_npz(path: pathlib.Path, **arrays) -> None:
-  with io_utils.atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      np.savez(f, **arrays)
-      f.flush()
-      os.fsync(f.fileno())
-
-
-def _load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
-  with np.load(path) as z:
-    return {k: z[k] for k in z.files}
+_save_npz = state_lib.save_npz
+_load_npz = state_lib.load_npz
 
 
 def _inside_threat_model(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str,
@@ -135,21 +138,25 @@ def _inside_threat_model(x: np.ndarray, x_adv: np.ndarray, eps: float, norm: str
   return (dist <= eps * (1 + _TOLERANCE) + _TOLERANCE) & in_box
 
 
-def _eps_dir(eps: float) -> str:
-  return f"eps_{eps:.6g}"
+_eps_dir = state_lib.eps_dir
 
 
 class _Evaluation:
   """The per-image state of one run and the steps that advance it."""
 
   def __init__(self, config: RobustnessConfig, clf: clf_lib.Classifier, x: np.ndarray,
-               y: np.ndarray, plan: Plan, progress: Progress | None):
+               y: np.ndarray, plan: Plan, progress: Progress | None, *,
+               state: pathlib.Path, first_image: int = 0):
     self.config = config
     self.clf = clf
     self.x, self.y = x, y
     self.plan = list(plan)
     self.progress = progress or (lambda done, total, desc: None)
-    self.state = pathlib.Path(config.run_dir) / "state"
+    self.state = state
+    # (local start, local stop, global slice number) of this process's slices.
+    self.slices = [(lo - first_image, hi - first_image, (lo) // config.slice_size)
+                   for lo, hi in state_lib.slices(first_image + len(y), config.slice_size)
+                   if lo >= first_image]
     # Attacks differentiate the Keras model itself when there is one (bfloat16
     # clones need it); otherwise the Classifier callable.
     self.attack_model = clf.keras_model if clf.keras_model is not None else clf
@@ -178,7 +185,8 @@ class _Evaluation:
       return st["pred"], float(st["seconds"])
     start = time.perf_counter()
     randomness.reseed(self.clf, self.config.seed, "clean")
-    self.clean_pred = self.predict(self.x)
+    self.clean_pred = np.concatenate([self.predict(self.x[lo:hi])
+                                      for lo, hi, _ in self.slices])
     seconds = time.perf_counter() - start
     _save_npz(path, pred=self.clean_pred, seconds=np.float64(seconds))
     return self.clean_pred, seconds
@@ -187,8 +195,10 @@ class _Evaluation:
               adv: np.ndarray) -> dict[str, np.ndarray]:
     """Runs one attack on the images still robust; returns its state.
 
-    One call on all of them, as ``autoattack.auto_attack`` makes, so the
-    attack's own batching and per-batch seeds are the same as there.
+    One call per slice on its images still robust, with the slice's seed
+    (``robustness_state``): with one slice, the call ``autoattack.auto_attack``
+    makes, so the attack's own batching and per-batch seeds are the same as
+    there.
     """
     c = self.config
     todo = np.flatnonzero(robust)
@@ -198,22 +208,28 @@ class _Evaluation:
     self.progress(self.steps_done, self.total_steps,
                   f"ε={eps:g} {name} on {len(todo)} images: robust "
                   f"{100 * len(todo) / len(self.y):.1f}%")
-    if len(todo):
+    for lo, hi, number in self.slices:
+      mine = todo[(todo >= lo) & (todo < hi)]
+      if not len(mine):
+        continue
       # A randomized model draws the same masks in this step whether the run
-      # is fresh or resumed (earlier steps loaded, not recomputed).
-      randomness.reseed(self.clf, c.seed, eps, name)
-      x_adv = np.asarray(fn(self.attack_model, self.x[todo], self.y[todo], eps, seed=c.seed,
+      # is fresh or resumed (earlier steps loaded, not recomputed), and
+      # whichever shard runs the slice.
+      randomness.reseed(self.clf, c.seed, eps, name, *([number] if number else []))
+      x_adv = np.asarray(fn(self.attack_model, self.x[mine], self.y[mine], eps,
+                            seed=state_lib.slice_seed(c.seed, number),
                             batch_size=c.batch_size, compute_dtype=self.compute_dtype),
                          dtype=np.float32)
-      legal = _inside_threat_model(self.x[todo], x_adv, eps, c.norm, name)
-      outside = int((~legal).sum())
-      if outside:
+      legal = _inside_threat_model(self.x[mine], x_adv, eps, c.norm, name)
+      n_out = int((~legal).sum())
+      if n_out:
         logging.warning("%s returned %d images outside the %s ball of radius %g or [0, 1]; "
-                        "they do not count as broken.", name, outside, c.norm, eps)
-      fooled = legal & (self.predict(x_adv) != self.y[todo])
-      broken = todo[fooled]
-      robust[broken] = False
-      adv[broken] = x_adv[fooled]
+                        "they do not count as broken.", name, n_out, c.norm, eps)
+      outside += n_out
+      fooled = legal & (self.predict(x_adv) != self.y[mine])
+      broken = np.concatenate([broken, mine[fooled]])
+      robust[mine[fooled]] = False
+      adv[mine[fooled]] = x_adv[fooled]
     return {"robust": robust, "broken_idx": broken.astype(np.int64), "x_adv": adv[broken],
             "attacked": np.int64(len(todo)), "outside_threat_model": np.int64(outside),
             "seconds": np.float64(time.perf_counter() - start)}
@@ -316,9 +332,32 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
                     "SavedModel signature, a Keras 3 file, a probability output or another "
                     "pixel convention runs in float32. Fix: use float32.")
   sha256 = clf_lib.fingerprint(config.model)
-  record = _bind_run_dir(run_dir, dict(config.identity(), **images.identity), sha256)
+  attack_model = clf.keras_model if clf.keras_model is not None else clf
+  auto = None
+  if config.batch_size is None:
+    config, auto = _auto_batch_size(config, attack_model, images.image_shape)
+  identity = dict(config.identity(), **images.identity)
+  first, shard = 0, None
+  if config.num_shards > 1:
+    first, stop = state_lib.shard_images(len(y), config.slice_size, config.shard_index,
+                                         config.num_shards)
+    shard = {"index": config.shard_index, "count": config.num_shards, "images": [first, stop]}
+    x, y = x[first:stop], y[first:stop]
+    run_dir = state_lib.shard_dir(run_dir, config.shard_index, config.num_shards)
+    identity = dict(identity, shard=shard)
+    logging.info("shard %d of %d: images %d-%d of %d", config.shard_index,
+                 config.num_shards, first, stop - 1, len(images.y))
+  record = _bind_run_dir(run_dir, identity, sha256,
+                         extra={"settings": dataclasses.asdict(config)} if shard else None)
+  if config.merge and "compute_dtype" not in record:
+    dtype = state_lib.combine(run_dir, identity=identity, model_sha256=sha256, n=len(y),
+                              slice_size=config.slice_size, epsilons=config.epsilons,
+                              attacks=[name for name, _ in plan])
+    record = dict(record, compute_dtype=dtype)
+    io_utils.write_json(run_dir / "run.json", record)
 
-  ev = _Evaluation(config, clf, x, y, plan, progress)
+  ev = _Evaluation(config, clf, x, y, plan, progress, state=run_dir / "state",
+                   first_image=first)
   ev.compute_dtype = _resolve_compute_dtype(run_dir, record, ev.attack_model, config,
                                             images.image_shape)
   ev.progress(0, ev.total_steps, "clean accuracy")
@@ -336,7 +375,40 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
       clean_correct=clean_correct, output=clf.output, model_kind=clf.kind,
       model_sha256=sha256, compute_dtype=ev.compute_dtype, epsilons=results,
       clean_seconds=clean_seconds, wall_seconds=time.perf_counter() - wall_start,
-      versions=provenance.versions())
+      versions=provenance.versions(), batch_size_auto=auto, shard=shard)
+
+
+def _auto_batch_size(config: RobustnessConfig, model: Any, image_shape: Sequence[int]
+                     ) -> tuple[RobustnessConfig, dict]:
+  """``config`` with the batch size chosen from memory (``attacks.memory``), and how.
+
+  Chosen once per run directory (``state/batch_size.json``, created
+  exclusively): a resumed run, and every shard sharing the run directory, uses
+  the first choice, so their slices are batched alike.
+  """
+  path = pathlib.Path(config.run_dir) / "state" / "batch_size.json"
+  if not path.is_file():
+    batch, details = memory.choose_batch_size(model, image_shape,
+                                              cap=rob_config.DEFAULT_BATCH_SIZE)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+      with open(path, "x", encoding="utf-8") as f:  # the first process's choice stands
+        json.dump(details, f)
+        f.flush()
+        os.fsync(f.fileno())
+    except FileExistsError:
+      pass
+  for _ in range(100):  # a concurrent creator may not have written it yet
+    try:
+      details = io_utils.read_json(path)
+      break
+    except ValueError:
+      time.sleep(0.05)
+  logging.info("batch size %d chosen from memory: %.1f MB per image, %.0f MB available, "
+               "limited by %s (state/batch_size.json)", details["batch_size"],
+               details["per_image_bytes"] / 2**20, (details["available_bytes"] or 0) / 2**20,
+               details["limited_by"])
+  return dataclasses.replace(config, batch_size=int(details["batch_size"])), details
 
 
 def robust_masks(run_dir: str | os.PathLike) -> dict[float, np.ndarray]:

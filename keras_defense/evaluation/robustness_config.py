@@ -25,6 +25,9 @@ VERSIONS = ("standard", "plus", "rand", "custom")
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_BATCH_SIZE = 500
 DEFAULT_SQUARE_QUERIES = 5000  # AutoAttack's
+# Images per slice (robustness_state): 1,000 keeps every run of up to 1,000
+# images (kd-experiment's AutoAttack) one slice, i.e. the calls auto_attack makes.
+DEFAULT_SLICE_SIZE = 1000
 
 
 @dataclasses.dataclass
@@ -49,7 +52,13 @@ class RobustnessConfig:
       refused before the model is loaded. Not part of the run's identity:
       it decides whether the model runs, not the numbers.
     seed: the attacks' seed.
-    batch_size: images per attack call.
+    batch_size: images per attack call; None chooses it from the memory
+      available (``attacks.memory``), once per run directory.
+    slice_size: images attacked together, each slice with its own seed; a
+      shard takes whole slices (``robustness_state``).
+    shard_index, num_shards: this process attacks shard ``shard_index`` of
+      ``num_shards`` into ``<run_dir>/shards/<i>-of-<n>/``.
+    merge: combine the finished shards of ``run_dir`` into its results.
     compute_dtype: passed to the attacks.
     data_dir, manual_dir: see ``data.prepare``.
     command: the command line, recorded in the report.
@@ -72,7 +81,11 @@ class RobustnessConfig:
   output_key: str | None = None
   allow_ops: tuple[str, ...] = ()
   seed: int = 0
-  batch_size: int = DEFAULT_BATCH_SIZE
+  batch_size: int | None = DEFAULT_BATCH_SIZE
+  slice_size: int = DEFAULT_SLICE_SIZE
+  shard_index: int = 0
+  num_shards: int = 1
+  merge: bool = False
   compute_dtype: str = "float32"  # "auto" may pick bfloat16, which costs strength
   data_dir: str | None = None
   manual_dir: str | None = None
@@ -114,8 +127,19 @@ class RobustnessConfig:
          f"L-inf `epsilons` must be <= 1 (the whole [0, 1] range); got {list(self.epsilons)}.")
     need(isinstance(self.n_examples, int) and self.n_examples >= 1,
          f"`n_examples` must be an integer >= 1; got {self.n_examples!r}.")
-    need(isinstance(self.batch_size, int) and self.batch_size >= 1,
-         f"`batch_size` must be an integer >= 1; got {self.batch_size!r}.")
+    need(self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+         f"`batch_size` must be an integer >= 1 (or None: chosen from memory); got "
+         f"{self.batch_size!r}.")
+    need(isinstance(self.slice_size, int) and self.slice_size >= 1,
+         f"`slice_size` must be an integer >= 1; got {self.slice_size!r}.")
+    need(isinstance(self.num_shards, int) and self.num_shards >= 1,
+         f"`num_shards` must be an integer >= 1; got {self.num_shards!r}.")
+    need(isinstance(self.shard_index, int) and 0 <= self.shard_index < self.num_shards,
+         f"`shard_index` must be in [0, num_shards={self.num_shards}); got "
+         f"{self.shard_index!r}.")
+    need(not (self.merge and self.num_shards > 1),
+         f"`merge` combines the shards already run; pass it without `shard_index`/"
+         f"`num_shards` (got num_shards={self.num_shards}).")
     need(self.compute_dtype in COMPUTE_DTYPES, f"`compute_dtype` must be one of "
          f"{', '.join(COMPUTE_DTYPES)}; got {self.compute_dtype!r}.")
     need(all(isinstance(op, str) and op for op in self.allow_ops),
@@ -142,6 +166,8 @@ class RobustnessConfig:
             "signature": self.signature, "output_key": self.output_key,
             "seed": self.seed, "batch_size": self.batch_size,
             "compute_dtype": self.compute_dtype,
+            # Only when it splits the images: run directories made before it resume.
+            **({"slice_size": self.slice_size} if self.n_examples > self.slice_size else {}),
             # Only when not [0, 1]: run directories made before these fields resume.
             **({} if self.pixels().is_identity else {"pixels": self.pixels().to_dict()}),
             **({"surrogate": self.surrogate, "square_queries": self.square_queries}

@@ -59,6 +59,10 @@ class RobustnessResult:
   clean_seconds: float
   wall_seconds: float
   versions: dict[str, str]
+  # How the batch size was chosen from memory (``attacks.memory``); None if given.
+  batch_size_auto: dict[str, Any] | None = None
+  # This process's shard ({"index", "count", "images": [start, stop)}); None if whole.
+  shard: dict[str, Any] | None = None
 
   @property
   def clean_acc(self) -> float:
@@ -106,7 +110,8 @@ class RobustnessResult:
         "robust_acc": self.robust_acc,
         "robust_acc_ci95": [p["robust_acc_ci95"] for p in per_eps],
         "per_eps": per_eps,
-        "seed": c.seed, "batch_size": c.batch_size,
+        "seed": c.seed, "batch_size": c.batch_size, "batch_size_auto": self.batch_size_auto,
+        "slice_size": c.slice_size, **({"shard": self.shard} if self.shard else {}),
         "compute_dtype": self.compute_dtype, "requested_compute_dtype": c.compute_dtype,
         "versions": self.versions, "command": c.command,
         "clean_seconds": self.clean_seconds,
@@ -117,6 +122,9 @@ class RobustnessResult:
 
   def summary(self) -> str:
     parts = [f"clean {100 * self.clean_acc:.2f}%"]
+    if self.shard:
+      parts.insert(0, f"shard {self.shard['index']} of {self.shard['count']}, images "
+                      f"{self.shard['images'][0]}-{self.shard['images'][1] - 1}")
     parts += [f"ε={e.eps:g}: robust {100 * e.robust / self.n:.2f}%" for e in self.epsilons]
     return f"{self.config.model} ({THREAT_MODELS[self.config.norm]}, n={self.n}): " + \
         ", ".join(parts)

@@ -47,6 +47,14 @@ flags.DEFINE_enum("input_range", "0,1", ["0,1", "0,255"],
 flags.DEFINE_list("mean", None, "kd-evaluate: per-channel mean (or one for all) the model "
                   "subtracts from its input, in --input_range units; e.g. 0.5 with --std=0.5 "
                   "for inputs in [-1, 1] (Keras applications' 'tf' preprocess_input).")
+flags.DEFINE_bool("merge", False,
+                  "kd-evaluate: combine the finished shards of --run_dir (run with "
+                  "--shard_index/--num_shards, the kd-sweep flags) into its results.json and "
+                  "report.md, the ones one process would write; the shards' settings are used.")
+flags.DEFINE_integer("slice_size", _rob.DEFAULT_SLICE_SIZE,
+                     "kd-evaluate: images attacked together, each slice with its own seed; a "
+                     "shard takes whole slices, so a shard count above n_examples/slice_size "
+                     "is refused.", lower_bound=1)
 flags.DEFINE_list("std", None, "kd-evaluate: per-channel std (or one for all) the model "
                   "divides its input by after --mean, in --input_range units.")
 flags.DEFINE_string("surrogate", None,
@@ -137,7 +145,9 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       version=fv.version, attacks=tuple(fv.attacks) if fv.attacks else None,
       signature=fv.signature, output_key=fv.output_key, allow_ops=tuple(fv.allow_ops),
       seed=fv.seed,
-      batch_size=fv.batch_size, compute_dtype=fv.compute_dtype, data_dir=fv.data_dir,
+      # Not given: chosen from the memory available (attacks.memory).
+      batch_size=fv.batch_size if fv["batch_size"].present else None,
+      slice_size=fv.slice_size, shard_index=fv.shard_index, num_shards=fv.num_shards, compute_dtype=fv.compute_dtype, data_dir=fv.data_dir,
       manual_dir=fv.manual_dir, command=command,
       input_range=tuple(float(v) for v in fv.input_range.split(",")),
       mean=_floats(fv.mean), std=_floats(fv.std),

@@ -26,9 +26,11 @@ flags.DEFINE_list("methods", ["standard"],
 flags.DEFINE_list("base_models", [],
                   "kd-sweep: method:SavedModel pairs used as that method's M0 instead of "
                   "training it (e.g. standard:saved_models/mnist_m0/1).")
-flags.DEFINE_integer("shard_index", 0, "kd-sweep: this shard, in [0, --num_shards).",
+flags.DEFINE_integer("shard_index", 0,
+                     "kd-sweep, kd-evaluate: this shard, in [0, --num_shards).",
                      lower_bound=0)
-flags.DEFINE_integer("num_shards", 1, "kd-sweep: shards the grid's points are split into.",
+flags.DEFINE_integer("num_shards", 1, "kd-sweep: shards the grid's points are split into; "
+                     "kd-evaluate: shards the images are split into (then --merge).",
                      lower_bound=1)
 flags.DEFINE_float("lock_timeout", 600.0,
                    "kd-sweep: seconds without a heartbeat after which a parent's build lock "

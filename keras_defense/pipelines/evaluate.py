@@ -16,10 +16,12 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Sequence
 
 from keras_defense.evaluation import black_box
 from keras_defense.evaluation import robustness
+from keras_defense.evaluation import robustness_state
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.evaluation.robustness_result import RobustnessResult
 from keras_defense.reports import robustness_report
@@ -46,9 +48,33 @@ def run(config: RobustnessConfig, *, progress: robustness.Progress | None = None
   Raises:
     UserError: as ``robustness.run``, before any attack runs or anything is
       written.
+
+  A shard (``config.num_shards > 1``) writes only its state; ``merge`` reports.
   """
   if attack_plan is None and black_box.applies(config):  # a .tflite: no gradients
     attack_plan = black_box.plan_factory(config)
   result = robustness.run(config, progress=progress, attack_plan=attack_plan)
-  robustness_report.write(config.run_dir, result)
+  if config.num_shards == 1:  # a shard's numbers are reported by the merge
+    robustness_report.write(config.run_dir, result)
   return result
+
+
+def merge(run_dir: str, *, progress: robustness.Progress | None = None,
+          command: str | None = None,
+          attack_plan: Callable[[str, str, Sequence[str] | None], robustness.Plan] | None = None
+          ) -> RobustnessResult:
+  """Combines the finished shards of ``run_dir`` and writes the report one process would.
+
+  The configuration is the one the shards recorded (``robustness_state``);
+  the model and the images are loaded again (for the grid's predictions).
+
+  Raises:
+    UserError: no shard, or a shard missing, unfinished or mismatched, naming it.
+  """
+  settings = robustness_state.recorded_settings(run_dir)
+  fields = {f.name for f in dataclasses.fields(RobustnessConfig)}
+  config = RobustnessConfig(**{k: tuple(v) if isinstance(v, list) else v
+                               for k, v in settings.items() if k in fields})
+  config = dataclasses.replace(config, run_dir=str(run_dir), shard_index=0, num_shards=1,
+                               merge=True, command=command or config.command)
+  return run(config, progress=progress, attack_plan=attack_plan)
