@@ -17,7 +17,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import time
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from attacks_benchmark import ceiling_fn  # pylint: disable=g-bad-import-order
 from attacks_benchmark import measure_ceiling
+from benchmark_args import model_parser
 from keras_defense.models import export
 from keras_defense.attacks import metrics
 from keras_defense.attacks import runtime
@@ -34,9 +34,7 @@ apgd = importlib.import_module("keras_defense.attacks.apgd").apgd
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model_path", default="saved_models/mnist_m0/1")
-  p.add_argument("--num_images", type=int, default=1000)
+  p = model_parser(__doc__, num_images=1000)
   p.add_argument("--batch_size", type=int, default=1000)
   p.add_argument("--epsilon", type=float, default=0.3)
   p.add_argument("--steps", type=int, default=100)

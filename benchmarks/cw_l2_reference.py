@@ -16,12 +16,12 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
+from benchmark_args import model_parser  # pylint: disable=g-bad-import-order
 from keras_defense import attacks
 from keras_defense.models import export
 from keras_defense.util.compat import keras
@@ -66,9 +66,7 @@ def reference_l2(model, x, y, *, iterations, const, lr, abort_early=True):
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model_path", default="saved_models/mnist_m0/1")
-  p.add_argument("--num_images", type=int, default=200)
+  p = model_parser(__doc__, num_images=200)
   p.add_argument("--iterations", type=int, default=100)
   p.add_argument("--const", type=float, default=1.0)
   p.add_argument("--lr", type=float, default=0.01)

@@ -24,13 +24,13 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
 from attacks_benchmark import ceiling_fn  # pylint: disable=g-bad-import-order
 from attacks_benchmark import measure_ceiling
+from benchmark_args import model_parser
 from keras_defense import attacks
 from keras_defense.models import export
 from keras_defense.attacks import metrics
@@ -40,9 +40,7 @@ from keras_defense.data.datasets import load_arrays
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--model_path", default="saved_models/mnist_m0/1")
-  p.add_argument("--num_images", type=int, default=1000)
+  p = model_parser(__doc__, num_images=1000)
   p.add_argument("--batch_size", type=int, default=1000)
   p.add_argument("--epsilon", type=float, default=0.3)
   p.add_argument("--queries", type=int, default=5000)

@@ -15,12 +15,13 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import numpy as np
 
+from benchmark_args import parse_trainer_args  # pylint: disable=g-bad-import-order
+from benchmark_args import trainer_parser
 from keras_defense.util.compat import keras  # tf_keras (Keras 2), as tfmot needs
 from keras_defense.data.datasets import load_arrays
 
@@ -45,14 +46,10 @@ def build() -> keras.Model:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", required=True, help="where to save the .keras model")
+  p = trainer_parser(__doc__)
   p.add_argument("--epochs", type=int, default=50)
   p.add_argument("--seed", type=int, default=0)
-  args = p.parse_args(sys.argv[1:] if argv is None else argv)
-  if not args.out.endswith(".keras"):
-    p.error(f"--out must end in .keras; got {args.out!r}")
-  keras.utils.set_random_seed(args.seed)
+  args = parse_trainer_args(p, argv)
   x, y = load_arrays("mnist", "train", validation_size=0)   # all 60,000
   x_test, y_test = load_arrays("mnist", "test")
   # C&W: the first 5,000 training images are the validation set.

@@ -24,13 +24,14 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
 import numpy as np
 
+from benchmark_args import parse_trainer_args  # pylint: disable=g-bad-import-order
+from benchmark_args import trainer_parser
 from keras_defense import attacks
 from keras_defense.util.compat import keras  # tf_keras (Keras 2)
 from keras_defense.util.compat import tf
@@ -52,8 +53,7 @@ def clean_accuracy(model, x, y) -> float:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--out", required=True, help="where to save the .keras model")
+  p = trainer_parser(__doc__)
   p.add_argument("--epochs", type=int, default=10)
   p.add_argument("--epsilon", type=float, default=0.3)
   p.add_argument("--alpha_factor", type=float, default=1.25, help="FGSM step / epsilon")
@@ -61,10 +61,7 @@ def main(argv=None) -> int:
   p.add_argument("--batch_size", type=int, default=100)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--eval_images", type=int, default=1000)
-  args = p.parse_args(sys.argv[1:] if argv is None else argv)
-  if not args.out.endswith(".keras"):
-    p.error(f"--out must end in .keras; got {args.out!r}")
-  keras.utils.set_random_seed(args.seed)
+  args = parse_trainer_args(p, argv)
   x_train, y_train = load_arrays("mnist", "train")          # 55,000
   x_val, y_val = load_arrays("mnist", "validation", limit=args.eval_images)
   x_test, y_test = load_arrays("mnist", "test")

@@ -182,26 +182,29 @@ def test_carlini_wagner_l2_targeted_and_unchanged_where_nothing_found(model, dat
   np.testing.assert_array_equal(x_none[~fooled], x[:20][~fooled])
 
 
-def test_carlini_wagner_linf_succeeds(model, data):
+def _untargeted(attack, model, data, n, **kwargs):
+  """Runs ``attack`` untargeted on the first ``n`` images: (success, perturbation norms)."""
   x, y = data
-  x_adv = attacks.carlini_wagner_linf(model, x[:8], y[:8], max_iterations=50,
-                                      initial_const=1.0, decrease_factor=0.5,
-                                      learning_rate=0.05)
-  ok = attacks.attack_success(model, x_adv, y[:8], x_clean=x[:8])
+  x_adv = attack(model, x[:n], y[:n], **kwargs)
+  ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n])
+  return ok, attacks.perturbation_norms(x[:n], x_adv)
+
+
+def test_carlini_wagner_linf_succeeds(model, data):
+  ok, norms = _untargeted(attacks.carlini_wagner_linf, model, data, 8,
+                          max_iterations=50, initial_const=1.0,
+                          decrease_factor=0.5, learning_rate=0.05)
   assert ok.rate >= 0.75
-  linf = attacks.perturbation_norms(x[:8], x_adv).linf[ok.success]
-  assert linf.max() < 0.5
+  assert norms.linf[ok.success].max() < 0.5
 
 
 def test_carlini_wagner_l0_succeeds(model, data):
-  x, y = data
-  x_adv = attacks.carlini_wagner_l0(model, x[:6], y[:6], max_iterations=40,
-                                    initial_const=1.0, largest_const=16.0,
-                                    learning_rate=0.1)
-  ok = attacks.attack_success(model, x_adv, y[:6], x_clean=x[:6])
+  ok, norms = _untargeted(attacks.carlini_wagner_l0, model, data, 6,
+                          max_iterations=40, initial_const=1.0,
+                          largest_const=16.0, learning_rate=0.1)
   assert ok.rate >= 0.8
   # C&W report ~10-20 changed pixels on MNIST; far below the 784 available.
-  assert attacks.perturbation_norms(x[:6], x_adv).l0[ok.success].mean() < 60
+  assert norms.l0[ok.success].mean() < 60
 
 
 def test_pgd_targeted_reaches_targets_and_without_random_start_is_bim(model, data):

@@ -23,27 +23,23 @@ from keras_defense.evaluation import grid as evaluation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-_TRAIN = """--dataset=mnist
---epochs=1
+# The tiny data and the training flags the train and prune stages share.
+_DATA = """--dataset=mnist
 --train_limit=1500
 --test_limit=500
 --validation_size=500
 --lr_decay_epochs=100
 --seed=0
 """
-_PRUNE = """--dataset=mnist
---finetune_epochs=1
+_TRAIN = _DATA + """--epochs=1
+"""
+_PRUNE = _DATA + """--finetune_epochs=1
 --pruning_end_epoch=0.5
 --pruning_frequency=5
 --dense_sparsity=0.5
 --conv_sparsity=0.5
---train_limit=1500
---test_limit=500
---validation_size=500
 --optimizer=adam
 --learning_rate=0.001
---lr_decay_epochs=100
---seed=0
 """
 _AUGMENT = """--dataset=mnist
 --logits_epsilon=20

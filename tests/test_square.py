@@ -59,6 +59,34 @@ def _margin(model, x, y):
   return z[np.arange(len(y)), y] - other.max(-1)
 
 
+def _greedy_per_image(model, x, y, start, draws, candidate, dtype):
+  """The reference's search, one image at a time: keep a candidate if it lowers the margin.
+
+  An image wrong from the start costs 0 queries; otherwise the start costs 1
+  and each candidate ``candidate(best, xk, k, i, draw)`` (in ``dtype``) 1,
+  until the margin is <= 0 or the draws run out. Returns (x_adv, queries).
+  """
+  out, counts = x.copy(), np.zeros(len(x), np.int64)
+  for k in range(len(x)):
+    xk, yk = x[k:k + 1].astype(dtype), y[k:k + 1]
+    if _margin(model, x[k:k + 1], yk)[0] <= 0:      # wrong from the start: 0 queries
+      continue
+    best = start[k:k + 1].astype(dtype)
+    m = _margin(model, best.astype(np.float32), yk)[0]
+    counts[k] = 1
+    for i, d in enumerate(draws):
+      if m <= 0:
+        break
+      cand = candidate(best, xk, k, i, d)
+      mn = _margin(model, cand.astype(np.float32), yk)[0]
+      counts[k] += 1
+      if mn < m:
+        best, m = cand, mn
+    if m <= 0:
+      out[k] = best[0]
+  return out, counts
+
+
 def _eager_linf(model, x, y, eps, queries, seed, p_init=0.8):
   """Reference Square-L-inf, one image at a time, with the module's draws."""
   n, h, w, c = x.shape
@@ -69,28 +97,14 @@ def _eager_linf(model, x, y, eps, queries, seed, p_init=0.8):
       tf.constant([seed, 0], tf.int64), 1)
   draws = [square_lib.iteration_draws(loop_seed, tf.constant(i), sides, h, w, c)
            for i in range(queries - 1)]
-  out, counts = x.copy(), np.zeros(n, np.int64)
-  for k in range(n):
-    xk, yk = x[k:k + 1], y[k:k + 1]
-    if _margin(model, xk, yk)[0] <= 0:      # wrong from the start: 0 queries
-      continue
-    best = start[k:k + 1]
-    m = _margin(model, best, yk)[0]
-    counts[k] = 1
-    for d in draws:
-      if m <= 0:
-        break
-      s, vh, vw = int(d["s"]), int(d["vh"]), int(d["vw"])
-      new = best.copy()
-      new[:, vh:vh + s, vw:vw + s, :] += 2.0 * eps * d["signs"].numpy()
-      new = np.clip(np.clip(new, xk - eps, xk + eps), 0.0, 1.0)
-      mn = _margin(model, new, yk)[0]
-      counts[k] += 1
-      if mn < m:
-        best, m = new, mn
-    if m <= 0:
-      out[k] = best[0]
-  return out, counts
+
+  def candidate(best, xk, k, i, d):
+    s, vh, vw = int(d["s"]), int(d["vh"]), int(d["vw"])
+    new = best.copy()
+    new[:, vh:vh + s, vw:vw + s, :] += 2.0 * eps * d["signs"].numpy()
+    return np.clip(np.clip(new, xk - eps, xk + eps), 0.0, 1.0)
+
+  return _greedy_per_image(model, x, y, start, draws, candidate, np.float32)
 
 
 def _eager_l2(model, x, y, eps, queries, seed, p_init=0.8):
@@ -121,42 +135,28 @@ def _eager_l2(model, x, y, eps, queries, seed, p_init=0.8):
     k = tf.random.experimental.stateless_fold_in(
         tf.random.experimental.stateless_fold_in(loop_seed, tf.constant(i, tf.int64)), 1)
     signs.append(np.sign(2 * tf.random.stateless_uniform([n, c], k).numpy() - 1))
-  out, counts = x.copy(), np.zeros(n, np.int64)
-  for k in range(n):
-    xk, yk = x[k:k + 1].astype(np.float64), y[k:k + 1]
-    if _margin(model, x[k:k + 1], yk)[0] <= 0:
-      continue
-    best = start[k:k + 1].astype(np.float64)
-    m = _margin(model, best.astype(np.float32), yk)[0]
-    counts[k] = 1
-    for i, d in enumerate(draws):
-      if m <= 0:
-        break
-      s, vh, vw, vh2, vw2 = (int(d[v]) for v in ("s", "vh", "vw", "vh2", "vw2"))
-      cur = best - xk
-      win1 = (slice(None), slice(vh, vh + s), slice(vw, vw + s), slice(None))
-      win2 = (slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s), slice(None))
-      norm_w1 = np.sqrt((cur[win1]**2).sum(axis=(1, 2), keepdims=True))
-      norm_img = np.sqrt((cur**2).sum())
-      union = np.zeros_like(cur)
-      union[win1] = 1.0
-      union[win2] = 1.0
-      norm_windows = np.sqrt(((cur * union)**2).sum())
-      eta = square_lib.eta_pattern(s)
-      eta = eta.T if bool(d["flip"]) else eta
-      new = eta[None, :, :, None] * signs[i][k] + cur[win1] / (1e-12 + norm_w1)
-      new = new / (1e-12 + np.sqrt((new**2).sum(axis=(1, 2), keepdims=True))) * np.sqrt(
-          max(eps**2 - norm_img**2, 0.0) / c + norm_windows**2)
-      cur[win2] = 0.0
-      cur[win1] = new
-      cand = np.clip(xk + cur / (np.sqrt((cur**2).sum()) + 1e-12) * eps, 0.0, 1.0)
-      mn = _margin(model, cand.astype(np.float32), yk)[0]
-      counts[k] += 1
-      if mn < m:
-        best, m = cand, mn
-    if m <= 0:
-      out[k] = best[0]
-  return out, counts
+
+  def candidate(best, xk, k, i, d):
+    s, vh, vw, vh2, vw2 = (int(d[v]) for v in ("s", "vh", "vw", "vh2", "vw2"))
+    cur = best - xk
+    win1 = (slice(None), slice(vh, vh + s), slice(vw, vw + s), slice(None))
+    win2 = (slice(None), slice(vh2, vh2 + s), slice(vw2, vw2 + s), slice(None))
+    norm_w1 = np.sqrt((cur[win1]**2).sum(axis=(1, 2), keepdims=True))
+    norm_img = np.sqrt((cur**2).sum())
+    union = np.zeros_like(cur)
+    union[win1] = 1.0
+    union[win2] = 1.0
+    norm_windows = np.sqrt(((cur * union)**2).sum())
+    eta = square_lib.eta_pattern(s)
+    eta = eta.T if bool(d["flip"]) else eta
+    new = eta[None, :, :, None] * signs[i][k] + cur[win1] / (1e-12 + norm_w1)
+    new = new / (1e-12 + np.sqrt((new**2).sum(axis=(1, 2), keepdims=True))) * np.sqrt(
+        max(eps**2 - norm_img**2, 0.0) / c + norm_windows**2)
+    cur[win2] = 0.0
+    cur[win1] = new
+    return np.clip(xk + cur / (np.sqrt((cur**2).sum()) + 1e-12) * eps, 0.0, 1.0)
+
+  return _greedy_per_image(model, x, y, start, draws, candidate, np.float64)
 
 
 def test_l2_matches_an_eager_recount_query_for_query(tiny):

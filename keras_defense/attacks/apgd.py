@@ -393,10 +393,8 @@ def apgd(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   if targeted and loss != "dlr":
     raise ValueError("`targeted=True` is APGD-T, which uses the targeted DLR "
                      f"loss: pass loss='dlr'; got loss={loss!r}.")
-  n_target_classes = validation.check_int("n_target_classes", n_target_classes,
-                                          minimum=1)
-  steps = validation.check_int("steps", steps, minimum=1)
-  restarts = validation.check_int("restarts", restarts, minimum=1)
+  n_target_classes, steps, restarts = validation.check_runs(
+      n_target_classes, steps, restarts)
   rho = validation.check_fraction("rho", rho, zero_ok=True)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
   seed = validation.check_int("seed", seed, minimum=0)

@@ -279,10 +279,8 @@ def fab(model: Any, x: Any, y: Any, epsilon: float, *, norm: str = "linf",
   epsilon = validation.check_number("epsilon", epsilon, minimum=0.0)
   validation.check_choice("norm", norm, validation.NORMS)
   targeted = validation.check_bool("targeted", targeted)
-  n_target_classes = validation.check_int("n_target_classes", n_target_classes,
-                                          minimum=1)
-  steps = validation.check_int("steps", steps, minimum=1)
-  restarts = validation.check_int("restarts", restarts, minimum=1)
+  n_target_classes, steps, restarts = validation.check_runs(
+      n_target_classes, steps, restarts)
   alpha_max = validation.check_fraction("alpha_max", alpha_max, zero_ok=True)
   eta = validation.check_number("eta", eta, minimum=1.0)
   beta = validation.check_fraction("beta", beta, zero_ok=False)

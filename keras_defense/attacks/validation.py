@@ -61,6 +61,18 @@ def check_int(name: str, value: Any, *, minimum: int) -> int:
   return int(value)
 
 
+def check_runs(n_target_classes: Any, steps: Any,
+               restarts: Any) -> tuple[int, int, int]:
+  """Checks APGD's and FAB's run counts, in this order; each an int >= 1.
+
+  Returns:
+    (n_target_classes, steps, restarts) as ints.
+  """
+  return (check_int("n_target_classes", n_target_classes, minimum=1),
+          check_int("steps", steps, minimum=1),
+          check_int("restarts", restarts, minimum=1))
+
+
 def check_bool(name: str, value: Any) -> bool:
   """``value`` as a bool; a non-bool (1, "yes") is a TypeError naming ``name``."""
   if not isinstance(value, (bool, np.bool_)):

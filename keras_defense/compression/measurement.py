@@ -4,22 +4,20 @@ Bytes raw and gzip-compressed (pruning's zeros show only compressed), top-1
 agreement, and LiteRT latency per image (median over repeated single-image
 calls, the deployment setting: 1 thread, batch 1).
 
-The gzip measure is the pruning report's (``defenses.pruning.gzipped_size``: a
+The gzip measure is the pruning report's (``util.gzip_size.gzipped_bytes``: a
 tar with fixed metadata, members sorted, gzip level 9), so a .tflite and a
-SavedModel's ``variables/`` compare on one scale; it is repeated here because
-this package sits below defenses in the layers (see ``compression/__init__``).
+SavedModel's ``variables/`` compare on one scale.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
 import os
 import pathlib
-import tarfile
 import time
 
 import numpy as np
+
+from keras_defense.util.gzip_size import gzipped_bytes  # noqa: F401  (re-exported)
 
 
 def file_bytes(path: str | os.PathLike) -> int:
@@ -28,21 +26,6 @@ def file_bytes(path: str | os.PathLike) -> int:
   if p.is_file():
     return p.stat().st_size
   return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def gzipped_bytes(path: str | os.PathLike) -> int:
-  """Bytes of a gzip'd (level 9) tar of a file or directory, built in memory, deterministic."""
-  path = pathlib.Path(path)
-  raw = io.BytesIO()
-  with tarfile.open(fileobj=raw, mode="w") as tar:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-      info = tarfile.TarInfo(str(f.relative_to(path.parent if path.is_file() else path)))
-      content = f.read_bytes()
-      info.size = len(content)
-      info.mtime = 0
-      tar.addfile(info, io.BytesIO(content))
-  return len(gzip.compress(raw.getvalue(), compresslevel=9, mtime=0))
 
 
 def saved_model_variables(path: str | os.PathLike) -> pathlib.Path:

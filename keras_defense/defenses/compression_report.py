@@ -17,17 +17,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import io
 import os
 import pathlib
-import tarfile
 from typing import Any
 
 import numpy as np
 
 from keras_defense.defenses import magnitude_pruning
 from keras_defense.util import io_utils
+from keras_defense.util.gzip_size import gzipped_bytes as gzipped_size  # noqa: F401  (pruning's name)
 from keras_defense.util.compat import keras
 
 
@@ -74,25 +72,6 @@ def sparsity_report(model: keras.Model) -> dict[str, Any]:
       "weights_total": kt + sum(r["bias_total"] for r in layers),
       "weights_nonzero": kn + sum(r["bias_nonzero"] for r in layers),
   }
-
-
-def gzipped_size(path: str | os.PathLike) -> int:
-  """Bytes of a gzip'd tar of a SavedModel directory (or file), built in memory.
-
-  Members are added in sorted order with fixed metadata, so the number depends
-  only on the files' names and contents.
-  """
-  path = pathlib.Path(path)
-  raw = io.BytesIO()
-  with tarfile.open(fileobj=raw, mode="w") as tar:
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-      info = tarfile.TarInfo(str(f.relative_to(path.parent if path.is_file() else path)))
-      content = f.read_bytes()
-      info.size = len(content)
-      info.mtime = 0
-      tar.addfile(info, io.BytesIO(content))
-  return len(gzip.compress(raw.getvalue(), compresslevel=9, mtime=0))
 
 
 @dataclasses.dataclass

@@ -81,6 +81,13 @@ def _copy(model: keras.Model) -> keras.Model:
   return clone
 
 
+def _checked_copy(model: keras.Model, epsilon: float) -> tuple[float, keras.Model]:
+  """Both transforms' start: checks ``epsilon`` then ``model``; (epsilon, a copy)."""
+  epsilon = _validate_epsilon(epsilon)
+  output_dense_layer(model)
+  return epsilon, _copy(model)
+
+
 def augment_logits(model: keras.Model, epsilon: float) -> keras.Model:
   """Scales the logits layer's kernel by (1 + epsilon); returns a new model.
 
@@ -98,9 +105,7 @@ def augment_logits(model: keras.Model, epsilon: float) -> keras.Model:
     ValueError: ``epsilon`` < 0 or not finite; no Dense output layer.
     TypeError: ``model`` is not a Keras model or ``epsilon`` not a number.
   """
-  epsilon = _validate_epsilon(epsilon)
-  output_dense_layer(model)
-  clone = _copy(model)
+  epsilon, clone = _checked_copy(model, epsilon)
   layer = output_dense_layer(clone)
   kernel = keras.backend.get_value(layer.kernel)
   layer.kernel.assign(kernel * np.asarray(1.0 + epsilon, dtype=kernel.dtype))
@@ -123,9 +128,7 @@ def gradient_inhibition(model: keras.Model, epsilon: float = GRADIENT_INHIBITION
     ValueError: ``epsilon`` < 0 or not finite; no Dense output layer.
     TypeError: ``model`` is not a Keras model or ``epsilon`` not a number.
   """
-  epsilon = _validate_epsilon(epsilon)
-  output_dense_layer(model)
-  clone = _copy(model)
+  epsilon, clone = _checked_copy(model, epsilon)
   for layer in clone.layers:
     if isinstance(layer, keras.layers.Dense):
       kernel = keras.backend.get_value(layer.kernel)

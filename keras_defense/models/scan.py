@@ -62,70 +62,59 @@ for _name in frozenset(_absl_flags.FLAGS) - _FLAGS_BEFORE:  # none if imported b
 
 TF_DENYLIST = frozenset(_saved_model_cli._OP_DENYLIST)  # pylint: disable=protected-access
 
-# Op -> what it does to the outside world (in the refusal message).
-_EXTENSIONS = {
+# Op -> what it does to the outside world (in the refusal message), written
+# as (what it does, the ops that do it).
+_EXTENSION_GROUPS = (
     # Files, beside TensorFlow's ReadFile/WriteFile: listing, memory-mapping,
     # file-system settings, the TF1 queue readers and a file-fed input op.
-    "MatchingFiles": "lists files",
-    "ImmutableConst": "memory-maps a file",
-    "FileSystemSetConfiguration": "changes file-system settings",
-    "RecordInput": "reads files",
-    "WholeFileReader": "reads files", "WholeFileReaderV2": "reads files",
-    "TextLineReader": "reads files", "TextLineReaderV2": "reads files",
-    "TFRecordReader": "reads files", "TFRecordReaderV2": "reads files",
-    "FixedLengthRecordReader": "reads files", "FixedLengthRecordReaderV2": "reads files",
-    "LMDBReader": "reads files",
+    ("lists files", "MatchingFiles"),
+    ("memory-maps a file", "ImmutableConst"),
+    ("changes file-system settings", "FileSystemSetConfiguration"),
+    ("reads files", "RecordInput", "WholeFileReader", "WholeFileReaderV2",
+     "TextLineReader", "TextLineReaderV2", "TFRecordReader", "TFRecordReaderV2",
+     "FixedLengthRecordReader", "FixedLengthRecordReaderV2", "LMDBReader"),
     # Checkpoints: reading or writing one outside the loader's own restore
     # (exempt in saver_def's functions, see the module docstring).
-    "Save": "writes a checkpoint", "SaveV2": "writes a checkpoint",
-    "SaveSlices": "writes a checkpoint", "MergeV2Checkpoints": "writes a checkpoint",
-    "Restore": "reads a checkpoint", "RestoreV2": "reads a checkpoint",
-    "RestoreSlice": "reads a checkpoint", "LoadAndRemapMatrix": "reads a checkpoint",
-    "GenerateVocabRemapping": "reads vocabulary files",
-    "InitializeTableFromTextFile": "reads a text file",
-    "InitializeTableFromTextFileV2": "reads a text file",
+    ("writes a checkpoint", "Save", "SaveV2", "SaveSlices", "MergeV2Checkpoints"),
+    ("reads a checkpoint", "Restore", "RestoreV2", "RestoreSlice",
+     "LoadAndRemapMatrix"),
+    ("reads vocabulary files", "GenerateVocabRemapping"),
+    ("reads a text file", "InitializeTableFromTextFile",
+     "InitializeTableFromTextFileV2"),
     # Printing and logging: the TF1 Print, summary writers (event files or a
     # database), and debugger ops that dump tensors to a file:// or grpc:// URL.
-    "Print": "prints",
-    "CreateSummaryFileWriter": "writes event files",
-    "CreateSummaryDbWriter": "writes a summary database",
-    "WriteSummary": "writes a summary", "WriteRawProtoSummary": "writes a summary",
-    "WriteScalarSummary": "writes a summary", "WriteHistogramSummary": "writes a summary",
-    "WriteImageSummary": "writes a summary", "WriteAudioSummary": "writes a summary",
-    "WriteGraphSummary": "writes a summary", "ImportEvent": "writes a summary",
-    "FlushSummaryWriter": "writes a summary",
-    "DebugIdentity": "dumps tensors to a debug URL",
-    "DebugIdentityV2": "dumps tensors to a debug URL",
-    "DebugIdentityV3": "dumps tensors to a debug URL",
-    "DebugNanCount": "dumps tensors to a debug URL",
-    "DebugNumericSummary": "dumps tensors to a debug URL",
+    ("prints", "Print"),
+    ("writes event files", "CreateSummaryFileWriter"),
+    ("writes a summary database", "CreateSummaryDbWriter"),
+    ("writes a summary", "WriteSummary", "WriteRawProtoSummary",
+     "WriteScalarSummary", "WriteHistogramSummary", "WriteImageSummary",
+     "WriteAudioSummary", "WriteGraphSummary", "ImportEvent",
+     "FlushSummaryWriter"),
+    ("dumps tensors to a debug URL", "DebugIdentity", "DebugIdentityV2",
+     "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary"),
     # Code outside the graph: Python functions of the running process, and
     # functions run on another (remote) device or task.
-    "PyFunc": "calls Python", "PyFuncStateless": "calls Python", "EagerPyFunc": "calls Python",
-    "RemoteCall": "calls a remote function",
+    ("calls Python", "PyFunc", "PyFuncStateless", "EagerPyFunc"),
+    ("calls a remote function", "RemoteCall"),
     # tf.data ops that read or write files, a database or the network.
-    "TFRecordDataset": "reads files", "TFRecordDatasetV2": "reads files",
-    "TextLineDataset": "reads files",
-    "FixedLengthRecordDataset": "reads files", "FixedLengthRecordDatasetV2": "reads files",
-    "CSVDataset": "reads files", "CSVDatasetV2": "reads files",
-    "ExperimentalCSVDataset": "reads files",
-    "LMDBDataset": "reads files", "ExperimentalLMDBDataset": "reads files",
-    "SqlDataset": "reads a database", "ExperimentalSqlDataset": "reads a database",
-    "MatchingFilesDataset": "lists files", "ExperimentalMatchingFilesDataset": "lists files",
-    "LoadDataset": "reads files", "SaveDataset": "writes files", "SaveDatasetV2": "writes files",
-    "SnapshotDataset": "reads and writes files", "SnapshotDatasetV2": "reads and writes files",
-    "SnapshotDatasetReader": "reads files", "SnapshotNestedDatasetReader": "reads files",
-    "SnapshotChunkDataset": "reads files", "ListSnapshotChunksDataset": "lists files",
-    "DistributedSave": "writes files",
-    "DatasetToTFRecord": "writes files", "ExperimentalDatasetToTFRecord": "writes files",
+    ("reads files", "TFRecordDataset", "TFRecordDatasetV2", "TextLineDataset",
+     "FixedLengthRecordDataset", "FixedLengthRecordDatasetV2", "CSVDataset",
+     "CSVDatasetV2", "ExperimentalCSVDataset", "LMDBDataset",
+     "ExperimentalLMDBDataset", "LoadDataset", "SnapshotDatasetReader",
+     "SnapshotNestedDatasetReader", "SnapshotChunkDataset"),
+    ("reads a database", "SqlDataset", "ExperimentalSqlDataset"),
+    ("lists files", "MatchingFilesDataset", "ExperimentalMatchingFilesDataset",
+     "ListSnapshotChunksDataset"),
+    ("writes files", "SaveDataset", "SaveDatasetV2", "DistributedSave",
+     "DatasetToTFRecord", "ExperimentalDatasetToTFRecord"),
+    ("reads and writes files", "SnapshotDataset", "SnapshotDatasetV2"),
     # A cache's file name is a runtime tensor ("" caches in memory): not
     # decidable from the graph, so refused like a file write.
-    "CacheDataset": "may write cache files", "CacheDatasetV2": "may write cache files",
-    "DataServiceDataset": "reads from the network",
-    "DataServiceDatasetV2": "reads from the network",
-    "DataServiceDatasetV3": "reads from the network",
-    "DataServiceDatasetV4": "reads from the network",
-}
+    ("may write cache files", "CacheDataset", "CacheDatasetV2"),
+    ("reads from the network", "DataServiceDataset", "DataServiceDatasetV2",
+     "DataServiceDatasetV3", "DataServiceDatasetV4"),
+)
+_EXTENSIONS = {op: what for what, *ops in _EXTENSION_GROUPS for op in ops}
 _TF_REASONS = {"ReadFile": "reads a file", "WriteFile": "writes a file", "PrintV2": "prints"}
 
 # Every op refused unless allowed, and what it does.
