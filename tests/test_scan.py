@@ -168,7 +168,7 @@ def test_allow_ops_lets_the_model_run(bad, tmp_path):
   model, target = bad["write"]
   data.info("mnist")
   res = robustness.run(_config(model, tmp_path / "run", allow_ops=("WriteFile",)),
-                       attack_plan=_no_attack, write_artifacts=False)
+                       attack_plan=_no_attack)  # the runner alone writes no report
   assert res.n == 20
   assert target.read_text() == "written by the model"  # it ran, as allowed
   target.unlink()

@@ -328,7 +328,8 @@ class _Comparison:
     common = dict(model=path, dataset=self.c.dataset, norm="linf", version=version,
                   output_key="logits", seed=e.seed, batch_size=e.autoattack_batch_size,
                   compute_dtype=e.compute_dtype, data_dir=self.c.data_dir,
-                  manual_dir=self.c.manual_dir)
+                  manual_dir=self.c.manual_dir,
+                  slice_size=max(1, n))  # one slice, as auto_attack and the committed rows
     label = f"{row.name}{' EOT' if suffix else ''}"
     evaluate.run(robustness.RobustnessConfig(
         run_dir=str(root / "main"), epsilons=tuple(e.autoattack_eps), n_examples=n, **common),

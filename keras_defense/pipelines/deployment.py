@@ -112,7 +112,8 @@ def _evaluate(config: DeploymentConfig, model: str, parent: str, run_dir: pathli
       attacks=tuple(config.twin_attacks) if (white_box and config.twin_attacks) else None,
       output_key="logits" if model == parent else None, seed=config.seed,
       batch_size=config.batch_size, surrogate=None if white_box else parent,
-      square_queries=config.square_queries)
+      square_queries=config.square_queries,
+      slice_size=max(1, config.robust_size))  # one slice, as auto_attack
   return evaluate.run(rc).to_dict()
 
 

@@ -268,9 +268,11 @@ def _stage_autoattack(run: _Run, progress=None) -> dict:
   root = _autoattack_dir(run)
   info = data.info(c.dataset, **c.data_kwargs())
   n = info.num_test if e.autoattack_size is None else min(int(e.autoattack_size), info.num_test)
+  # One slice (robustness_state): the whole sample attacked together, as auto_attack does
+  # and as the committed reports were made; slices matter only to kd-evaluate's shards.
   common = dict(dataset=c.dataset, norm="linf", version=e.autoattack_version,
                 output_key="logits", seed=e.seed, batch_size=e.autoattack_batch_size,
-                compute_dtype=e.compute_dtype, **c.data_kwargs())
+                compute_dtype=e.compute_dtype, slice_size=max(1, n), **c.data_kwargs())
   models = {}
   for i, name in enumerate(c.names):
     path = run.model_path(i)

@@ -258,7 +258,8 @@ class _Sweep:
         model=path, run_dir=str(aa_dir), dataset=c.dataset, norm="linf",
         epsilons=(c.epsilon,), n_examples=n, version=e.autoattack_version,
         output_key="logits", seed=e.seed, batch_size=e.autoattack_batch_size,
-        compute_dtype=e.compute_dtype, data_dir=c.data_dir, manual_dir=c.manual_dir),
+        compute_dtype=e.compute_dtype, data_dir=c.data_dir, manual_dir=c.manual_dir,
+        slice_size=max(1, n)),  # one slice, as auto_attack and the committed points
         progress=progress_lib.labelled(self.progress, f"{p.key} AutoAttack"))
     masks = robustness.robust_masks(aa_dir)
     mask = next(v for eps, v in masks.items() if np.isclose(eps, c.epsilon))
