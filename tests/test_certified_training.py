@@ -209,5 +209,30 @@ def test_flags_fill_the_spec_and_bad_flags_name_themselves():
                      (["--certified=ibp", "--adversarial=pgd"], "certified")]:
     with pytest.raises(flags.IllegalFlagValueError, match=name):
       _parsed(*argv)
-  with pytest.raises(training.ConfigError, match="`certified`.*kd-prune"):
-    kd_flags.prune_config(_parsed("--certified=ibp"))
+  prune = kd_flags.prune_config(_parsed("--certified=ibp", "--cert_epsilon=0.3"))
+  assert prune.validate().certified == training.CertifiedSpec("ibp", 0.3)
+
+
+# --- certified robust pruning -----------------------------------------------------
+
+def test_bounds_read_a_model_being_pruned_as_its_stripped_model(mnist):
+  from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
+  x, y = mnist[0][:32], mnist[1][:32]
+  wrapped = pruning.prune_model(_tiny(), dense_sparsity=0.8, conv_sparsity=0.8, begin_step=0,
+                                end_step=2, frequency=1, initial_sparsity=0.8)
+  wrapper = _wrapper(wrapped, schedule=losses.CertifiedSchedule(0.05, 0, 0, 0.5))
+  wrapper.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=pruning.pruning_callbacks(None))
+  stripped = pruning.strip_pruning(wrapped)
+  assert np.mean(stripped.layers[0].kernel.numpy() == 0) >= 0.79  # masked in place
+  np.testing.assert_allclose(certify.margin_bounds(wrapped, x, y, 0.05),
+                             certify.margin_bounds(stripped, x, y, 0.05), rtol=1e-5, atol=1e-5)
+
+
+def test_certified_and_adversarial_pruning_do_not_combine():
+  from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top
+  with pytest.raises(training.ConfigError, match="`certified`.*`adversarial`"):
+    pruning.PruneConfig(certified=training.CertifiedSpec("ibp"),
+                        adversarial=training.AdversarialSpec("pgd")).validate()
+  with pytest.raises(training.ConfigError, match="`cert_epsilon`"):
+    pruning.PruneConfig(certified=training.CertifiedSpec("ibp", epsilon=2.0)).validate()

@@ -7,7 +7,6 @@ from __future__ import annotations
 from absl import flags
 
 from keras_defense import data
-from keras_defense import training
 from keras_defense.defenses import logits_augmentation as _la
 from keras_defense.flags import common
 from keras_defense.flags import train as train_flags
@@ -67,11 +66,6 @@ flags.register_validator("initial_sparsity", lambda v: 0 <= v < 1,
 def prune_config(fv=None):
   """The PruneConfig the pruning flags describe."""
   fv = FLAGS if fv is None else fv
-  if fv.certified is not None:  # shared with kd-train's flags; not wired into pruning yet
-    raise training.ConfigError(
-        f"`certified` ({fv.certified!r}) is not supported by kd-prune yet: the bounds cannot "
-        f"read tfmot's pruning wrappers. Prune with --adversarial, or certify-train with "
-        f"kd-train.")
   from keras_defense.defenses import pruning  # pylint: disable=g-import-not-at-top  (imports tfmot)
   name = common.dataset_name(fv)
   return pruning.PruneConfig(
@@ -93,7 +87,7 @@ def prune_config(fv=None):
       export_version=fv.export_version, report_path=fv.report_path,
       deterministic=fv.deterministic, strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices, verbose=2,  # one log line per epoch
-      adversarial=train_flags.adversarial_spec(fv))
+      adversarial=train_flags.adversarial_spec(fv), certified=train_flags.certified_spec(fv))
 
 
 def augment_config(fv=None) -> _la.AugmentConfig:
