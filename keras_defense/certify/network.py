@@ -12,7 +12,10 @@
 * ``maxpool``: MaxPooling2D.
 * ``add``: Add (residual connections).
 
-InputLayer and Dropout are the identity at inference and disappear. Any other
+InputLayer and Dropout are the identity at inference and disappear. tfmot's
+``PruneLowMagnitude`` wrapper is read as the Dense/Conv2D it wraps (its kernel
+variable, which the wrapper's call masks in place), so a model being pruned
+can be bounded and certifiably trained. Any other
 layer, activation or layer option raises a ``UserError`` naming it. The
 weights are read from the layers' variables when the bounds run, so a model
 trained further is bounded with its current weights and the bounds can be
@@ -283,11 +286,15 @@ def parse(model: keras.Model) -> Network:
       raise UserError(f"layer {layer.name!r} is a nested model ({type(layer).__name__}); "
                       f"the bounds need a flat model. Fix: rebuild it without nesting.")
     cls = type(layer).__name__
+    inner = layer
+    if cls == "PruneLowMagnitude":  # tfmot: bound the wrapped layer (its masked kernel)
+      inner = layer.layer
+      cls = type(inner).__name__
     if cls == "InputLayer":
       out_id[layer.name] = INPUT
       continue
     if cls not in SUPPORTED_LAYERS:
-      raise _unsupported(layer)
+      raise _unsupported(inner)
     if not sequential and len(configs[layer.name].get("inbound_nodes", [])) > 1:
       raise UserError(f"layer {layer.name!r} is shared (called more than once); the "
                       f"bounds need each layer called once.")
@@ -306,7 +313,7 @@ def parse(model: keras.Model) -> Network:
         raise UserError(f"layer {layer.name!r} takes {len(inputs)} inputs; expected 1.")
       in_shape, out_shape = _shape(layer.input_shape), _shape(layer.output_shape)
       first = True
-      for node in _layer_nodes(layer, in_shape, out_shape):
+      for node in _layer_nodes(inner, in_shape, out_shape):
         node.inputs = inputs if first else [len(nodes) - 1]
         nodes.append(node)
         first = False

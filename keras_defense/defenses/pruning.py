@@ -96,6 +96,9 @@ class PruneConfig:
   # the same training step as adversarial training (defenses.trainer). None: plain
   # fine-tuning, as before. The spec TrainConfig's adversarial training takes.
   adversarial: AdversarialSpec | None = None
+  # Certified robust pruning: fine-tune with the certified-training loss (IBP or
+  # CROWN-IBP, defenses.trainer) while pruning; its ramps count fine-tuning steps.
+  certified: training.CertifiedSpec | None = None
 
   def validate(self) -> "PruneConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
@@ -124,6 +127,11 @@ class PruneConfig:
          f"`pruning_frequency` must be >= 1 step; got {self.pruning_frequency}.")
     training.check_fit_fields(self)
     training.check_adversarial(self.adversarial)
+    training.check_certified(self.certified)
+    need(self.certified is None or self.adversarial is None,
+         f"`certified` ({self.certified and self.certified.method!r}) cannot be combined "
+         f"with `adversarial` ({self.adversarial and self.adversarial.method!r}): pick one "
+         f"fine-tuning loss.")
     return self
 
 
@@ -211,10 +219,13 @@ def prune(config: PruneConfig) -> PruneResult:
   first_epoch = min(training.resume_epoch(run_dir / "backup"), int(config.finetune_epochs))
   identity = {"stage": "prune", "model": base.name, "dataset": config.dataset}
   defense = None
-  if config.adversarial is not None:  # robust pruning: adversarial fine-tuning
+  if config.adversarial is not None or config.certified is not None:
+    # robust pruning: adversarial or certified fine-tuning
     defense = trainer.DefenseSetup(run_dir, dataset=config.dataset, seed=config.seed,
                                    first_epoch=first_epoch, chief=chief,
-                                   adversarial=config.adversarial, **common)
+                                   adversarial=config.adversarial, certified=config.certified,
+                                   batch_size=config.batch_size,
+                                   train_limit=config.train_limit, **common)
     identity["defense"] = defense.identity()
   if chief:
     training.claim_run_dir(run_dir, identity)

@@ -13,6 +13,15 @@ exports the inner functional model).
 ``RobustAccuracyGuard`` measures PGD robust accuracy on a held-out validation
 slice after every epoch, keeps the best epoch's weights on disk and warns when
 robust accuracy collapses (catastrophic overfitting, Wong et al. 2020).
+
+Certified training (IBP, Gowal et al. 2018, https://arxiv.org/abs/1810.12715;
+CROWN-IBP, Zhang et al. ICLR 2020, https://arxiv.org/abs/1906.06316) is one
+more ``DefenseTrainer`` mode: the step minimises ``certify.losses``'
+κ·CE(clean) + (1-κ)·CE(worst-case logits at ε), with ε, κ (and CROWN-IBP's β)
+ramped as functions of the optimizer's step counter
+(``certify.losses.CertifiedSchedule``), so a resumed run continues the ramps
+where it stopped; ``CertifiedAccuracyGuard`` keeps the epoch with the best IBP
+certified accuracy on the held-out slice.
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ import numpy as np
 
 from keras_defense import data
 from keras_defense import training
+from keras_defense.certify import bounds as cert_bounds
+from keras_defense.certify import losses as cert_losses
 from keras_defense.defenses import training_attack as at
 from keras_defense.models import export
 from keras_defense.training.config import ConfigError
@@ -35,6 +46,20 @@ from keras_defense.util.compat import tf
 
 GUARD_STEPS = 10  # PGD-10 for the per-epoch check
 COLLAPSE_FRACTION = 0.5  # warn when robust accuracy < half the best so far
+
+
+class _Current(keras.metrics.Metric):
+  """The last value given (a schedule's ε or κ): shown as is, not averaged over the epoch."""
+
+  def __init__(self, name: str):
+    super().__init__(name=name)
+    self.value = self.add_weight(name="value", initializer="zeros")
+
+  def update_state(self, value):  # pylint: disable=arguments-differ
+    self.value.assign(tf.cast(value, tf.float32))
+
+  def result(self):
+    return tf.identity(self.value)
 
 
 class DefenseTrainer(keras.Model):
@@ -53,12 +78,18 @@ class DefenseTrainer(keras.Model):
     teacher: a frozen model whose softmax(logits / T) replaces the labels.
     seed: seed of the random starts (with the optimizer's step counter and the
       replica id: a resumed run draws what an uninterrupted one would).
+    certified: None, "ibp" or "crown_ibp": certified training; its ε, κ and β
+      follow ``schedule`` (a ``certify.losses.CertifiedSchedule``) of the
+      optimizer's step. Logs ``certified_accuracy``: the batch's share whose
+      margins are certified at the step's ε.
   """
 
   def __init__(self, classifier: keras.Model, *, adversarial: str | None = None,
                epsilon: float = 0.0, step_size: float = 0.0, steps: int = 1,
                trades_beta: float = 6.0, temperature: float = 1.0,
-               teacher: keras.Model | None = None, seed: int = 0, **kwargs):
+               teacher: keras.Model | None = None, seed: int = 0,
+               certified: str | None = None,
+               schedule: cert_losses.CertifiedSchedule | None = None, **kwargs):
     super().__init__(name=f"{classifier.name}_trainer", **kwargs)
     self.classifier = classifier
     self.teacher = teacher
@@ -72,13 +103,22 @@ class DefenseTrainer(keras.Model):
     self.loss_tracker = keras.metrics.Mean(name="loss")
     self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
     self.robust_tracker = keras.metrics.SparseCategoricalAccuracy(name="robust_accuracy")
+    self._certified = certified
+    self._schedule = schedule
+    if certified is not None:
+      if schedule is None:
+        raise ValueError(f"`schedule` is needed with certified={certified!r}; got None.")
+      self.certified_tracker = keras.metrics.SparseCategoricalAccuracy(
+          name="certified_accuracy")
+      self.schedule_trackers = [_Current("cert_epsilon"), _Current("cert_kappa")]
 
   def call(self, inputs, training=False):
     return self.classifier(inputs, training=training)
 
   @property
   def metrics(self):
-    return [self.loss_tracker, self.accuracy_tracker, self.robust_tracker]
+    extra = [self.certified_tracker, *self.schedule_trackers] if self._certified else []
+    return [self.loss_tracker, self.accuracy_tracker, self.robust_tracker] + extra
 
   def _logits(self, x, training):
     return tf.cast(self.classifier(x, training=training), tf.float32)
@@ -94,8 +134,29 @@ class DefenseTrainer(keras.Model):
     return at.craft(lambda xa: self._logits(xa, False), x, y, method=self._adversarial,
                     seed=self._seed_tensor(), **self._attack)
 
+  def certified_step(self, x, y):
+    """One certified-training step at the schedule's (ε, κ, β) for the current step."""
+    epsilon, kappa, beta = self._schedule(self.optimizer.iterations)
+    with tf.GradientTape() as tape:
+      clean = self._logits(x, True)
+      per_example, worst = cert_losses.certified_loss(
+          self.classifier, x, y, epsilon, kappa, method=self._certified, beta=beta,
+          clean_logits=clean)
+      loss = tf.nn.compute_average_loss(per_example)
+      if self.classifier.losses:
+        loss += tf.nn.scale_regularization_loss(tf.add_n(self.classifier.losses))
+    self.optimizer.minimize(loss, self.classifier.trainable_variables, tape=tape)
+    self.loss_tracker.update_state(per_example)
+    self.accuracy_tracker.update_state(y, clean)
+    self.certified_tracker.update_state(y, worst)
+    for tracker, value in zip(self.schedule_trackers, (epsilon, kappa)):
+      tracker.update_state(value)
+    return {m.name: m.result() for m in self.metrics if m is not self.robust_tracker}
+
   def train_step(self, data):
     x, y = data[0], tf.cast(data[1], tf.int64)
+    if self._certified:
+      return self.certified_step(x, y)
     x_adv = self.adversarial_batch(x, y) if self._adversarial else None
     with tf.GradientTape() as tape:
       if self._adversarial == "trades":
@@ -170,6 +231,11 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
       schedule has reached its final sparsity holds a denser model).
   """
 
+  # What is measured, as files, logs and messages name it (a subclass changes them).
+  FILE_PREFIX = "robust"
+  LOG_KEY = "val_pgd_accuracy"
+  LABEL = f"PGD-{GUARD_STEPS} robust"
+
   def __init__(self, classifier: keras.Model, x: np.ndarray, y: np.ndarray, *,
                epsilon: float, state_dir: str | os.PathLike, first_epoch: int = 0,
                seed: int = 0, write: bool = True, first_eligible_epoch: int = 0):
@@ -189,10 +255,10 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
 
   @property
   def _json(self) -> pathlib.Path:
-    return self.state_dir / "robust_guard.json"
+    return self.state_dir / f"{self.FILE_PREFIX}_guard.json"
 
   def _npz(self, epoch: int) -> pathlib.Path:
-    return self.state_dir / f"robust_best_{epoch}.npz"
+    return self.state_dir / f"{self.FILE_PREFIX}_best_{epoch}.npz"
 
   def _load(self, first_epoch: int) -> None:
     if first_epoch == 0 or not self._json.is_file():
@@ -220,7 +286,7 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
     acc = float(self.measure())
     self.history[int(epoch)] = acc
     if logs is not None:
-      logs["val_pgd_accuracy"] = acc
+      logs[self.LOG_KEY] = acc
     best = self.best_accuracy
     if epoch < self.first_eligible_epoch:
       pass  # measured and logged, never kept (see first_eligible_epoch)
@@ -234,16 +300,16 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
     elif acc < COLLAPSE_FRACTION * best:
       self.collapses.append(int(epoch))
       logging.warning(
-          "robust accuracy collapsed at epoch %d: PGD-%d accuracy %.4f at eps %g on %d "
-          "held-out images, below half the best (%.4f, epoch %d) - catastrophic "
-          "overfitting? The best epoch's weights will be kept.", epoch + 1, GUARD_STEPS,
-          acc, self.epsilon, len(self.y), best, self.best_epoch + 1)
+          "%s accuracy collapsed at epoch %d: %.4f at eps %g on %d held-out images, below "
+          "half the best (%.4f, epoch %d) - catastrophic overfitting? The best epoch's "
+          "weights will be kept.", self.LABEL, epoch + 1, acc, self.epsilon, len(self.y),
+          best, self.best_epoch + 1)
     if self.best_epoch is None:
-      logging.info("epoch %d: PGD-%d robust accuracy %.4f (not eligible as the best before "
-                   "epoch %d)", epoch + 1, GUARD_STEPS, acc, self.first_eligible_epoch + 1)
+      logging.info("epoch %d: %s accuracy %.4f (not eligible as the best before "
+                   "epoch %d)", epoch + 1, self.LABEL, acc, self.first_eligible_epoch + 1)
     else:
-      logging.info("epoch %d: PGD-%d robust accuracy %.4f (best %.4f at epoch %d)",
-                   epoch + 1, GUARD_STEPS, acc, self.best_accuracy, self.best_epoch + 1)
+      logging.info("epoch %d: %s accuracy %.4f (best %.4f at epoch %d)", epoch + 1,
+                   self.LABEL, acc, self.best_accuracy, self.best_epoch + 1)
     if self.write:
       io_utils.write_json(self._json, self.state())
 
@@ -251,7 +317,7 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
     # Only now: until the last checkpoint, a resumed run may fall back to an
     # earlier best (the entries after its checkpoint are dropped).
     if self.write and self.best_epoch is not None:
-      for old in self.state_dir.glob("robust_best_*.npz"):
+      for old in self.state_dir.glob(f"{self.FILE_PREFIX}_best_*.npz"):
         if old != self._npz(self.best_epoch):
           old.unlink(missing_ok=True)
 
@@ -269,13 +335,35 @@ class RobustAccuracyGuard(keras.callbacks.Callback):
             "collapses": list(self.collapses)}
 
 
+class CertifiedAccuracyGuard(RobustAccuracyGuard):
+  """Per-epoch IBP certified accuracy on held-out images; keeps the best weights.
+
+  ``RobustAccuracyGuard`` with the measurement swapped: the share of the
+  held-out images that IBP certifies at ``epsilon`` (cheap: one bounded
+  forward pass). Files ``certified_guard.json`` and
+  ``certified_best_<epoch>.npz``; epoch log ``val_certified_accuracy``.
+  """
+  FILE_PREFIX = "certified"
+  LOG_KEY = "val_certified_accuracy"
+  LABEL = "IBP certified"
+
+  def measure(self) -> float:
+    return float(np.mean(cert_bounds.certify(self.classifier, self.x, self.y, self.epsilon,
+                                             method="ibp")))
+
+  def state(self) -> dict:
+    out = super().state()
+    del out["pgd_steps"]
+    return {**out, "method": "ibp"}
+
+
 class DefenseSetup:
   """A trained defense's training step for ``training.train`` (a ``training.Defense``).
 
   Loads the guard's held-out slice (the first ``adversarial.robust_val_size``
-  images of the validation split) when adversarial training is on; ``wrap``
-  builds the ``DefenseTrainer`` (loading the distillation teacher) and the
-  guard.
+  or ``certified.val_size`` images of the validation split) when adversarial
+  or certified training is on; ``wrap`` builds the ``DefenseTrainer``
+  (loading the distillation teacher) and the guard.
 
   Args:
     run_dir: where the guard keeps its state.
@@ -286,6 +374,9 @@ class DefenseSetup:
     adversarial: adversarial training's attack, or None.
     temperature: the softmax temperature of the training loss (distillation).
     teacher_model_path: distillation's teacher SavedModel, or None.
+    certified: certified training's spec, or None.
+    batch_size, train_limit: the training batches (certified training turns
+      its ramps' epochs into optimizer steps with them).
     data_dir, manual_dir, validation_size: as in ``data.info``.
 
   Raises:
@@ -296,9 +387,12 @@ class DefenseSetup:
                first_epoch: int, chief: bool,
                adversarial: training.AdversarialSpec | None = None,
                temperature: float = 1.0, teacher_model_path: str | None = None,
+               certified: training.CertifiedSpec | None = None, batch_size: int = 128,
+               train_limit: int | None = None,
                data_dir: str | None = None, manual_dir: str | None = None,
                validation_size: int | None = None):
     self.adversarial = adversarial
+    self.certified = certified
     self.temperature = float(temperature)
     self.teacher_model_path = teacher_model_path
     self.seed = int(seed)
@@ -307,22 +401,39 @@ class DefenseSetup:
     self.chief = chief
     self.guard: RobustAccuracyGuard | None = None
     self._slice = None
-    if adversarial is not None and int(adversarial.robust_val_size) > 0:
+    self._schedule = None
+    guard = None  # (flag, held-out images)
+    if adversarial is not None:
+      guard = ("robust_val_size", int(adversarial.robust_val_size))
+    elif certified is not None:
+      guard = ("cert_val_size", int(certified.val_size))
+    info = None
+    if certified is not None:
       info = data.info(dataset, data_dir=data_dir, manual_dir=manual_dir,
                        validation_size=validation_size)
+      n_train = min(info.num_train, int(train_limit or info.num_train))
+      warmup, ramp = certified.ramp_steps(-(-n_train // int(batch_size)))
+      self._schedule = cert_losses.CertifiedSchedule(certified.epsilon, warmup, ramp,
+                                                     certified.kappa_final)
+    if guard is not None and guard[1] > 0:
+      info = info or data.info(dataset, data_dir=data_dir, manual_dir=manual_dir,
+                               validation_size=validation_size)
       if info.num_validation == 0:
         raise ConfigError(
-            f"`robust_val_size` ({adversarial.robust_val_size}) needs held-out validation "
-            f"images for the per-epoch robust-accuracy check, but `validation_size` is 0; set "
-            f"`validation_size` > 0 or `robust_val_size` = 0 (no check).")
-      self._slice = data.load_arrays(dataset, "validation",
-                                     limit=int(adversarial.robust_val_size), data_dir=data_dir,
-                                     manual_dir=manual_dir, validation_size=validation_size)
+            f"`{guard[0]}` ({guard[1]}) needs held-out validation images for the per-epoch "
+            f"{'robust' if adversarial else 'certified'}-accuracy check, but "
+            f"`validation_size` is 0; set `validation_size` > 0 or `{guard[0]}` = 0 "
+            f"(no check).")
+      self._slice = data.load_arrays(dataset, "validation", limit=guard[1],
+                                     data_dir=data_dir, manual_dir=manual_dir,
+                                     validation_size=validation_size)
 
   def identity(self) -> dict:
     """The defense's settings (run-dir identity and SavedModel provenance)."""
     if self.adversarial is not None:
       return self.adversarial.identity()
+    if self.certified is not None:
+      return self.certified.identity()
     return {"temperature": self.temperature, "teacher_model_path": self.teacher_model_path}
 
   def wrap(self, model: keras.Model, optimizer, *,
@@ -338,13 +449,18 @@ class DefenseSetup:
       steps, step_size = spec.attack_steps()
       attack = dict(adversarial=spec.method, epsilon=spec.epsilon, step_size=step_size,
                     steps=steps, trades_beta=spec.trades_beta)
+    if self.certified is not None:
+      attack = dict(certified=self.certified.method, schedule=self._schedule)
     trainer = DefenseTrainer(model, **attack, temperature=self.temperature, teacher=teacher,
                              seed=self.seed)
     trainer.compile(optimizer=optimizer)
     # Built before fit, so BackupAndRestore builds the optimizer and restores it.
     trainer(tf.zeros([1, *model.input_shape[1:]]), training=False)
     if self._slice is not None:
-      self.guard = RobustAccuracyGuard(model, *self._slice, epsilon=spec.epsilon,
+      guard, epsilon = RobustAccuracyGuard, spec and spec.epsilon
+      if self.certified is not None:
+        guard, epsilon = CertifiedAccuracyGuard, self.certified.guard_epsilon()
+      self.guard = guard(model, *self._slice, epsilon=epsilon,
                                        state_dir=self.run_dir, first_epoch=self.first_epoch,
                                        seed=self.seed, write=self.chief,
                                        first_eligible_epoch=first_eligible_epoch)
@@ -360,7 +476,7 @@ class DefenseSetup:
   def summary(self) -> dict:
     out = self.identity()
     if self.guard is not None:
-      out["robust_guard"] = self.guard.state()
+      out[f"{self.guard.FILE_PREFIX}_guard"] = self.guard.state()
     return out
 
 
@@ -368,8 +484,9 @@ def defense_factory(config: training.TrainConfig) -> training.DefenseFactory:
   """The ``defense_factory`` ``training.train`` takes for ``config``'s trained defense.
 
   Args:
-    config: a ``TrainConfig`` (its ``adversarial``, ``temperature``,
-      ``teacher_model_path``, ``dataset`` and ``seed`` are read).
+    config: a ``TrainConfig`` (its ``adversarial``, ``certified``,
+      ``temperature``, ``teacher_model_path``, ``dataset``, ``seed``,
+      ``batch_size`` and ``train_limit`` are read).
 
   Returns:
     A callable ``(run_dir, *, first_epoch, chief, data_dir, manual_dir,
@@ -377,15 +494,18 @@ def defense_factory(config: training.TrainConfig) -> training.DefenseFactory:
   """
   return functools.partial(DefenseSetup, dataset=config.dataset, seed=config.seed,
                            adversarial=config.adversarial, temperature=config.temperature,
-                           teacher_model_path=config.teacher_model_path)
+                           teacher_model_path=config.teacher_model_path,
+                           certified=config.certified, batch_size=config.batch_size,
+                           train_limit=config.train_limit)
 
 
 def train(config: training.TrainConfig) -> training.TrainResult:
   """``training.train`` with ``config``'s trained defense, if any, as its training step.
 
   What ``kd-train``, ``kd.train`` and the pipelines call: standard training,
-  adversarial training (``config.adversarial``) and defensive distillation
-  (``temperature``, ``teacher_model_path``) alike.
+  adversarial training (``config.adversarial``), certified training
+  (``config.certified``) and defensive distillation (``temperature``,
+  ``teacher_model_path``) alike.
 
   Raises:
     ConfigError: a bad config field.

@@ -87,7 +87,7 @@ def prune_config(fv=None):
       export_version=fv.export_version, report_path=fv.report_path,
       deterministic=fv.deterministic, strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices, verbose=2,  # one log line per epoch
-      adversarial=train_flags.adversarial_spec(fv))
+      adversarial=train_flags.adversarial_spec(fv), certified=train_flags.certified_spec(fv))
 
 
 def augment_config(fv=None) -> _la.AugmentConfig:

@@ -1,4 +1,4 @@
-"""kd-train's own flags: adversarial training and defensive distillation; TrainConfig."""
+"""kd-train's own flags: adversarial and certified training, defensive distillation; TrainConfig."""
 
 from __future__ import annotations
 
@@ -31,6 +31,41 @@ flags.DEFINE_integer("robust_val_size", 1000,
 flags.register_validator("adv_epsilon", lambda v: 0 < v <= 1, "--adv_epsilon must be in (0, 1].")
 flags.register_validator("adv_step_size", lambda v: v is None or v > 0,
                          "--adv_step_size must be > 0.")
+# --- certified training (kd-train; keras_defense.defenses.trainer, certify.losses)
+flags.DEFINE_enum("certified", None, list(training.CERTIFIED_METHODS),
+                  "Certified training: minimise k*CE(clean) + (1-k)*CE(worst-case logits over "
+                  "the eps-ball) with bounds from ibp (interval bound propagation, Gowal et al. "
+                  "2018) or crown_ibp (Zhang et al. 2020: beta*CROWN-IBP + (1-beta)*IBP, beta "
+                  "ramped 1 -> 0 with eps; ~8x IBP's step time on the C&W MNIST net while "
+                  "beta > 0). Default: standard training.")
+flags.DEFINE_float("cert_epsilon", 0.4,
+                   "L-inf training radius of certified training (Gowal et al. MNIST: 0.4 to "
+                   "certify at 0.3).")
+flags.DEFINE_float("cert_warmup_epochs", 1.0,
+                   "Epochs of clean training before eps ramps (Gowal et al. MNIST: 2k steps "
+                   "at batch 100, ~3.6 epochs).", lower_bound=0.0)
+flags.DEFINE_float("cert_ramp_epochs", 5.0,
+                   "Epochs over which eps ramps linearly from 0 to --cert_epsilon and kappa "
+                   "from 1 to --cert_kappa_final (Gowal et al. MNIST: 10k steps, ~18 epochs, "
+                   "of 60k). Counted in optimizer steps, so a resumed run continues the ramp.",
+                   lower_bound=0.0)
+flags.DEFINE_float("cert_kappa_final", 0.5,
+                   "Weight of the clean loss after the ramp (Gowal et al.: 0.5).")
+flags.DEFINE_float("cert_val_epsilon", None,
+                   "Radius of the per-epoch IBP-certified-accuracy check that keeps the best "
+                   "epoch (default: --cert_epsilon; MNIST: 0.3, the test radius).")
+flags.DEFINE_integer("cert_val_size", 1000,
+                     "Held-out validation images of the per-epoch IBP-certified-accuracy "
+                     "check (0: no check).", lower_bound=0)
+flags.register_validator("cert_epsilon", lambda v: 0 < v <= 1,
+                         "--cert_epsilon must be in (0, 1].")
+flags.register_validator("cert_kappa_final", lambda v: 0 <= v <= 1,
+                         "--cert_kappa_final must be in [0, 1].")
+flags.register_validator("cert_val_epsilon", lambda v: v is None or 0 < v <= 1,
+                         "--cert_val_epsilon must be in (0, 1].")
+flags.register_multi_flags_validator(
+    ["certified", "adversarial"], lambda d: d["certified"] is None or d["adversarial"] is None,
+    "--certified and --adversarial cannot be combined: pick one training loss.")
 # --- defensive distillation (kd-train twice; keras_defense.defenses.distillation)
 flags.DEFINE_float("temperature", 1.0,
                    "Softmax temperature of the training loss (defensive distillation, Papernot "
@@ -64,7 +99,19 @@ def train_config(fv=None) -> training.TrainConfig:
       export_version=fv.export_version, compute_dtype=fv.compute_dtype,
       deterministic=fv.deterministic, strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices, adversarial=adversarial_spec(fv),
-      temperature=fv.temperature, teacher_model_path=fv.teacher_model_path)
+      temperature=fv.temperature, teacher_model_path=fv.teacher_model_path,
+      certified=certified_spec(fv))
+
+
+def certified_spec(fv=None) -> training.CertifiedSpec | None:
+  """The certified-training flags as a spec (None without ``--certified``)."""
+  fv = FLAGS if fv is None else fv
+  if fv.certified is None:
+    return None
+  return training.CertifiedSpec(
+      method=fv.certified, epsilon=fv.cert_epsilon, warmup_epochs=fv.cert_warmup_epochs,
+      ramp_epochs=fv.cert_ramp_epochs, kappa_final=fv.cert_kappa_final,
+      val_epsilon=fv.cert_val_epsilon, val_size=fv.cert_val_size)
 
 
 def adversarial_spec(fv=None, *, method: str | None = None) -> training.AdversarialSpec | None:

@@ -1,6 +1,6 @@
 """Training: the config, the fit loop with resume and export, tf.distribute.
 
-The package face re-exports ``config`` (``TrainConfig``, ``AdversarialSpec``,
+The package face re-exports ``config`` (``TrainConfig``, ``AdversarialSpec``, ``CertifiedSpec``,
 the checks, the run-dir claim) and ``loop`` (``train`` and its parts);
 ``distribution`` makes the strategies. A trained defense's training step is
 not here: ``train`` takes it from its caller (``keras_defense.defenses``).
@@ -10,7 +10,10 @@ from keras_defense.training.config import ADVERSARIAL_FLAGS
 from keras_defense.training.config import ADVERSARIAL_METHODS
 from keras_defense.training.config import adversarial_flags
 from keras_defense.training.config import AdversarialSpec
+from keras_defense.training.config import CERTIFIED_METHODS
+from keras_defense.training.config import CertifiedSpec
 from keras_defense.training.config import check_adversarial
+from keras_defense.training.config import check_certified
 from keras_defense.training.config import check_fit_fields
 from keras_defense.training.config import check_output_dir
 from keras_defense.training.config import check_strategy

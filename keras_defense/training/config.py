@@ -35,6 +35,7 @@ from keras_defense.util.errors import UserError
 OPTIMIZERS = ("sgd", "adam")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 ADVERSARIAL_METHODS = ("pgd", "fgsm_rs", "trades")  # keras_defense.defenses.adversarial_training
+CERTIFIED_METHODS = ("ibp", "crown_ibp")  # keras_defense.defenses.trainer (certified training)
 
 
 class ConfigError(UserError):
@@ -173,17 +174,106 @@ def adversarial_flags(spec: AdversarialSpec | None) -> dict[str, Any]:
 ADVERSARIAL_FLAGS = tuple(adversarial_flags(None))  # the six flag names, in order
 
 
+@dataclasses.dataclass(frozen=True)
+class CertifiedSpec:
+  """Certified training's bound and schedules (Gowal et al. 2018; Zhang et al. 2020).
+
+  The loss is ``κ·CE(z(x), y) + (1-κ)·CE(ẑ(x, ε), y)`` with ``ẑ`` the
+  worst-case logits of the ε-ball (``certify.losses``). ε ramps linearly
+  from 0 to ``epsilon`` over ``ramp_epochs`` after ``warmup_epochs`` of
+  clean training, κ from 1 to ``kappa_final`` over the same steps; with
+  "crown_ibp" the bound mixes CROWN-IBP and IBP, β·CROWN-IBP + (1-β)·IBP,
+  β from 1 to 0 over the ramp (Zhang et al.). The ramps are functions of the
+  optimizer's step counter, so a resumed run continues them where it stopped.
+  Flags: ``--certified --cert_epsilon --cert_warmup_epochs --cert_ramp_epochs
+  --cert_kappa_final --cert_val_epsilon --cert_val_size``.
+
+  Attributes:
+    method: ``CERTIFIED_METHODS``: "ibp" or "crown_ibp".
+    epsilon: L-inf training radius, (0, 1]; Gowal et al. MNIST: 0.4 to test at 0.3.
+    warmup_epochs: clean-training epochs before the ramp (Gowal et al. MNIST:
+      2k steps at batch 100, ~3.6 epochs of 55k images).
+    ramp_epochs: epochs over which ε and κ ramp (Gowal et al. MNIST: 10k steps, ~18 epochs).
+    kappa_final: κ after the ramp, [0, 1] (Gowal et al.: 0.5).
+    val_epsilon: the per-epoch IBP-certified-accuracy check's radius (None: ``epsilon``).
+    val_size: held-out validation images of that check; 0: none.
+  """
+  method: str
+  epsilon: float = 0.4
+  warmup_epochs: float = 1.0
+  ramp_epochs: float = 5.0
+  kappa_final: float = 0.5
+  val_epsilon: float | None = None
+  val_size: int = 1000
+
+  def validate(self) -> "CertifiedSpec":
+    """Checks every field; returns self. Raises ConfigError naming the flag."""
+    def need(cond, msg):
+      if not cond:
+        raise ConfigError(msg)
+    need(self.method in CERTIFIED_METHODS,
+         f"`certified` must be None or one of {', '.join(CERTIFIED_METHODS)}; "
+         f"got {self.method!r}.")
+    need(0 < self.epsilon <= 1, f"`cert_epsilon` must be in (0, 1]; got {self.epsilon}.")
+    need(self.warmup_epochs >= 0,
+         f"`cert_warmup_epochs` must be >= 0; got {self.warmup_epochs}.")
+    need(self.ramp_epochs >= 0, f"`cert_ramp_epochs` must be >= 0; got {self.ramp_epochs}.")
+    need(0 <= self.kappa_final <= 1,
+         f"`cert_kappa_final` must be in [0, 1]; got {self.kappa_final}.")
+    need(self.val_epsilon is None or 0 < self.val_epsilon <= 1,
+         f"`cert_val_epsilon` must be in (0, 1]; got {self.val_epsilon}.")
+    need(int(self.val_size) >= 0, f"`cert_val_size` must be >= 0; got {self.val_size}.")
+    return self
+
+  def guard_epsilon(self) -> float:
+    """The radius of the per-epoch certified-accuracy check."""
+    return float(self.epsilon if self.val_epsilon is None else self.val_epsilon)
+
+  def ramp_steps(self, steps_per_epoch: int) -> tuple[int, int]:
+    """(warm-up steps, ramp steps) for ``steps_per_epoch`` optimizer steps per epoch."""
+    return (int(round(self.warmup_epochs * steps_per_epoch)),
+            int(round(self.ramp_epochs * steps_per_epoch)))
+
+  def identity(self) -> dict[str, Any]:
+    """The training as it runs: run-dir identity and provenance."""
+    return {"certified": self.method, "cert_epsilon": self.epsilon,
+            "cert_warmup_epochs": self.warmup_epochs, "cert_ramp_epochs": self.ramp_epochs,
+            "cert_kappa_final": self.kappa_final}
+
+
+def certified_flags(spec: CertifiedSpec) -> dict[str, Any]:
+  """``spec`` as its seven flags."""
+  return {"certified": spec.method, "cert_epsilon": spec.epsilon,
+          "cert_warmup_epochs": spec.warmup_epochs, "cert_ramp_epochs": spec.ramp_epochs,
+          "cert_kappa_final": spec.kappa_final, "cert_val_epsilon": spec.val_epsilon,
+          "cert_val_size": spec.val_size}
+
+
+def check_certified(spec: CertifiedSpec | None) -> None:
+  """Checks a ``certified`` field. Raises ConfigError: not None or a ``CertifiedSpec``, or bad."""
+  if spec is None:
+    return
+  if not isinstance(spec, CertifiedSpec):
+    raise ConfigError(f"`certified` must be None or a training.CertifiedSpec (e.g. "
+                      f"CertifiedSpec({CERTIFIED_METHODS[0]!r})); got {spec!r}.")
+  spec.validate()
+
+
 def config_dict(config: Any) -> dict[str, Any]:
   """``dataclasses.asdict(config)`` with an ``adversarial`` spec spread into its flags.
 
   The dumps (results files, reports, the sweep's binding) keep the keys the
-  flags name, in the order the fields had before the spec.
+  flags name, in the order the fields had before the spec. A ``certified``
+  spec is spread into its flags too; unset (None) it is left out, so the
+  dumps of other runs read as before it existed.
   """
   out = {}
   for name, value in dataclasses.asdict(config).items():
     spec = getattr(config, name)
     if name == "adversarial" and (spec is None or isinstance(spec, AdversarialSpec)):
       out.update(adversarial_flags(spec))
+    elif name == "certified" and (spec is None or isinstance(spec, CertifiedSpec)):
+      out.update({} if spec is None else certified_flags(spec))
     else:
       out[name] = value
   return out
@@ -221,6 +311,7 @@ class TrainConfig:
   adversarial: AdversarialSpec | None = None  # adversarial training (flags --adversarial ...)
   temperature: float = 1.0  # softmax temperature of the training loss (distillation)
   teacher_model_path: str | None = None  # distillation: learn this model's soft labels at T
+  certified: CertifiedSpec | None = None  # certified training (flags --certified ...)
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
@@ -242,13 +333,24 @@ class TrainConfig:
          f"temperature={self.temperature}, teacher_model_path={self.teacher_model_path!r}.")
     need(self.teacher_model_path is None or bool(self.teacher_model_path),
          "`teacher_model_path` must name a SavedModel or be None; got an empty string.")
+    check_certified(self.certified)
+    if self.certified is not None:
+      need(self.adversarial is None and self.temperature == 1.0
+           and self.teacher_model_path is None,
+           f"`certified` ({self.certified.method!r}) cannot be combined with `adversarial`, "
+           f"`temperature` != 1 or `teacher_model_path`; got adversarial="
+           f"{self.adversarial.method if self.adversarial else None!r}, temperature="
+           f"{self.temperature}, teacher_model_path={self.teacher_model_path!r}.")
+      need(self.compute_dtype == "float32",
+           f"`certified` training bounds the network in float32: `compute_dtype` must be "
+           f"'float32'; got {self.compute_dtype!r}.")
     check_fit_fields(self)
     return self
 
   def defended(self) -> bool:
     """True if a trained defense changes the training step (else: plain ``fit``)."""
     return (self.adversarial is not None or self.temperature != 1.0
-            or self.teacher_model_path is not None)
+            or self.teacher_model_path is not None or self.certified is not None)
 
   def model_name(self, image_shape) -> str:
     """``model``, or the C&W network for ``image_shape`` (models.model_for_shape)."""

@@ -179,8 +179,8 @@ def train(config: TrainConfig, *,
   config.validate()
   if config.defended() and defense_factory is None:
     raise ConfigError(
-        "`config` sets a trained defense (`adversarial`, `temperature` != 1 or "
-        "`teacher_model_path`), but `training.train` got no `defense_factory` to make its "
+        "`config` sets a trained defense (`adversarial`, `certified`, `temperature` != 1 "
+        "or `teacher_model_path`), but `training.train` got no `defense_factory` to make its "
         "training step; call `keras_defense.defenses.train(config)` (or `kd.train`), which "
         "supplies it.")
   start = time.time()
