@@ -221,6 +221,10 @@ class TrainConfig:
   adversarial: AdversarialSpec | None = None  # adversarial training (flags --adversarial ...)
   temperature: float = 1.0  # softmax temperature of the training loss (distillation)
   teacher_model_path: str | None = None  # distillation: learn this model's soft labels at T
+  # Start from the user's model (Keras 3/tf_keras .keras, .h5, SavedModel) instead of a
+  # C&W net (training.initial_model); `model` and `dropout` then do not apply.
+  init_model: str | None = None
+  export_keras: str | None = None  # init_model's format back; None: <export_dir>/<version>.keras
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
@@ -242,6 +246,15 @@ class TrainConfig:
          f"temperature={self.temperature}, teacher_model_path={self.teacher_model_path!r}.")
     need(self.teacher_model_path is None or bool(self.teacher_model_path),
          "`teacher_model_path` must name a SavedModel or be None; got an empty string.")
+    need(self.init_model is None or (bool(self.init_model) and self.model is None
+                                     and self.compute_dtype == "float32"),
+         f"`init_model` must name a model file or SavedModel and cannot be combined with "
+         f"`model` or a `compute_dtype` other than float32; got init_model="
+         f"{self.init_model!r}, model={self.model!r}, compute_dtype={self.compute_dtype!r}.")
+    need(self.export_keras is None or (self.init_model is not None
+                                       and str(self.export_keras).endswith(".keras")),
+         f"`export_keras` must be a path ending in .keras and goes with `init_model`; got "
+         f"{self.export_keras!r} (init_model={self.init_model!r}).")
     check_fit_fields(self)
     return self
 
@@ -251,7 +264,9 @@ class TrainConfig:
             or self.teacher_model_path is not None)
 
   def model_name(self, image_shape) -> str:
-    """``model``, or the C&W network for ``image_shape`` (models.model_for_shape)."""
+    """``init_model:<path>``, ``model``, or the C&W network for ``image_shape``."""
+    if self.init_model:
+      return f"init_model:{self.init_model}"
     return self.model or models.model_for_shape(image_shape)
 
 
