@@ -126,18 +126,39 @@ def test_crafting_leaves_batchnorm_statistics_and_the_loss_step_updates_them():
   assert not np.allclose(bn.moving_mean.numpy(), before[0])  # train mode on the adv. batch
 
 
-def test_kd_train_init_model_pgd_hardens_the_users_model_and_gives_it_back(keras3_file,
-                                                                          tmp_path):
+class _Killed(Exception):
+  pass
+
+
+def test_kd_train_init_model_pgd_resumes_after_a_kill_and_gives_the_model_back(keras3_file,
+                                                                              tmp_path):
+  # The cheap kill of test_adversarial_training: epoch 2 ends before its checkpoint.
+  backup_save = tf_keras.callbacks.BackupAndRestore.on_epoch_end
+
+  def killed_at_epoch_2(self, epoch, logs=None):
+    if epoch == 1:
+      raise _Killed()
+    return backup_save(self, epoch, logs)
+
   config = training.TrainConfig(
-      init_model=str(keras3_file), run_dir=str(tmp_path / "run"), epochs=1,
+      init_model=str(keras3_file), run_dir=str(tmp_path / "run"), epochs=2,
       adversarial=SPEC, export_dir=str(tmp_path / "sm"), export_version=1, **TINY)
+  with mock.patch.object(tf_keras.callbacks.BackupAndRestore, "on_epoch_end",
+                         killed_at_epoch_2):
+    with pytest.raises(_Killed):
+      defenses.train(config)
+  assert training.resume_epoch(tmp_path / "run" / "backup") == 1
   result = defenses.train(config)
+  assert result.epochs_run == 1  # epoch 1 came from the checkpoint, not from m.keras
+  assert set(result.defense["robust_guard"]["history"]) == {"0", "1"}
+  assert result.defense["robust_guard"]["images"] == 32
   assert result.saved_model_path == str(tmp_path / "sm" / "1")
   assert result.keras_path == str(tmp_path / "sm" / "1.keras")
-  assert result.defense["robust_guard"]["images"] == 32
   assert (tmp_path / "run" / "tensorboard").is_dir()
   record = export.read_provenance(result.saved_model_path)
   assert record["init_model"] == str(keras3_file) and record["init_model_kind"] == "keras3"
+  identity = json.loads((tmp_path / "run" / "run.json").read_text())
+  assert identity["model"] == f"init_model:{keras3_file}"
   # The user's format back: Keras 3, the trained weights.
   assert user_model.keras_major_version(result.keras_path) == 3
   back = keras3.saving.load_model(result.keras_path, safe_mode=True, compile=False)
@@ -145,31 +166,6 @@ def test_kd_train_init_model_pgd_hardens_the_users_model_and_gives_it_back(keras
   served = export.load_model(result.saved_model_path)
   np.testing.assert_allclose(np.asarray(back(x, training=False)),
                              served(x, training=False).numpy(), atol=1e-5)
-  identity = json.loads((tmp_path / "run" / "run.json").read_text())
-  assert identity["model"] == f"init_model:{keras3_file}"
-
-
-def test_kd_train_init_model_resumes_after_a_kill(keras3_file, tmp_path):
-  backup_save = tf_keras.callbacks.BackupAndRestore.on_epoch_end
-
-  class Killed(Exception):
-    pass
-
-  def killed_at_epoch_2(self, epoch, logs=None):
-    if epoch == 1:
-      raise Killed()
-    return backup_save(self, epoch, logs)
-
-  config = training.TrainConfig(init_model=str(keras3_file), run_dir=str(tmp_path / "run"),
-                                epochs=2, adversarial=SPEC, **TINY)
-  with mock.patch.object(tf_keras.callbacks.BackupAndRestore, "on_epoch_end",
-                         killed_at_epoch_2):
-    with pytest.raises(Killed):
-      defenses.train(config)
-  assert training.resume_epoch(tmp_path / "run" / "backup") == 1
-  resumed = defenses.train(config)
-  assert resumed.epochs_run == 1  # epoch 1 came from the checkpoint, not from m.keras
-  assert set(resumed.defense["robust_guard"]["history"]) == {"0", "1"}
 
 
 def test_kd_prune_adversarial_prunes_conv_and_dense_and_leaves_batchnorm(keras3_file,
@@ -212,3 +208,33 @@ def test_init_model_of_another_image_shape_is_refused_before_training(tmp_path):
   with pytest.raises(training.ConfigError, match=r"takes images of shape \[32, 32, 3\]"):
     defenses.train(config)
   assert not (tmp_path / "run" / "backup").exists()
+
+
+def test_the_flagfile_fills_an_init_model_pgd_config():
+  import copy  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+  flagfile = pathlib.Path(__file__).resolve().parents[1] / "flags" / "harden_your_model.flags"
+  fv = copy.deepcopy(kd_flags.FLAGS)
+  fv.unparse_flags()
+  fv(["kd-train", f"--flagfile={flagfile}", "--export_keras=out/m_at.keras"])
+  config = kd_flags.train_config(fv).validate()
+  assert (config.init_model, config.model, config.export_keras) == (
+      "m.keras", None, "out/m_at.keras")
+  assert config.adversarial.attack_steps() == (10, pytest.approx(0.075))
+
+
+def test_tf_keras_files_and_savedmodels_load_directly_and_go_back_as_keras_2(tmp_path):
+  inputs = tf_keras.Input((28, 28, 1))
+  model = tf_keras.Model(inputs, tf_keras.layers.Dense(10)(tf_keras.layers.Flatten()(inputs)))
+  model.save(str(tmp_path / "m2.keras"))
+  model.save(str(tmp_path / "m2.h5"))
+  export.export_saved_model(model, tmp_path / "sm", version=1)
+  for name, kind in (("m2.keras", "tf_keras"), ("m2.h5", "tf_keras"), ("sm/1", "saved_model")):
+    user = user_model.load_user_model(tmp_path / name)
+    assert (user.kind, user.keras_major) == (kind, 2), name
+  assert user_model.keras_major_version(tmp_path / "m2.keras") == 2
+  out = user_model.save_user_format(user.model, tmp_path / "back.keras", keras_major=2)
+  assert user_model.keras_major_version(out) == 2
+  with pytest.raises(export.ModelLoadError, match="does not exist"):
+    user_model.load_user_model(tmp_path / "nope.keras")
