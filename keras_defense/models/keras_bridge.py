@@ -17,6 +17,7 @@ Refused, with a list of every offender: layers without a twin in the other
 Keras, custom (registered or not) layers, ``Lambda`` layers (Python code),
 nested models, and subclassed models (no graph to rebuild).
 
+The graph is read by ``keras_graph`` (the same neutral form from either Keras).
 Keras 3 is imported on first use (``_keras3``): it is only needed for users'
 Keras 3 files and importing it costs seconds on every run that does not.
 Layer names are kept, so weights match by name in both directions.
@@ -30,12 +31,11 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from typing import Any
 
 import numpy as np
 
+from keras_defense.models import keras_graph
 from keras_defense.util.compat import keras as tf_keras
 from keras_defense.util.errors import UserError
 
@@ -58,96 +58,6 @@ def keras3():
   """The Keras 3 package (``import keras``), imported on first use."""
   import keras  # pylint: disable=g-import-not-at-top  (seconds to import; only for Keras 3 files)
   return keras
-
-
-@dataclasses.dataclass(frozen=True)
-class _Ref:
-  """A tensor in a functional graph: output ``tensor`` of node ``node`` of ``layer``."""
-  layer: str
-  node: int
-  tensor: int
-
-
-@dataclasses.dataclass
-class _Layer:
-  name: str
-  class_name: str
-  config: dict
-  calls: list  # [(args, kwargs)] with _Ref for tensors; [] for an InputLayer
-  defaults: dict = dataclasses.field(default_factory=dict)  # the source class's defaults
-
-
-@dataclasses.dataclass
-class _Graph:
-  name: str
-  layers: list  # [_Layer], InputLayers first-class
-  inputs: list  # [_Ref]
-  outputs: list  # [_Ref]
-
-
-# --- reading a model into the neutral graph --------------------------------
-
-def _refs_keras3(obj):
-  """Keras 3 inbound args/kwargs with every ``__keras_tensor__`` as a _Ref."""
-  if isinstance(obj, dict):
-    if obj.get("class_name") == "__keras_tensor__":
-      return _Ref(*obj["config"]["keras_history"])
-    return {k: _refs_keras3(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_refs_keras3(v) for v in obj]
-  return obj
-
-
-def _io_refs(entries) -> list:
-  """``input_layers`` / ``output_layers``: one [name, node, tensor] or a list of them."""
-  if entries and isinstance(entries[0], str):
-    entries = [entries]
-  return [_Ref(*e[:3]) for e in entries]
-
-
-def _input_layer(name: str, shape, dtype) -> _Layer:
-  return _Layer(name, "InputLayer", {"batch_shape": list(shape), "dtype": dtype or "float32",
-                                     "name": name}, [])
-
-
-def _graph_of(model, flavour: str) -> _Graph:
-  """The functional graph of ``model`` (flavour "keras3" or "tf_keras")."""
-  config = model.get_config()
-  layers = []
-  if type(model).__name__ == "Sequential":
-    prev = None
-    for entry in config["layers"]:
-      cfg = entry["config"]
-      if entry["class_name"] == "InputLayer":
-        shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-        layers.append(_input_layer(cfg["name"], shape, _dtype_name(cfg.get("dtype"))))
-      else:
-        if prev is None:  # no InputLayer entry: the built shape
-          shape = config.get("build_input_shape") or model.input_shape
-          layers.append(_input_layer(f"{config['name']}_input", shape, "float32"))
-          prev = _Ref(layers[-1].name, 0, 0)
-        layers.append(_Layer(cfg["name"], entry["class_name"], entry, [([prev], {})],
-                             _defaults(type(model.get_layer(cfg["name"])))))
-      prev = _Ref(layers[-1].name, 0, 0)
-    return _Graph(config["name"], layers, [_Ref(layers[0].name, 0, 0)], [prev])
-  for entry in config["layers"]:
-    cfg = entry["config"]
-    if entry["class_name"] == "InputLayer":
-      shape = cfg.get("batch_shape") or cfg.get("batch_input_shape")
-      layers.append(_input_layer(entry["name"], shape, _dtype_name(cfg.get("dtype"))))
-      continue
-    calls = []
-    for node in entry.get("inbound_nodes", []):
-      if flavour == "keras3":
-        calls.append((_refs_keras3(node["args"]), _refs_keras3(node.get("kwargs", {}))))
-      else:  # tf_keras: [[name, node, tensor, kwargs], ...]; one entry is called bare
-        refs = [_Ref(*n[:3]) for n in node]
-        kwargs = node[0][3] if len(node[0]) > 3 else {}
-        calls.append(([refs[0]] if len(refs) == 1 else [refs], dict(kwargs)))
-    layers.append(_Layer(entry["name"], entry["class_name"], entry, calls,
-                         _defaults(type(model.get_layer(entry["name"])))))
-  return _Graph(config["name"], layers, _io_refs(config["input_layers"]),
-                _io_refs(config["output_layers"]))
 
 
 # --- checks ------------------------------------------------------------------
@@ -204,24 +114,6 @@ def _check_model(model, source_keras, target_keras) -> None:
 
 # --- building ----------------------------------------------------------------
 
-def _dtype_name(dtype) -> Any:
-  """A dtype policy as its name ("float32", "mixed_float16"); other values unchanged."""
-  if isinstance(dtype, dict):
-    return (dtype.get("config") or {}).get("name", "float32")
-  return dtype
-
-
-def _defaults(cls) -> dict:
-  """The default of every ``__init__`` parameter of ``cls`` and its bases."""
-  out = {}
-  for klass in reversed(cls.__mro__):
-    init = klass.__dict__.get("__init__")
-    if init is not None:
-      out.update({n: p.default for n, p in inspect.signature(init).parameters.items()
-                  if p.default is not p.empty})
-  return out
-
-
 def _accepted(cls) -> tuple[set, bool]:
   """(parameter names of ``cls.__init__`` and its bases', whether it takes **kwargs).
 
@@ -255,10 +147,10 @@ def _clean_nested(obj, target_keras):
   return obj
 
 
-def _layer_config(layer: _Layer, cls, target_keras) -> dict:
+def _layer_config(layer: keras_graph.Layer, cls, target_keras) -> dict:
   """``layer``'s config for ``cls`` in the target Keras (raises on an argument it lacks)."""
   config = {k: _clean_nested(v, target_keras) for k, v in layer.config["config"].items()}
-  config["dtype"] = _dtype_name(config.get("dtype"))
+  config["dtype"] = keras_graph.dtype_name(config.get("dtype"))
   axis = config.get("axis")
   if layer.class_name == "BatchNormalization" and isinstance(axis, list) and len(axis) == 1:
     config["axis"] = axis[0]  # tf_keras stores [3]; Keras 3 takes an int only
@@ -283,7 +175,7 @@ def _same(a, b) -> bool:
 
 
 def _resolve(obj, tensors):
-  if isinstance(obj, _Ref):
+  if isinstance(obj, keras_graph.Ref):
     try:
       return tensors[(obj.layer, obj.node)][obj.tensor]
     except KeyError:
@@ -307,7 +199,7 @@ def _flatten(out) -> list:
   return [out]
 
 
-def _build(graph: _Graph, target_keras):
+def _build(graph: keras_graph.Graph, target_keras):
   """The target Keras's functional model of ``graph`` (fresh weights)."""
   tensors: dict[tuple[str, int], list] = {}
   pending = list(graph.layers)
@@ -410,7 +302,7 @@ def check_same_logits(source, target, source_keras, target_keras, *,
 
 def _convert(model, source_keras, target_keras, flavour: str, probe, atol):
   _check_model(model, source_keras, target_keras)
-  rebuilt = _build(_graph_of(model, flavour), target_keras)
+  rebuilt = _build(keras_graph.read_graph(model, flavour), target_keras)
   _copy_weights(model, rebuilt)
   check_same_logits(model, rebuilt, source_keras, target_keras, probe=probe, atol=atol)
   return rebuilt
