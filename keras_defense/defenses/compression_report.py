@@ -40,19 +40,34 @@ def sparsity_report(model: keras.Model) -> dict[str, Any]:
     "kept_fraction", "bias_total", "bias_nonzero"}...], "by_type": {"Dense":
     {...}, "Conv2D": {...}}, "kernel_total", "kernel_nonzero",
     "kept_fraction", "weights_total", "weights_nonzero"}``. ``kept_fraction``
-    is nonzero/total over kernels only; ``weights_*`` count kernels and biases.
+    is nonzero/total over kernels only; ``weights_*`` count kernels and biases
+    of the prunable layers; ``model_weights_*`` count every weight of the
+    model (BatchNormalization's and other unpruned layers' too);
+    ``left_unpruned``: the layers with weights that are not pruned
+    (``magnitude_pruning.left_unpruned``). A "kernel" is the weights tfmot
+    prunes (``prunable_weight_names``: SeparableConv2D's pointwise kernel).
   """
   layers, by_type = [], {}
+  model_total = model_nonzero = 0  # every weight of the model (BatchNorm's too)
   for layer in model.layers:
     inner = layer.layer if isinstance(layer, magnitude_pruning.WRAPPER_TYPE) else layer
-    if not isinstance(inner, magnitude_pruning.PRUNABLE_TYPES):
+    names = magnitude_pruning.prunable_weight_names(inner)
+    masks = {}
+    if isinstance(layer, magnitude_pruning.WRAPPER_TYPE):  # what the stripped weights would hold
+      masks = {id(w): keras.backend.get_value(m) for w, m, _ in layer.pruning_vars}
+    for w in inner.weights:
+      value = keras.backend.get_value(w) * masks.get(id(w), 1)
+      model_total += int(value.size)
+      model_nonzero += int(np.count_nonzero(value))
+    if not names:
       continue
-    kernel = keras.backend.get_value(inner.kernel)
-    if isinstance(layer, magnitude_pruning.WRAPPER_TYPE):  # what the stripped kernel would hold
-      mask = keras.backend.get_value(layer.pruning_vars[0][1])
-      kernel = kernel * mask
-    bias = keras.backend.get_value(inner.bias) if inner.use_bias else np.zeros([0])
-    kind = "Conv2D" if isinstance(inner, keras.layers.Conv2D) else "Dense"
+    kernel = np.concatenate([
+        (keras.backend.get_value(getattr(inner, n)) * masks.get(id(getattr(inner, n)), 1)
+         ).ravel() for n in names])
+    has_bias = getattr(inner, "use_bias", False) and getattr(inner, "bias", None) is not None
+    bias = keras.backend.get_value(inner.bias) if has_bias else np.zeros([0])
+    kind = ("Conv2D" if isinstance(inner, keras.layers.Conv2D) else
+            "Dense" if isinstance(inner, keras.layers.Dense) else type(inner).__name__)
     row = {"name": inner.name, "type": kind,
            "kernel_total": int(kernel.size),
            "kernel_nonzero": int(np.count_nonzero(kernel)),
@@ -71,6 +86,8 @@ def sparsity_report(model: keras.Model) -> dict[str, Any]:
       "kernel_total": kt, "kernel_nonzero": kn, "kept_fraction": kn / max(kt, 1),
       "weights_total": kt + sum(r["bias_total"] for r in layers),
       "weights_nonzero": kn + sum(r["bias_nonzero"] for r in layers),
+      "model_weights_total": model_total, "model_weights_nonzero": model_nonzero,
+      "left_unpruned": magnitude_pruning.left_unpruned(model),
   }
 
 
@@ -98,12 +115,20 @@ class CompressionReport:
     """M0 kernel weights / M1 nonzero kernel weights."""
     return self.base["kernel_total"] / max(self.pruned["kernel_nonzero"], 1)
 
+  @property
+  def model_compression_ratio(self) -> float | None:
+    """All M0 weights / all nonzero M1 weights (unpruned layers too); None if not counted."""
+    if "model_weights_total" not in self.base or "model_weights_nonzero" not in self.pruned:
+      return None  # a report written before whole-model counts
+    return self.base["model_weights_total"] / max(self.pruned["model_weights_nonzero"], 1)
+
   def to_dict(self) -> dict[str, Any]:
     return {
         "compression_ratio": self.compression_ratio,
         "compression_ratio_definition":
             "M0 weights (kernels + biases) / M1 nonzero weights (kernels + biases)",
         "kernel_compression_ratio": self.kernel_compression_ratio,
+        "model_compression_ratio": self.model_compression_ratio,
         "kept_fraction_definition": "nonzero / total kernel weights (biases are not pruned)",
         "base_accuracy": self.base_accuracy, "pruned_accuracy": self.pruned_accuracy,
         "test_examples": self.test_examples,
@@ -142,6 +167,16 @@ class CompressionReport:
     lines += ["", f"Compression ratio (M0 weights / M1 nonzero weights): "
               f"**{self.compression_ratio:.2f}x** (kernels only: "
               f"{self.kernel_compression_ratio:.2f}x)."]
+    if self.model_compression_ratio is not None:
+      lines += ["", f"Whole model (every weight, unpruned layers too: "
+                f"{self.base['model_weights_total']:,} -> "
+                f"{self.pruned['model_weights_nonzero']:,} nonzero): "
+                f"**{self.model_compression_ratio:.2f}x**."]
+    left = self.pruned.get("left_unpruned") or []
+    if left:
+      lines += ["", "Left unpruned: " + ", ".join(
+          f"{r['name']} ({r['type']}, {r['weights']:,} weights: {r['why']})" for r in left)
+                + "."]
     lines += ["", "Kept = nonzero / total kernel weights (biases are not pruned); each kernel "
               "keeps at most floor(n * (1 - sparsity)) weights (`kept_at_most`)."]
     return "\n".join(lines) + "\n"

@@ -13,8 +13,14 @@ Layer handling (decided here, explicit in ``prune_model``):
     ``dense_sparsity`` (the design card says "all FC layers"); pass
     ``prune_logits=False`` to leave the logits layer dense;
   * every ``Conv2D`` layer is pruned to ``conv_sparsity``;
-  * all other layers (pooling, flatten, dropout, input) hold no weights and
-    are left as they are.
+  * any other layer whose weights tfmot prunes (``prunable_weight_names``:
+    its registry, e.g. Conv1D/Conv3D/SeparableConv2D's pointwise kernel,
+    Conv2DTranspose, Embedding) is pruned to ``conv_sparsity`` if it is a
+    convolution (``CONV_TYPES``), else to ``dense_sparsity``;
+  * all other layers are left as they are: those without weights (pooling,
+    flatten, dropout, input, Add) and those with weights tfmot does not prune
+    (BatchNormalization, DepthwiseConv2D: its registry lists no weights),
+    which ``left_unpruned`` names.
 Only kernels are pruned; biases are kept (tfmot's default for Dense/Conv2D).
 
 Example:
@@ -31,6 +37,7 @@ import os
 
 import numpy as np
 import tensorflow_model_optimization as tfmot
+from tensorflow_model_optimization.python.core.sparsity.keras import prune_registry
 
 from keras_defense.util.compat import keras
 
@@ -38,6 +45,43 @@ _sparsity = tfmot.sparsity.keras
 WRAPPER_TYPE = _sparsity.prune_low_magnitude(keras.layers.Dense(1)).__class__
 
 PRUNABLE_TYPES = (keras.layers.Dense, keras.layers.Conv2D)
+# Convolutions take conv_sparsity (Conv2DTranspose and Conv3DTranspose are subclasses).
+CONV_TYPES = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+              keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+
+
+def prunable_weight_names(layer) -> list[str]:
+  """The weights of ``layer`` tfmot's magnitude pruning prunes ([] : leave the layer alone).
+
+  tfmot's registry (``PruneRegistry``) decides: ``["kernel"]`` for Dense and
+  Conv*, ``["pointwise_kernel"]`` for SeparableConv*, ``[]`` for
+  BatchNormalization and DepthwiseConv2D. Recurrent and attention layers,
+  which tfmot handles per cell/projection, are left alone here.
+  """
+  registry = prune_registry.PruneRegistry
+  if not registry.supports(layer) or registry._is_rnn_layer(layer) or registry._is_mha_layer(layer):  # pylint: disable=protected-access
+    return []
+  return list(registry._weight_names(layer))  # pylint: disable=protected-access
+
+
+def left_unpruned(model: keras.Model) -> list[dict]:
+  """The layers of ``model`` that hold weights but are not pruned, with why.
+
+  Returns:
+    ``[{"name", "type", "weights", "why"}]``: ``weights`` counts the layer's
+    parameters; ``why`` is tfmot's reason (no prunable weights, or not supported).
+  """
+  out = []
+  for layer in model.layers:
+    inner = layer.layer if isinstance(layer, WRAPPER_TYPE) else layer
+    if isinstance(layer, WRAPPER_TYPE) or not inner.weights or prunable_weight_names(inner):
+      continue
+    supported = prune_registry.PruneRegistry.supports(inner)
+    out.append({"name": inner.name, "type": type(inner).__name__,
+                "weights": int(sum(np.prod(w.shape) for w in inner.weights)),
+                "why": "tfmot prunes none of its weights" if supported
+                       else "not supported by tfmot's pruning"})
+  return out
 
 
 def validate_sparsity(value: float, name: str) -> None:
@@ -56,7 +100,8 @@ def kept_at_most(sparsity: float, layer) -> float:
   one more than the fraction asked for (461 of 9,216 = 5.002% for s = 0.95);
   this returns ``s'`` with ``round(n * (1 - s')) = max(1, floor(n * (1 - s)))``.
   """
-  n = int(np.prod(layer.kernel.shape))
+  names = prunable_weight_names(layer) or ["kernel"]
+  n = int(np.prod(getattr(layer, names[0]).shape))
   keep = max(1, math.floor(n * (1.0 - float(sparsity)) + 1e-6))
   return 1.0 - keep / n
 
@@ -66,7 +111,7 @@ def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: flo
                 initial_sparsity: float = 0.0,
                 prune_logits: bool = True,
                 dropout: float | None = None) -> keras.Model:
-  """Wraps the Dense and Conv2D layers of ``model`` for magnitude pruning.
+  """Wraps the layers of ``model`` tfmot can prune (Dense, Conv2D, ...) for magnitude pruning.
 
   Each prunable layer gets its own ``PolynomialDecay`` schedule (tfmot's
   default power 3) from ``initial_sparsity`` at ``begin_step`` to its final
@@ -126,6 +171,10 @@ def prune_model(model: keras.Model, *, dense_sparsity: float, conv_sparsity: flo
     if isinstance(layer, keras.layers.Dense) and (layer is not output_layer or prune_logits):
       return _sparsity.prune_low_magnitude(
           fresh(layer), pruning_schedule=schedule(kept_at_most(dense_sparsity, layer)))
+    if not isinstance(layer, keras.layers.Dense) and prunable_weight_names(layer):
+      target = conv_sparsity if isinstance(layer, CONV_TYPES) else dense_sparsity
+      return _sparsity.prune_low_magnitude(
+          fresh(layer), pruning_schedule=schedule(kept_at_most(target, layer)))
     if isinstance(layer, keras.layers.Dropout) and dropout is not None:
       return layer.__class__.from_config({**layer.get_config(), "rate": float(dropout)})
     return fresh(layer)  # logits kept dense, or a layer without prunable weights

@@ -32,6 +32,7 @@ import pathlib
 import time
 from typing import Any
 
+from absl import logging
 import numpy as np
 
 from keras_defense import data
@@ -41,6 +42,7 @@ from keras_defense.defenses import trainer
 from keras_defense.defenses.compression_report import CompressionReport
 from keras_defense.defenses.compression_report import gzipped_size
 from keras_defense.defenses.compression_report import sparsity_report
+from keras_defense.defenses import magnitude_pruning
 from keras_defense.defenses.magnitude_pruning import aligned_end_step
 from keras_defense.defenses.magnitude_pruning import has_pruning_wrappers  # noqa: F401
 from keras_defense.defenses.magnitude_pruning import kept_at_most  # noqa: F401
@@ -49,6 +51,7 @@ from keras_defense.defenses.magnitude_pruning import pruning_callbacks
 from keras_defense.defenses.magnitude_pruning import strip_pruning
 from keras_defense.defenses.magnitude_pruning import validate_sparsity
 from keras_defense.models import export
+from keras_defense.models import user_model
 from keras_defense.training import distribution
 from keras_defense.training.config import AdversarialSpec
 from keras_defense.training.config import ConfigError
@@ -150,12 +153,16 @@ class PruneResult:
   saved_model_path: str | None
   report_paths: tuple[str, ...] = ()
   defense: dict | None = None  # robust pruning: its settings and the guard's history
+  keras_path: str | None = None  # a user's .keras/.h5 base: the pruned model in its format
 
   def to_dict(self) -> dict[str, Any]:
     extra = {} if self.defense is None else {"defense": self.defense}
+    if self.keras_path is not None:
+      extra["keras_path"] = self.keras_path
     return {"base_accuracy": self.base_accuracy, "test_accuracy": self.test_accuracy,
             "validation_accuracy": self.validation_accuracy,
             "compression_ratio": self.report.compression_ratio,
+            "model_compression_ratio": self.report.model_compression_ratio,
             "kept_fraction_by_type": {k: v["kept_fraction"]
                                       for k, v in self.report.pruned["by_type"].items()},
             "begin_step": self.begin_step, "end_step": self.end_step, "steps": self.steps,
@@ -166,7 +173,8 @@ class PruneResult:
     kept = ", ".join(f"{k} {100 * v['kept_fraction']:.2f}%"
                      for k, v in sorted(self.report.pruned["by_type"].items()))
     return (f"test accuracy {100 * self.base_accuracy:.2f}% -> {100 * self.test_accuracy:.2f}%; "
-            f"kept {kept}; compression {self.report.compression_ratio:.2f}x; "
+            f"kept {kept}; compression {self.report.compression_ratio:.2f}x (whole model "
+            f"{self.report.model_compression_ratio or float('nan'):.2f}x); "
             f"{self.wall_seconds:.0f} s")
 
 
@@ -181,7 +189,14 @@ def evaluate_accuracy(model: keras.Model, dataset) -> float:
 
 
 def prune(config: PruneConfig) -> PruneResult:
-  """Prunes the SavedModel at ``config.base_model_path`` while fine-tuning.
+  """Prunes the model at ``config.base_model_path`` while fine-tuning.
+
+  The base is a SavedModel, or a user's own ``.keras`` (Keras 3 through
+  ``models.keras_bridge``, logits checked) or ``.h5`` file
+  (``models.user_model``); every layer tfmot can prune is pruned, the others
+  (BatchNormalization, ...) are left and logged (``left_unpruned``), and a
+  ``.keras``/``.h5`` base also gets the pruned model back in its format,
+  ``<export_dir>/<version>.keras``.
 
   Fine-tunes for ``finetune_epochs`` on the training split (minus the
   validation hold-out) with the configured optimizer and a stepped learning
@@ -215,7 +230,9 @@ def prune(config: PruneConfig) -> PruneResult:
   base_record = export.read_provenance(config.base_model_path)
   if base_record is not None and base_record.get("dataset") != config.dataset:
     export.check_model_dataset(config.base_model_path, config.dataset, what="base model")
-  base = training.to_float32(export.load_model(config.base_model_path))
+  # A SavedModel as before, or the user's own .keras (Keras 3 through the bridge) / .h5.
+  user = user_model.load_user_model(config.base_model_path)
+  base = training.to_float32(user.model)
   first_epoch = min(training.resume_epoch(run_dir / "backup"), int(config.finetune_epochs))
   identity = {"stage": "prune", "model": base.name, "dataset": config.dataset}
   defense = None
@@ -291,6 +308,9 @@ def prune(config: PruneConfig) -> PruneResult:
     if defense is not None:
       defense.restore_best()
     stripped = strip_pruning(model)
+  for row in magnitude_pruning.left_unpruned(stripped):
+    logging.info("left unpruned: %s (%s, %d weights): %s", row["name"], row["type"],
+                 row["weights"], row["why"])
   val_acc = history.history.get("val_accuracy", [None])[-1] if history.history else None
 
   test_accuracy = evaluate_accuracy(stripped, test_ds)
@@ -303,12 +323,16 @@ def prune(config: PruneConfig) -> PruneResult:
     saved = distribution.export_saved_model(
         stripped, config.export_dir, strategy, version=config.export_version,
         provenance=record)
+  keras_path = None
+  if saved and chief and user.kind != "saved_model":  # the user's format back, beside it
+    keras_path = user_model.save_user_format(stripped, f"{saved}.keras",
+                                             keras_major=user.keras_major)
   n_test = sum(int(y.shape[0]) for _, y in test_ds)
   base_path = pathlib.Path(config.base_model_path)
   report = CompressionReport(
       base=sparsity_report(base), pruned=sparsity_report(stripped),
       base_accuracy=base_accuracy, pruned_accuracy=test_accuracy, test_examples=n_test,
-      base_gzip_bytes=gzipped_size(base_path) if base_path.is_dir() else None,
+      base_gzip_bytes=gzipped_size(base_path) if base_path.is_dir() else None,  # SavedModels
       pruned_gzip_bytes=gzipped_size(saved) if saved else None,
       base_model_path=str(config.base_model_path), pruned_model_path=saved,
       recipe={k: v for k, v in training.config_dict(config).items()
@@ -321,7 +345,7 @@ def prune(config: PruneConfig) -> PruneResult:
       validation_accuracy=None if val_acc is None else float(val_acc),
       begin_step=begin_step, end_step=end_step, steps=total_steps,
       wall_seconds=time.time() - start, saved_model_path=saved, report_paths=tuple(paths),
-      defense=None if defense is None else defense.summary())
+      defense=None if defense is None else defense.summary(), keras_path=keras_path)
   if chief:
     io_utils.write_json(run_dir / "prune_result.json", result.to_dict())
   return result

@@ -10,6 +10,17 @@ labels or on a teacher's soft labels (defensive distillation). It is what
 work unchanged; the wrapper itself is never exported (``training.train``
 exports the inner functional model).
 
+BatchNormalization under adversarial training (Madry et al.'s and TRADES'
+common choice): the attack crafts with the model in inference mode
+(``training=False``: BN normalizes with its moving statistics and updates
+none of them, and Dropout is off), so the crafting's 10-40 forward passes
+leave the statistics as they were; the loss step then runs the model in
+training mode (``training=True``) on the adversarial batch (TRADES: on the
+clean and on the adversarial batch), so BN normalizes with that batch's
+statistics and its moving statistics follow the adversarial (TRADES: clean,
+then adversarial) batches, the inputs the deployed model must hold on.
+``tests/test_harden.py`` checks both halves.
+
 ``RobustAccuracyGuard`` measures PGD robust accuracy on a held-out validation
 slice after every epoch, keeps the best epoch's weights on disk and warns when
 robust accuracy collapses (catastrophic overfitting, Wong et al. 2020).
@@ -130,7 +141,11 @@ class DefenseTrainer(keras.Model):
                      tf.cast(self.optimizer.iterations, tf.int64)])
 
   def adversarial_batch(self, x, y):
-    """The crafted images for (x, y): the model in inference mode (no dropout)."""
+    """The crafted images for (x, y): the model in inference mode.
+
+    No dropout, and BatchNormalization normalizes with its moving statistics
+    and never updates them here (see the module docstring).
+    """
     return at.craft(lambda xa: self._logits(xa, False), x, y, method=self._adversarial,
                     seed=self._seed_tensor(), **self._attack)
 

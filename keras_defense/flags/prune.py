@@ -21,7 +21,8 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("base_model_path", None,
                     "SavedModel to transform: M0 for kd-prune (saved_models/mnist_m0/1), "
-                    "M1 for kd-augment (saved_models/mnist_m1/1).")
+                    "M1 for kd-augment (saved_models/mnist_m1/1). kd-prune also takes your own "
+                    "model: a Keras 3 or tf_keras .keras file or an .h5 file.")
 flags.DEFINE_float("dense_sparsity", 0.90,
                    "Final fraction of zeroed weights in every Dense kernel, [0, 1). Design "
                    "card: 0.90 (keep 10%); authors' 20 rounds of 10%: 1-0.9^20 = 0.878.")

@@ -75,6 +75,16 @@ flags.DEFINE_string("teacher_model_path", None,
                     "Distillation's student: learn this SavedModel's soft labels "
                     "softmax(logits / T) instead of the labels (train the teacher first with "
                     "the same --temperature).")
+# --- the user's own model (keras_defense.training.initial_model)
+flags.DEFINE_string("init_model", None,
+                    "Start from this model instead of a C&W network: a Keras 3 .keras (rebuilt "
+                    "in tf_keras, logits checked to 1e-5), a tf_keras .keras/.h5, or a "
+                    "SavedModel holding a tf_keras model. Its input must match the dataset's "
+                    "images and it must output logits. --model and --dropout do not apply.")
+flags.DEFINE_string("export_keras", None,
+                    "With --init_model: where the trained model is also written in the user's "
+                    "format (a .keras of the Keras major version given). Default: "
+                    "<export_dir>/<version>.keras beside the SavedModel.")
 flags.register_validator("temperature", lambda v: v > 0, "--temperature must be > 0.")
 flags.register_multi_flags_validator(
     ["adversarial", "adv_steps"],
@@ -100,7 +110,8 @@ def train_config(fv=None) -> training.TrainConfig:
       deterministic=fv.deterministic, strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices, adversarial=adversarial_spec(fv),
       temperature=fv.temperature, teacher_model_path=fv.teacher_model_path,
-      certified=certified_spec(fv))
+      certified=certified_spec(fv), init_model=fv.init_model,
+      export_keras=fv.export_keras)
 
 
 def certified_spec(fv=None) -> training.CertifiedSpec | None:

@@ -259,13 +259,19 @@ def check_certified(spec: CertifiedSpec | None) -> None:
   spec.validate()
 
 
+# Fields added after the reports they would appear in were made (--init_model,
+# --export_keras): unset, they are left out of the dumps like an unset ``certified``.
+_LEFT_OUT_WHEN_UNSET = ("init_model", "export_keras")
+
+
 def config_dict(config: Any) -> dict[str, Any]:
   """``dataclasses.asdict(config)`` with an ``adversarial`` spec spread into its flags.
 
   The dumps (results files, reports, the sweep's binding) keep the keys the
   flags name, in the order the fields had before the spec. A ``certified``
   spec is spread into its flags too; unset (None) it is left out, so the
-  dumps of other runs read as before it existed.
+  dumps of other runs read as before it existed; so are ``init_model`` and
+  ``export_keras``.
   """
   out = {}
   for name, value in dataclasses.asdict(config).items():
@@ -274,6 +280,8 @@ def config_dict(config: Any) -> dict[str, Any]:
       out.update(adversarial_flags(spec))
     elif name == "certified" and (spec is None or isinstance(spec, CertifiedSpec)):
       out.update({} if spec is None else certified_flags(spec))
+    elif name in _LEFT_OUT_WHEN_UNSET and value is None:
+      continue
     else:
       out[name] = value
   return out
@@ -312,6 +320,10 @@ class TrainConfig:
   temperature: float = 1.0  # softmax temperature of the training loss (distillation)
   teacher_model_path: str | None = None  # distillation: learn this model's soft labels at T
   certified: CertifiedSpec | None = None  # certified training (flags --certified ...)
+  # Start from the user's model (Keras 3/tf_keras .keras, .h5, SavedModel) instead of a
+  # C&W net (training.initial_model); `model` and `dropout` then do not apply.
+  init_model: str | None = None
+  export_keras: str | None = None  # init_model's format back; None: <export_dir>/<version>.keras
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
@@ -344,6 +356,15 @@ class TrainConfig:
       need(self.compute_dtype == "float32",
            f"`certified` training bounds the network in float32: `compute_dtype` must be "
            f"'float32'; got {self.compute_dtype!r}.")
+    need(self.init_model is None or (bool(self.init_model) and self.model is None
+                                     and self.compute_dtype == "float32"),
+         f"`init_model` must name a model file or SavedModel and cannot be combined with "
+         f"`model` or a `compute_dtype` other than float32; got init_model="
+         f"{self.init_model!r}, model={self.model!r}, compute_dtype={self.compute_dtype!r}.")
+    need(self.export_keras is None or (self.init_model is not None
+                                       and str(self.export_keras).endswith(".keras")),
+         f"`export_keras` must be a path ending in .keras and goes with `init_model`; got "
+         f"{self.export_keras!r} (init_model={self.init_model!r}).")
     check_fit_fields(self)
     return self
 
@@ -353,7 +374,9 @@ class TrainConfig:
             or self.teacher_model_path is not None or self.certified is not None)
 
   def model_name(self, image_shape) -> str:
-    """``model``, or the C&W network for ``image_shape`` (models.model_for_shape)."""
+    """``init_model:<path>``, ``model``, or the C&W network for ``image_shape``."""
+    if self.init_model:
+      return f"init_model:{self.init_model}"
     return self.model or models.model_for_shape(image_shape)
 
 

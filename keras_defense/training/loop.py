@@ -33,6 +33,7 @@ from typing import Callable, Protocol
 from keras_defense import data
 from keras_defense import models
 from keras_defense.training import distribution
+from keras_defense.training import initial_model
 from keras_defense.training.config import claim_run_dir
 from keras_defense.training.config import config_dict
 from keras_defense.training.config import ConfigError
@@ -53,11 +54,14 @@ class TrainResult:
   wall_seconds: float
   saved_model_path: str | None
   defense: dict | None = None  # trained defenses: what was on, the robust-accuracy guard
+  keras_path: str | None = None  # init_model: the trained model in the user's format
 
   def to_dict(self) -> dict:
     out = {"test_accuracy": self.test_accuracy, "test_loss": self.test_loss,
            "epochs_run": self.epochs_run, "wall_seconds": self.wall_seconds,
            "saved_model_path": self.saved_model_path}
+    if self.keras_path is not None:
+      out["keras_path"] = self.keras_path
     if self.defense is not None:
       out["defense"] = self.defense
     return out
@@ -212,6 +216,10 @@ def train(config: TrainConfig, *,
   train_ds, val_ds, test_ds = (None if d is None else distribution.shard_by_data(d, strategy)
                                for d in (train_ds, val_ds, test_ds))
 
+  user = None  # the user's model (init_model), checked against the data before training
+  if config.init_model:
+    user = initial_model.load_initial(config.init_model, ds_info.image_shape,
+                                      ds_info.num_classes)
   identity = {"stage": "train", "model": config.model_name(ds_info.image_shape),
               "dataset": config.dataset}
   defense = None
@@ -224,19 +232,25 @@ def train(config: TrainConfig, *,
   with distribution.scope(strategy):  # default: no scope, numbers as before
     model, loss, acc, epochs_run = _fit(config, ds_info, run_dir,
                                         train_ds, val_ds, test_ds, steps_per_epoch,
-                                        defense=defense)
+                                        defense=defense, user=user)
   saved = None
   if config.export_dir:  # multi-worker: only the chief's copy is kept
     record = provenance.model_provenance("train", ds_info)
     if defense is not None:
       record["defense"] = defense.identity()
+    if user is not None:
+      record.update(user.identity())
     saved = distribution.export_saved_model(
         model, config.export_dir, strategy, version=config.export_version,
         provenance=record)
+  keras_path = None
+  if user is not None and distribution.is_chief(strategy):
+    keras_path = initial_model.write_user_format(model, user, config.export_keras, saved)
   result = TrainResult(model=model, test_accuracy=float(acc), test_loss=float(loss),
                        epochs_run=epochs_run, wall_seconds=time.time() - start,
                        saved_model_path=saved,
-                       defense=None if defense is None else defense.summary())
+                       defense=None if defense is None else defense.summary(),
+                       keras_path=keras_path)
   if distribution.is_chief(strategy):
     io_utils.write_json(run_dir / "train_result.json",
                         {"config": config_dict(config), **result.to_dict(),
@@ -262,15 +276,19 @@ def resume_epoch(backup_dir: str | os.PathLike) -> int:
 
 
 def _fit(config: TrainConfig, ds_info, run_dir: pathlib.Path,
-         train_ds, val_ds, test_ds, steps_per_epoch: int, defense=None):
+         train_ds, val_ds, test_ds, steps_per_epoch: int, defense=None, user=None):
   """Builds, compiles, fits and evaluates; call under ``strategy.scope()``.
 
   ``defense`` (a ``Defense``): fit its training wrapper around the model
-  instead of the model, with its callbacks (the guard) first.
+  instead of the model, with its callbacks (the guard) first. ``user`` (a
+  ``models.user_model.UserModel``): train a copy of it instead of a C&W net.
   """
-  model = build_for_training(config.model_name(ds_info.image_shape), ds_info.image_shape,
-                             ds_info.num_classes, dropout=config.dropout,
-                             seed=config.seed, compute_dtype=config.compute_dtype)
+  if user is not None:
+    model = initial_model.fresh_copy(user.model)
+  else:
+    model = build_for_training(config.model_name(ds_info.image_shape), ds_info.image_shape,
+                               ds_info.num_classes, dropout=config.dropout,
+                               seed=config.seed, compute_dtype=config.compute_dtype)
   optimizer = make_optimizer(config.optimizer, config.learning_rate,
                              config.momentum, config.nesterov)
   if defense is None:
