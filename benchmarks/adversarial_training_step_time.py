@@ -20,6 +20,7 @@ from keras_defense import models
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
+from keras_defense.defenses import guards
 from keras_defense.defenses import trainer
 
 
@@ -50,9 +51,9 @@ def main(argv):
         f"CPU {cpu:.1f} s -> per step wall {wall / n * 1000:.0f} ms, CPU "
         f"{cpu / n * 1000:.0f} ms; load average {load}", flush=True)
   xv, yv = data.load_arrays("mnist", "validation", limit=1000)
-  trainer.robust_accuracy(model, xv[:100], yv[:100], 0.3)  # tracing
+  guards.robust_accuracy(model, xv[:100], yv[:100], 0.3)  # tracing
   wall, cpu = time.time(), time.process_time()
-  trainer.robust_accuracy(model, xv, yv, 0.3)
+  guards.robust_accuracy(model, xv, yv, 0.3)
   print(f"per-epoch PGD-10 check on 1,000 images: wall {time.time() - wall:.1f} s, "
         f"CPU {time.process_time() - cpu:.1f} s", flush=True)
 

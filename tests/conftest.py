@@ -37,7 +37,8 @@ def tfds_dir():
 # the end, instead of one long file running alone on one core at the end.
 _LONG_FIRST = ("test_sweep.py", "test_experiment.py", "test_evaluate_shards.py",
                "test_tflite_eval.py", "test_attacks.py", "test_certify.py", "test_scan.py",
-               "test_any_model.py", "test_quantization.py",
+               "test_any_model.py", "test_quantization.py", "test_harden.py",
+               "test_certified_training.py",
                "test_distribution.py", "test_training.py", "test_adversarial_training.py",
                "test_crash_safety.py", "test_defense_comparison.py", "test_serving.py",
                "test_bad_input.py", "test_evaluate.py", "test_apgd.py",

@@ -14,6 +14,7 @@ from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 from keras_defense.defenses import training_attack
+from keras_defense.defenses import guards
 from keras_defense.defenses import trainer
 
 EPS = 0.2
@@ -73,7 +74,7 @@ def test_crafted_batches_stay_in_the_ball_and_the_box_and_raise_the_loss(method,
 
 def _robust_accuracy(model, images):
   x, y = images
-  return trainer.robust_accuracy(model, x, y, EPS, steps=10, seed=1)
+  return guards.robust_accuracy(model, x, y, EPS, steps=10, seed=1)
 
 
 @pytest.fixture(scope="module")

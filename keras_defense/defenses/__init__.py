@@ -40,8 +40,8 @@ from keras_defense.defenses.dropout import DefensiveDropoutConfig
 from keras_defense.defenses.trainer import defense_factory
 from keras_defense.defenses.trainer import DefenseSetup
 from keras_defense.defenses.trainer import DefenseTrainer
-from keras_defense.defenses.trainer import robust_accuracy
-from keras_defense.defenses.trainer import RobustAccuracyGuard
+from keras_defense.defenses.guards import robust_accuracy
+from keras_defense.defenses.guards import RobustAccuracyGuard
 from keras_defense.defenses.trainer import train
 from keras_defense.defenses.training_attack import craft
 
