@@ -110,7 +110,7 @@ def test_best_robust_epoch_is_restored_exported_and_a_collapse_is_warned(tmp_pat
       export_dir=str(tmp_path / "sm"), export_version=1)
   spec = defenses.DataSpec("mnist", train_limit=512, test_limit=200, validation_size=200)
   with mock.patch.object(trainer.RobustAccuracyGuard, "measure", fake_measure), \
-      mock.patch.object(trainer.logging, "warning") as warning:
+      mock.patch.object(guards.logging, "warning") as warning:
     model, record = defenses.adversarially_train(None, spec, config)
   assert record["config"]["train_limit"] == 512  # the DataSpec's limits were applied
   assert len(weights) == 3

@@ -3,7 +3,7 @@
 The models are built here with Keras 3 (``import keras`` is Keras 3 beside the
 project's tf_keras; checked below), saved the way TensorFlow >= 2.16 users
 save (``model.save("m.keras")``, ``model.export()``), and evaluated through
-``robustness.run``, the library call ``kd-evaluate`` makes. Each test checks
+``pipelines.evaluate.run``, the library call ``kd-evaluate`` makes. Each test checks
 ``clean_acc`` against the model's own accuracy on the same images, computed
 here with the Keras 3 model in the pixels it was built for.
 
@@ -26,6 +26,7 @@ from keras_defense.evaluation import robustness
 from keras_defense.models import classifier
 from keras_defense.models import export
 from keras_defense.models import keras_files
+from keras_defense.pipelines import evaluate
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
 
@@ -55,7 +56,7 @@ def _run(model_path, run_dir, plan=_pgd_plan, **kw):
   kw.setdefault("n_examples", N)
   config = robustness.RobustnessConfig(model=str(model_path), run_dir=str(run_dir),
                                        batch_size=64, **kw)
-  return robustness.run(config, attack_plan=plan)
+  return evaluate.run(config, attack_plan=plan)
 
 
 def _accuracy(model, x, y):

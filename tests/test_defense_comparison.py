@@ -149,7 +149,7 @@ def test_report_only_renders_finished_rows_and_names_the_missing(result, tmp_pat
 # calls after parsing its flags), so it can be SIGKILLed.
 _CHILD = ("import pathlib, sys; sys.path.insert(0, sys.argv[2]); "
           "import test_defense_comparison as t; "
-          "from keras_defense import defense_comparison as dc; "
+          "from keras_defense.pipelines import defense_comparison as dc; "
           "dc.run(t._config(pathlib.Path(sys.argv[1])))")
 
 

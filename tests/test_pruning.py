@@ -13,6 +13,7 @@ import pytest
 from keras_defense import data
 from keras_defense.models import export
 from keras_defense import models
+from keras_defense.defenses import guards
 from keras_defense.defenses import pruning
 from keras_defense import training
 from keras_defense.util.compat import keras
@@ -322,7 +323,7 @@ def test_robust_pruning_fine_tunes_on_adversarial_batches_and_keeps_a_sparse_bes
       export_version=1, verbose=0,
       adversarial=training.AdversarialSpec("fgsm_rs", epsilon=0.3, robust_val_size=100))
   with mock.patch.object(trainer.RobustAccuracyGuard, "measure", fake_measure), \
-      mock.patch.object(trainer.logging, "warning") as warning:
+      mock.patch.object(guards.logging, "warning") as warning:
     result = pruning.prune(config)
   assert result.end_step == 15  # 10 steps/epoch, 1.5 epochs, on the 5-step grid
   guard = result.defense["robust_guard"]

@@ -116,11 +116,16 @@ def _ids(paths):
 # What the README's model tables ship: M0, M1 (M0 pruned), M2 (M1 with
 # augmented logits), and the robust models of the defenses comparison: M0-AT (PGD
 # adversarial training), M0-TRADES and M1-AT (M0-AT pruned while fine-tuning on
-# PGD batches). The tests below are parametrized by the glob above, so a model
-# that went missing would silently drop out of them; this list makes it fail
-# instead (and a new model must be added here on purpose).
-SHIPPED = ("mnist_m0/1", "mnist_m0_at_pgd/1", "mnist_m0_trades/1", "mnist_m1/1",
-           "mnist_m1_at_pgd/1", "mnist_m2/1")
+# PGD batches), and the certifiably trained M0-IBP and M1-IBP (issue 28). The
+# tests below are parametrized by the glob above, so a model that went missing
+# would silently drop out of them; this list makes it fail instead (and a new
+# model must be added here on purpose).
+SHIPPED = ("mnist_m0/1", "mnist_m0_at_pgd/1", "mnist_m0_ibp/1", "mnist_m0_trades/1",
+           "mnist_m1/1", "mnist_m1_at_pgd/1", "mnist_m1_ibp/1", "mnist_m2/1")
+# Clean accuracy a shipped model must beat on the first 1,000 test images (trained,
+# not random weights): 95%, except the IBP-trained ones, whose certified training
+# costs clean accuracy (BUILD.md "Certified training": 94.80% and 95.1% measured).
+MIN_ACCURACY = {"mnist_m0_ibp/1": 0.93, "mnist_m1_ibp/1": 0.93}
 
 
 def test_shipped_models_exist():
@@ -181,7 +186,7 @@ def test_loads_with_plain_tensorflow_only(served):
 
 
 def test_logits_equal_the_keras_model(served):
-  _, _, out, model, x, y = served
+  path, _, out, model, x, y = served
   expected = model(x, training=False).numpy()
   assert np.max(np.abs(out["float1000_logits"] - expected)) <= _tolerance(expected)
   expected1 = model(x[:1], training=False).numpy()
@@ -189,7 +194,7 @@ def test_logits_equal_the_keras_model(served):
   assert out["float1000_logits"].shape == (1000, model.output_shape[-1])
   # A shipped model is a trained model, not random weights.
   if y is not None:
-    assert np.mean(out["float1000_classes"] == y) > 0.95
+    assert np.mean(out["float1000_classes"] == y) > MIN_ACCURACY.get(_ids([path])[0], 0.95)
 
 
 @pytest.mark.parametrize("prefix", ["float1", "float1000", "uint8"])
