@@ -56,8 +56,28 @@ single = (evaluation.evaluate(models, x, y, config, source="m0", num_classes=10)
           if distribution.is_chief(strategy) else None)
 dist, _ = evaluation.evaluate(models, x, y, config, source="m0", num_classes=10,
                               strategy=strategy)
+# kd-evaluate --strategy=mirrored: the attacks' batches split across the
+# replicas give the one-device run's per-image outcomes (same seeds, batches).
+evaluated = None
+if name == "mirrored":
+  import numpy as np
+  from keras_defense.evaluation import robustness_config
+  from keras_defense.pipelines import evaluate as evaluate_pipeline
+  states = {}
+  for s in ("default", "mirrored"):
+    cfg = robustness_config.RobustnessConfig(
+        model=run + "/sm/1", output_key="logits", run_dir=run + "/eval_" + s,
+        epsilons=(0.1,), n_examples=41, version="custom", attacks=("apgd-ce",),
+        batch_size=20, strategy=s, num_cpu_devices=2 if s == "mirrored" else None)
+    res = evaluate_pipeline.run(cfg)
+    state = np.load(run + "/eval_" + s + "/state/eps_0.1/00_apgd-ce.npz")
+    states[s] = (res.clean_correct, [e.robust for e in res.epsilons],
+                 state["robust"].tolist(), state["broken_idx"].tolist())
+  summary = json.load(open(run + "/eval_mirrored/results.json"))
+  evaluated = {"states": states, "strategy": summary.get("strategy"),
+               "default_has_key": "strategy" in json.load(open(run + "/eval_default/results.json"))}
 with open(out, "w") as f:
-  json.dump({"replicas": strategy.num_replicas_in_sync,
+  json.dump({"evaluated": evaluated, "replicas": strategy.num_replicas_in_sync,
              "chief": distribution.is_chief(strategy), "epochs_run": result.epochs_run,
              "saved": result.saved_model_path,
              "single": single and counts(single), "distributed": counts(dist)}, f)
@@ -89,12 +109,18 @@ def _check_equal_counts(report):
 def test_mirrored_two_cpu_devices_train_and_attack_counts_equal(worker_script, tmp_path):
   out = tmp_path / "mirrored.json"
   subprocess.run([sys.executable, str(worker_script), "mirrored", str(out), str(tmp_path)],
-                 env=_env(), check=True, timeout=240, capture_output=True)
+                 env=_env(), check=True, timeout=420, capture_output=True)
   report = json.loads(out.read_text())
   assert report["replicas"] == 2
   assert report["saved"] == str(tmp_path / "sm" / "1")
   assert (tmp_path / "sm" / "1" / "saved_model.pb").is_file()
   _check_equal_counts(report)
+  # kd-evaluate under the strategy: the same clean/robust counts and broken images.
+  ev = report["evaluated"]
+  assert ev["states"]["mirrored"] == ev["states"]["default"]
+  clean, robust, _, broken = ev["states"]["default"]
+  assert clean > robust[0] >= 0 and broken  # APGD broke some images, not all
+  assert ev["strategy"] == "mirrored" and not ev["default_has_key"]
 
 
 def _free_ports(n):

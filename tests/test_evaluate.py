@@ -234,6 +234,12 @@ def test_wrong_input_is_one_line_error_exit_2(models, tmp_path):
     (dict(version="custom"), r"version 'custom' needs `attacks`"),
     (dict(attacks=("fgsm",)), r"`attacks` only goes with version 'custom'"),
     (dict(n_examples=20000), r"`n_examples` must be at most the 10000 test images"),
+    (dict(strategy="multi_worker"), r"`strategy` must be one of default, mirrored for "
+     r"kd-evaluate; got 'multi_worker'. Across machines, run shards"),
+    (dict(strategy="mirrored", compute_dtype="bfloat16"), r"`compute_dtype` 'bfloat16' "
+     r"clones the Keras model itself; under strategy 'mirrored'"),
+    (dict(num_cpu_devices=2), r"`num_cpu_devices` must be an integer >= 1 and only goes "
+     r"with strategy 'mirrored'"),
 ])
 def test_bad_input_is_a_user_error(tmp_path, kw, match):
   kw = dict(dict(output_key="logits", epsilons=(0.3,)), **kw)

@@ -48,11 +48,6 @@ def main(argv):
   del argv
   if flags.FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
-  if flags.FLAGS.strategy != "default":
-    raise UserError(f"kd-evaluate does not run under --strategy={flags.FLAGS.strategy}: "
-                    f"its attacks are not replicated. Fix: split the images into shards, "
-                    f"one process per GPU or machine (--shard_index/--num_shards, then "
-                    f"--merge; docs/DISTRIBUTED.md).")
   command = provenance.command_line(sys.argv)
   if flags.FLAGS.merge:
     if not flags.FLAGS.run_dir:

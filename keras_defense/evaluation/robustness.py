@@ -48,7 +48,9 @@ import numpy as np
 
 from keras_defense.models import classifier as clf_lib
 from keras_defense.evaluation import inputs
+from keras_defense.evaluation import replicas
 from keras_defense.evaluation import robustness_state as state_lib
+from keras_defense.training import distribution
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util import randomness
@@ -146,7 +148,7 @@ class _Evaluation:
 
   def __init__(self, config: RobustnessConfig, clf: clf_lib.Classifier, x: np.ndarray,
                y: np.ndarray, plan: Plan, progress: Progress | None, *,
-               state: pathlib.Path, first_image: int = 0):
+               state: pathlib.Path, first_image: int = 0, attack_model: Any = None):
     self.config = config
     self.clf = clf
     self.x, self.y = x, y
@@ -158,8 +160,10 @@ class _Evaluation:
                    for lo, hi in state_lib.slices(first_image + len(y), config.slice_size)
                    if lo >= first_image]
     # Attacks differentiate the Keras model itself when there is one (bfloat16
-    # clones need it); otherwise the Classifier callable.
-    self.attack_model = clf.keras_model if clf.keras_model is not None else clf
+    # clones need it); otherwise the Classifier callable; under a strategy,
+    # either split across its replicas (``replicas.Replicated``).
+    self.attack_model = attack_model if attack_model is not None else (
+        clf.keras_model if clf.keras_model is not None else clf)
     self.total_steps = len(config.epsilons) * len(self.plan)
     self.steps_done = 0
     self.clean_pred = np.zeros(0, np.int64)  # set by clean()
@@ -305,6 +309,10 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
   if blocker is not None:
     raise UserError(f"`run_dir` {str(run_dir)!r} cannot be a directory: {str(blocker)!r} "
                     f"exists and is not a directory.")
+  # Built before the model is loaded: logical CPU devices must be configured
+  # before TensorFlow initialises its devices.
+  strategy = (None if config.strategy == "default" else distribution.make_strategy(
+      config.strategy, num_cpu_devices=config.num_cpu_devices))
   # Scanned for side-effect ops before it is loaded, and before run_dir is touched.
   clf = clf_lib.load_classifier(config.model, signature=config.signature,
                                 output_key=config.output_key,
@@ -333,6 +341,10 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
                     "pixel convention runs in float32. Fix: use float32.")
   sha256 = clf_lib.fingerprint(config.model)
   attack_model = clf.keras_model if clf.keras_model is not None else clf
+  if strategy is not None:
+    attack_model = replicas.Replicated(attack_model, strategy)
+    logging.info("--strategy=%s: every attack batch is split across %d replicas (%s)",
+                 config.strategy, attack_model.num_replicas, ", ".join(attack_model.devices))
   auto = None
   if config.batch_size is None:
     config, auto = _auto_batch_size(config, attack_model, images.image_shape)
@@ -357,7 +369,7 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
     io_utils.write_json(run_dir / "run.json", record)
 
   ev = _Evaluation(config, clf, x, y, plan, progress, state=run_dir / "state",
-                   first_image=first)
+                   first_image=first, attack_model=attack_model)
   ev.compute_dtype = _resolve_compute_dtype(run_dir, record, ev.attack_model, config,
                                             images.image_shape)
   ev.progress(0, ev.total_steps, "clean accuracy")

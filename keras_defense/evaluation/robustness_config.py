@@ -28,6 +28,9 @@ DEFAULT_SQUARE_QUERIES = 5000  # AutoAttack's
 # Images per slice (robustness_state): 1,000 keeps every run of up to 1,000
 # images (kd-experiment's AutoAttack) one slice, i.e. the calls auto_attack makes.
 DEFAULT_SLICE_SIZE = 1000
+# tf.distribute strategies kd-evaluate runs under (``replicas``); across
+# machines it runs shards, not MultiWorkerMirroredStrategy.
+STRATEGIES = ("default", "mirrored")
 
 
 @dataclasses.dataclass
@@ -68,6 +71,13 @@ class RobustnessConfig:
       (any model kd-evaluate loads) whose APGD/PGD examples are transferred
       (``black_box``); None: Square alone.
     square_queries: Square's query budget per image in the black-box ensemble.
+    strategy: "default" (one device) or "mirrored": every model call of the
+      attacks is split across the replicas of a ``tf.distribute``
+      MirroredStrategy (``replicas``); ``batch_size`` stays the global batch.
+      Not part of the run's identity: it changes where the numbers are
+      computed (up to floating-point summation order), not what is computed.
+    num_cpu_devices: with "mirrored" and no GPU, logical CPU devices
+      (default 2).
   """
   model: str
   run_dir: str
@@ -95,6 +105,8 @@ class RobustnessConfig:
   std: tuple[float, ...] | None = None
   surrogate: str | None = None
   square_queries: int = DEFAULT_SQUARE_QUERIES
+  strategy: str = "default"
+  num_cpu_devices: int | None = None
 
   def pixels(self) -> pixels_lib.PixelConvention:
     """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
@@ -154,6 +166,25 @@ class RobustnessConfig:
     need(self.surrogate is None or str(self.model).endswith(".tflite"),
          f"`surrogate` is for a .tflite model (no gradients); {self.model!r} is attacked "
          f"white-box. Fix: drop --surrogate, or evaluate the .tflite.")
+    need(self.strategy in STRATEGIES,
+         f"`strategy` must be one of {', '.join(STRATEGIES)} for kd-evaluate; got "
+         f"{self.strategy!r}." + (" Across machines, run shards instead: "
+                                  "--shard_index/--num_shards, then --merge "
+                                  "(docs/DISTRIBUTED.md)." if self.strategy == "multi_worker"
+                                  else ""))
+    need(self.num_cpu_devices is None or (
+        self.strategy == "mirrored" and isinstance(self.num_cpu_devices, int)
+        and self.num_cpu_devices >= 1),
+         f"`num_cpu_devices` must be an integer >= 1 and only goes with strategy "
+         f"'mirrored'; got {self.num_cpu_devices!r} with {self.strategy!r}.")
+    need(self.strategy == "default" or not str(self.model).endswith(".tflite"),
+         f"`strategy` {self.strategy!r} splits a model's batches across TensorFlow "
+         f"devices; {self.model!r} runs on the LiteRT interpreter. Fix: "
+         f"--strategy=default (shard the images with --shard_index/--num_shards).")
+    need(self.strategy == "default" or self.compute_dtype != "bfloat16",
+         f"`compute_dtype` 'bfloat16' clones the Keras model itself; under strategy "
+         f"{self.strategy!r} the model is called split across replicas in float32. Fix: "
+         f"--compute_dtype=float32 (or auto).")
     self.pixels().validate()
     return self
 

@@ -112,6 +112,9 @@ class RobustnessResult:
         "per_eps": per_eps,
         "seed": c.seed, "batch_size": c.batch_size, "batch_size_auto": self.batch_size_auto,
         "slice_size": c.slice_size, **({"shard": self.shard} if self.shard else {}),
+        # Where it ran, when not on one device (replicas): a run without the key is.
+        **({"strategy": c.strategy, "num_cpu_devices": c.num_cpu_devices}
+           if c.strategy != "default" else {}),
         "compute_dtype": self.compute_dtype, "requested_compute_dtype": c.compute_dtype,
         "versions": self.versions, "command": c.command,
         "clean_seconds": self.clean_seconds,

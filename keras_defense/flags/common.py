@@ -63,7 +63,7 @@ flags.DEFINE_string("export_dir", None,
                     "SavedModel base folder, e.g. saved_models/mnist_m0 (TF Serving layout <base>/<version>/).")
 flags.DEFINE_integer("export_version", None, "SavedModel version (default: next free).", lower_bound=1)
 
-# --- distribution (kd-train, kd-prune, kd-experiment) -----------------------
+# --- distribution (kd-train, kd-prune, kd-experiment; kd-evaluate: default|mirrored) ---
 
 flags.DEFINE_enum("strategy", "default", list(_dist.STRATEGIES),
                   "tf.distribute strategy: default (one device), mirrored (all local GPUs, "

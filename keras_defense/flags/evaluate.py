@@ -151,4 +151,5 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       manual_dir=fv.manual_dir, command=command,
       input_range=tuple(float(v) for v in fv.input_range.split(",")),
       mean=_floats(fv.mean), std=_floats(fv.std),
-      surrogate=fv.surrogate, square_queries=fv.square_queries)
+      surrogate=fv.surrogate, square_queries=fv.square_queries,
+      strategy=fv.strategy, num_cpu_devices=fv.num_cpu_devices)

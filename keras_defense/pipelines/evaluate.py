@@ -76,5 +76,7 @@ def merge(run_dir: str, *, progress: robustness.Progress | None = None,
   config = RobustnessConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in settings.items() if k in fields})
   config = dataclasses.replace(config, run_dir=str(run_dir), shard_index=0, num_shards=1,
-                               merge=True, command=command or config.command)
+                               merge=True, command=command or config.command,
+                               # The merge attacks nothing: it runs on one device.
+                               strategy="default", num_cpu_devices=None)
   return run(config, progress=progress, attack_plan=attack_plan)

@@ -65,7 +65,9 @@ def render_markdown(results: dict) -> str:
            f"- Seed {r['seed']}, batch size {r['batch_size']}, compute dtype "
            f"{r['compute_dtype']} (asked: {r['requested_compute_dtype']}); time: "
            f"{r['total_seconds']:.1f} s computing (clean {r['clean_seconds']:.1f} s + "
-           f"attacks {r['attack_seconds']:.1f} s)",
+           f"attacks {r['attack_seconds']:.1f} s)"
+           + (f"; every attack batch split across the replicas of --strategy="
+              f"{r['strategy']}" if r.get("strategy") else ""),
            "", "Robust accuracy counts an image only if it is classified correctly and "
            "every attack so far failed on it (cumulative, per image); intervals are 95% "
            "Wilson intervals.", ""]
