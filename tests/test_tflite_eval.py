@@ -99,8 +99,9 @@ def test_classifier_of_a_tflite_is_forward_only(setup):
 
 def _config(tmp_path, lite, **kwargs):
   kwargs.setdefault("epsilons", (0.3,))
+  kwargs.setdefault("batch_size", N)
   return RobustnessConfig(model=lite, run_dir=str(tmp_path / "run"), dataset="mnist",
-                          n_examples=N, batch_size=N, square_queries=50, **kwargs)
+                          n_examples=N, square_queries=50, **kwargs)
 
 
 def test_black_box_ensemble_worst_case_and_report(setup, tmp_path):
@@ -141,10 +142,13 @@ def test_black_box_ensemble_worst_case_and_report(setup, tmp_path):
 
 def test_without_surrogate_square_alone(setup, tmp_path):
   _, _, lite, _, _ = setup
-  result = evaluate.run(_config(tmp_path, lite))
+  result = evaluate.run(_config(tmp_path, lite, batch_size=None))  # kd-evaluate's default
   assert result.attacks == ["square"]
   report = (tmp_path / "run" / "report.md").read_text()
   assert "Square alone" in report
+  # No gradient attack runs: the batch is the cap, not a gradient step measured on the .tflite.
+  auto = json.loads((tmp_path / "run" / "results.json").read_text())["batch_size_auto"]
+  assert auto["limited_by"].startswith("cap (no gradient attack")
 
 
 def test_gradient_attacks_on_a_tflite_are_refused(setup, tmp_path):
@@ -231,7 +235,7 @@ def test_bpda_members_through_the_qat_twin(setup, qat_setup, tmp_path):
                                    attacks=("bpda-apgd-ce",)))
   # BPDA alone at a small ε: examples crafted on the twin, counted on the interpreter.
   config = _config(tmp_path, lite, qat_twin=twin, version="custom",
-                   attacks=black_box.BPDA, epsilons=(0.08,))
+                   attacks=black_box.BPDA, epsilons=(0.08,), batch_size=None)
   result = evaluate.run(config)
   assert result.attacks == list(black_box.BPDA)
   lite_model = tflite.TFLiteModel(lite)
@@ -249,5 +253,6 @@ def test_bpda_members_through_the_qat_twin(setup, qat_setup, tmp_path):
   assert result.epsilons[0].robust == int(robustness.robust_masks(tmp_path / "run")[0.08].sum())
   results = json.loads((tmp_path / "run" / "results.json").read_text())
   assert results["black_box"]["qat_twin"] == twin
+  assert results["batch_size_auto"]["per_image_bytes"] > 0  # sized on the twin's APGD step
   assert [s["attack"] for s in results["per_eps"][0]["attacks"]] == list(black_box.BPDA)
   assert "BPDA" in (tmp_path / "run" / "report.md").read_text()

@@ -38,7 +38,10 @@ APGD on it is BPDA, so its APGD members are the ``bpda-*`` ones and
 twice). Without a surrogate or twin the ensemble is Square alone (a
 score-based attack is still a real attack on the artifact; the report says the
 evaluation is weaker). The surrogate's own white-box AutoAttack is a separate
-kd-evaluate run of the surrogate (the deployment table runs it).
+kd-evaluate run of the surrogate (the deployment table runs it). Without
+``--batch_size`` the batch is sized from memory on the surrogate (or twin),
+where the gradient attacks run (``robustness._sized_model``); Square alone
+takes the cap.
 
 Example:
   >>> plan = plan_factory(config)       # config.model ends in .tflite
