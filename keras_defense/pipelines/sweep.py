@@ -182,7 +182,8 @@ class _Sweep:
     return self._parent(p.pruned_key, "prune", build)
 
   def model(self, p: Point) -> str:
-    """The point's model: the augmented parent (the pruned one at logits ε = 0)."""
+    """The point's float model: the augmented parent (the pruned one at logits ε = 0); of a
+    quantized point, the float model it converts."""
     base = self.pruned(p)
     if p.logits_epsilon == 0:
       return base
@@ -195,7 +196,7 @@ class _Sweep:
       result = logits_augmentation.augment(cfg)
       return {"saved_model": result.saved_model_path,
               **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
-    return self._parent(p.key, "augment", build)
+    return self._parent(p.float_key, "augment", build)
 
   # ----------------------------------------------------------------- points
 
@@ -346,12 +347,13 @@ def run(config: SweepConfig, *, progress: Progress | None = None) -> SweepResult
       logging.info("point %s: finished, skipped", p.key)
       continue
     if build_only:
-      if any(s in config.stages for s in ("train", "prune", "augment", "quantize")):
-        # Only the parents the requested stages make.
-        if "quantize" in config.stages and p.quantized:
-          sweep.quantized(p)
-        elif "augment" in config.stages:
-          sweep.model(p)
+      # Only the parents the requested stages make (a quantized point's float ones by
+      # train/prune/augment, its .tflite by quantize).
+      if "quantize" in config.stages and p.quantized:
+        sweep.quantized(p)
+      elif any(s in config.stages for s in ("train", "prune", "augment")):
+        if "augment" in config.stages:
+          sweep.model(p.float_point())
         elif "prune" in config.stages:
           sweep.pruned(p)
         else:
