@@ -222,7 +222,7 @@ def test_quantize_writes_tflite_and_provenance(setup, tmp_path):
       base_model_path=path, export_path=str(out), dataset="mnist", method="qat_int8",
       clusters=4, epochs=1, train_limit=128, representative_size=50, agreement_size=100,
       adversarial="pgd", adversarial_settings=qat.AdversarialSettings(epsilon=0.1, steps=2),
-      verbose=0))
+      qat_twin_path=str(tmp_path / "twin"), verbose=0))
   assert {p.name for p in out.parent.iterdir()} == {"m.tflite", "m.tflite.json"}
   record = json.loads(pathlib.Path(result.provenance_path).read_text())
   assert record == compression.read_provenance(str(out))
@@ -241,6 +241,16 @@ def test_quantize_writes_tflite_and_provenance(setup, tmp_path):
   assert m["tflite_bytes"] == out.stat().st_size and m["agreement_images"] == 100
   assert m["agreement"] >= 0.8
   assert "qat_int8 + 4 clusters" in result.summary()
+  # The QAT twin (kd-evaluate --qat_twin): a SavedModel of fake-quant ops computing
+  # nearly what the .tflite computes.
+  from keras_defense.evaluation import black_box  # pylint: disable=g-import-not-at-top
+  from keras_defense.models import classifier  # pylint: disable=g-import-not-at-top
+  assert record["qat_twin"] == str(tmp_path / "twin" / "1")
+  assert black_box.is_qat_model(record["qat_twin"]) and not black_box.is_qat_model(path)
+  x_test, _ = data.load_arrays("mnist", "test", limit=100)
+  twin = classifier.load_classifier(record["qat_twin"], output_key="logits")
+  agree = np.mean(np.argmax(twin(x_test), -1) == tflite.TFLiteModel(out).predict_classes(x_test))
+  assert agree >= 0.95
 
 
 def _quantize_config(*argv):
@@ -267,3 +277,8 @@ def test_flags_make_the_config():
     config.validate()
   with pytest.raises(UserError, match="--export_path is required"):
     _quantize_config("--base_model_path=m")
+  config = _quantize_config("--base_model_path=m", "--export_path=/tmp/m.tflite",
+                            "--qat_twin_path=/tmp/twin")
+  assert config.qat_twin_path == "/tmp/twin"
+  with pytest.raises(UserError, match="`qat_twin_path` needs method qat_int8"):
+    config.validate()

@@ -20,6 +20,7 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 
 from keras_defense.evaluation import grid as evaluation
@@ -88,6 +89,7 @@ def test_run_writes_one_json_per_point_the_csv_and_the_report(whole):
   csv_lines = (run_dir / "sweep.csv").read_text().splitlines()
   assert len(csv_lines) == 1 + 4
   assert "seconds" not in csv_lines[0]
+  assert "quantization" not in csv_lines[0] and "bytes" not in csv_lines[0]  # as before it
   assert [line.split(",")[0] for line in csv_lines[1:]] == KEYS  # grid order
   report = (run_dir / "report.md").read_text()
   assert "4 of 4 points finished" in report and "Missing" not in report
@@ -232,6 +234,59 @@ def test_autoattack_enters_the_worst_case(whole, tmp_path):
   assert "AutoAttack" in (tmp_path / "aa" / "report.md").read_text()
 
 
+def test_quantized_point_is_the_tflite_attacked_black_box(whole, tmp_path):
+  """One pruned point as qat_int8 (prune-preserving QAT, 1 epoch), the parents reused from
+  the reference; the .tflite is attacked by the black-box ensemble on 20 images."""
+  from keras_defense.compression import measurement  # pylint: disable=g-import-not-at-top
+  from keras_defense.evaluation import black_box  # pylint: disable=g-import-not-at-top
+  from keras_defense.evaluation import robustness  # pylint: disable=g-import-not-at-top
+  from keras_defense.models import tflite  # pylint: disable=g-import-not-at-top
+  from keras_defense import data  # pylint: disable=g-import-not-at-top
+  run_dir, _ = whole
+  config = _config(tmp_path / "q", sparsities=((0.5, 0.5),), logits_epsilons=(0.0,),
+                   quantization=("qat_int8",), square_queries=20)
+  config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, eval_size=20))
+  shutil.copytree(run_dir / "parents", tmp_path / "q" / "parents")
+  (point,) = sweep.run(config).points
+  assert point["key"] == KEYS[2] + "__qat_int8" and point["quantization"] == "qat_int8"
+  parent = tmp_path / "q" / "parents" / point["key"]
+  assert (parent / "model.tflite").is_file() and black_box.is_qat_model(parent / "twin" / "1")
+  bb = point["black_box"]
+  assert bb["attacks"] == list(black_box.ATTACKS)  # transfer from the float point, BPDA, Square
+  assert point["n_examples"] == 20 and point["zero_gradient_fraction"] is None
+  assert point["robust_ci95"][0] <= point["robust_acc"] <= point["robust_ci95"][1]
+  # Robust means: the interpreter classifies it correctly and no member fooled it there.
+  mask = robustness.robust_masks(tmp_path / "q" / bb["dir"])[0.2]
+  x, y = data.load_arrays("mnist", "test", limit=20)
+  pred = tflite.TFLiteModel(parent / "model.tflite").predict_classes(x)
+  assert int(mask.sum()) == point["n_robust"] and np.all(pred[mask] == y[mask])
+  assert point["n_robust"] + sum(bb["broken"].values()) == int(np.sum(pred == y))
+  float_model = tmp_path / "q" / point["float_saved_model"]
+  assert point["bytes"] == (parent / "model.tflite").stat().st_size
+  assert 0 < point["gzip_bytes"] and point["bytes"] < 0.5 * measurement.file_bytes(
+      measurement.saved_model_variables(float_model))
+  assert point["agreement"] >= 0.9
+  header, row = (tmp_path / "q" / "sweep.csv").read_text().splitlines()
+  cols, values = header.split(","), row.split(",")
+  assert cols[6] == "quantization" and cols[-3:] == ["bytes", "gzip_bytes", "agreement"]
+  assert values[6] == "qat_int8" and float(values[-1]) == point["agreement"]
+  report = (tmp_path / "q" / "report.md").read_text()
+  assert "quantization: qat_int8" in report and "BPDA" in report
+  assert f"{point['bytes']:,}" in report
+  assert sweep.run(config).computed == []  # resumed: nothing recomputed
+  with pytest.raises(UserError, match="was built with"):
+    sweep.run(dataclasses.replace(config, quantize_epochs=2))
+
+
+def test_point_keys_gain_a_suffix_only_when_quantized():
+  p = sweep_grid.Point("standard", 0.9, 0.95, 20.0, 0)
+  assert p.key == "standard__d0.9_c0.95__eps20__s0" and "quantization" not in p.coordinates()
+  q = dataclasses.replace(p, quantization="ptq_int8")
+  assert q.key == p.key + "__ptq_int8" and q.float_point() == p
+  config = _config("/tmp/unused", quantization=("none", "ptq_int8"))
+  assert [pt.key for pt in config.points()][:2] == [KEYS[0], KEYS[0] + "__ptq_int8"]
+
+
 @pytest.mark.parametrize("overrides, field", [
     (dict(sparsities=((1.0, 0.5),)), "sparsities"),
     (dict(sparsities=((0.5, 0.5), (0.5, 0.5))), "sparsities"),
@@ -243,6 +298,10 @@ def test_autoattack_enters_the_worst_case(whole, tmp_path):
     (dict(base_models={"pgd_unknown": "x"}), "base_models"),
     (dict(stages=("points",)), "stages"),
     (dict(lock_timeout=0.0), "lock_timeout"),
+    (dict(quantization=("int4",)), "quantization"),
+    (dict(quantization=()), "quantization"),
+    (dict(quantize_epochs=-1), "quantize_epochs"),
+    (dict(square_queries=0), "square_queries"),
 ])
 def test_bad_config_is_a_clear_error_naming_the_field(tmp_path, overrides, field):
   with pytest.raises(UserError, match=f"`{field}`"):

@@ -98,15 +98,16 @@ def test_classifier_of_a_tflite_is_forward_only(setup):
 
 
 def _config(tmp_path, lite, **kwargs):
+  kwargs.setdefault("epsilons", (0.3,))
+  kwargs.setdefault("batch_size", N)
   return RobustnessConfig(model=lite, run_dir=str(tmp_path / "run"), dataset="mnist",
-                          epsilons=(0.3,), n_examples=N, batch_size=N, square_queries=50,
-                          **kwargs)
+                          n_examples=N, square_queries=50, **kwargs)
 
 
 def test_black_box_ensemble_worst_case_and_report(setup, tmp_path):
   model, sm, lite, x, y = setup
   result = evaluate.run(_config(tmp_path, lite, surrogate=sm))
-  assert result.attacks == list(black_box.ATTACKS)
+  assert result.attacks == [*black_box.TRANSFER, "square"]  # a float surrogate: no BPDA
   lite_model = tflite.TFLiteModel(lite)
   correct = lite_model.predict_classes(x) == y
   worst = robustness.robust_masks(tmp_path / "run")[0.3]
@@ -141,10 +142,13 @@ def test_black_box_ensemble_worst_case_and_report(setup, tmp_path):
 
 def test_without_surrogate_square_alone(setup, tmp_path):
   _, _, lite, _, _ = setup
-  result = evaluate.run(_config(tmp_path, lite))
+  result = evaluate.run(_config(tmp_path, lite, batch_size=None))  # kd-evaluate's default
   assert result.attacks == ["square"]
   report = (tmp_path / "run" / "report.md").read_text()
   assert "Square alone" in report
+  # No gradient attack runs: the batch is the cap, not a gradient step measured on the .tflite.
+  auto = json.loads((tmp_path / "run" / "results.json").read_text())["batch_size_auto"]
+  assert auto["limited_by"].startswith("cap (no gradient attack")
 
 
 def test_gradient_attacks_on_a_tflite_are_refused(setup, tmp_path):
@@ -179,3 +183,76 @@ def test_deployment_report_rows_intervals_and_masking_warning(tmp_path):
   assert "int8_qat at ε 0.3: Square broke 30" in md
   assert "float at" not in md
   assert len(pathlib.Path(paths["rows.csv"]).read_text().splitlines()) == 4
+
+
+def test_fake_quant_gradient_is_bpda_straight_through():
+  """tfmot's FakeQuant ops (forward: round to the int8 grid of [min, max]) have
+  TensorFlow's registered gradient: identity inside [min, max], zero outside, i.e.
+  the gradient of clip(x, min, max): BPDA's rounding-as-identity (black_box docs)."""
+  x = tf.constant(np.linspace(-2.0, 2.0, 81, dtype=np.float32))
+  with tf.GradientTape() as tape:
+    tape.watch(x)
+    y = tf.quantization.fake_quant_with_min_max_vars(x, -1.0, 1.0, num_bits=8)
+  g = tape.gradient(y, x).numpy()
+  inside = np.abs(x.numpy()) < 1.0 - 1e-6
+  np.testing.assert_array_equal(g[inside], 1.0)
+  np.testing.assert_array_equal(g[np.abs(x.numpy()) > 1.0 + 1e-6], 0.0)
+  # It rounds: to the grid of step 2/255, so by at most half a step.
+  assert 0 < np.abs(y.numpy() - np.clip(x.numpy(), -1, 1)).max() <= 1.0 / 255 + 1e-6
+
+
+@pytest.fixture(scope="module")
+def qat_setup(setup, tmp_path_factory):
+  """(QAT twin SavedModel, its int8 .tflite): the tiny model fake-quantized by tfmot,
+  fine-tuned one epoch, exported (the twin) and converted (what ships)."""
+  from keras_defense.compression import qat  # pylint: disable=g-import-not-at-top
+  model, _, _, _, _ = setup
+  x_train, y_train = data.load_arrays("mnist", "train", limit=1000)
+  q = qat.quantize_for_training(model)  # a copy: `model` stays float
+  qat.fine_tune(q, tf.data.Dataset.from_tensor_slices((x_train, y_train)).batch(64), epochs=1,
+                learning_rate=1e-4, verbose=0)
+  root = tmp_path_factory.mktemp("qat")
+  twin = export.export_saved_model(
+      q, root / "twin", version=1,
+      provenance=provenance.model_provenance("quantize", data.info("mnist")))
+  lite = root / "qat_int8.tflite"
+  lite.write_bytes(conversion.convert(q, "qat_int8", representative=x_train[:100]))
+  return twin, str(lite)
+
+
+def test_bpda_members_through_the_qat_twin(setup, qat_setup, tmp_path):
+  _, sm, _, x, y = setup
+  twin, lite = qat_setup
+  assert black_box.is_qat_model(twin) and not black_box.is_qat_model(sm)
+  # A QAT surrogate is the twin: its APGD members are the BPDA ones (not run twice).
+  auto = _config(tmp_path / "auto", lite, surrogate=twin)
+  assert black_box.qat_twin_path(auto) == twin
+  assert black_box.attack_names(auto) == ("transfer-pgd", *black_box.BPDA, "square")
+  assert black_box.attack_names(_config(tmp_path / "both", lite, surrogate=sm,
+                                        qat_twin=twin)) == black_box.ATTACKS
+  with pytest.raises(UserError, match="QAT twin"):
+    black_box.attack_names(_config(tmp_path / "none", lite, surrogate=sm, version="custom",
+                                   attacks=("bpda-apgd-ce",)))
+  # BPDA alone at a small ε: examples crafted on the twin, counted on the interpreter.
+  config = _config(tmp_path, lite, qat_twin=twin, version="custom",
+                   attacks=black_box.BPDA, epsilons=(0.08,), batch_size=None)
+  result = evaluate.run(config)
+  assert result.attacks == list(black_box.BPDA)
+  lite_model = tflite.TFLiteModel(lite)
+  state = tmp_path / "run" / "state" / "eps_0.08"
+  broken = 0
+  for k, name in enumerate(black_box.BPDA):
+    with np.load(state / f"{k:02d}_{name}.npz") as z:
+      idx, x_adv = z["broken_idx"], z["x_adv"]
+    broken += len(idx)
+    if len(idx):
+      assert np.abs(x_adv - x[idx]).max() <= 0.08 + 1e-6 and 0 <= x_adv.min() <= x_adv.max() <= 1
+      # Really misclassified by the interpreter, not only by the twin.
+      assert np.all(lite_model.predict_classes(x_adv) != y[idx])
+  assert broken > 0  # BPDA finds something at ε 0.08 on a one-epoch tiny model
+  assert result.epsilons[0].robust == int(robustness.robust_masks(tmp_path / "run")[0.08].sum())
+  results = json.loads((tmp_path / "run" / "results.json").read_text())
+  assert results["black_box"]["qat_twin"] == twin
+  assert results["batch_size_auto"]["per_image_bytes"] > 0  # sized on the twin's APGD step
+  assert [s["attack"] for s in results["per_eps"][0]["attacks"]] == list(black_box.BPDA)
+  assert "BPDA" in (tmp_path / "run" / "report.md").read_text()

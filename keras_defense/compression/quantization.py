@@ -15,7 +15,11 @@ The stages, each optional but the conversion:
    training split;
 5. write ``export_path`` and its provenance ``<export_path>.json`` atomically,
    and measure: bytes raw and gzip against the parent's ``variables/``, top-1
-   agreement with the parent on ``agreement_size`` test images (run on LiteRT).
+   agreement with the parent on ``agreement_size`` test images (run on LiteRT);
+6. ``qat_twin_path`` set (``qat_int8`` only): the fine-tuned fake-quantized
+   Keras model, the QAT twin, as a SavedModel ``<qat_twin_path>/1`` (TF
+   Serving layout; kd-evaluate ``--qat_twin`` runs the BPDA members through
+   it), named in the provenance as ``qat_twin``.
 
 Example:
   >>> result = quantize(QuantizeConfig(base_model_path="saved_models/mnist_m1_at_pgd/1",
@@ -69,6 +73,7 @@ class QuantizeConfig:
   adversarial_settings: qat.AdversarialSettings = dataclasses.field(
       default_factory=qat.AdversarialSettings)
   agreement_size: int = 1000  # test images for the agreement check (0: skip)
+  qat_twin_path: str | None = None  # qat_int8: also export the QAT twin (SavedModel) here
   seed: int = 0
   data_dir: str | None = None
   manual_dir: str | None = None
@@ -98,6 +103,9 @@ class QuantizeConfig:
       self.adversarial_settings.validate()
     if not str(self.export_path).endswith(".tflite"):
       raise UserError(f"`export_path` must end in .tflite; got {self.export_path!r}.")
+    if self.qat_twin_path and self.method != "qat_int8":
+      raise UserError(f"`qat_twin_path` needs method qat_int8 (only QAT makes a "
+                      f"fake-quantized twin); got method {self.method!r}.")
     if self.agreement_size < 0:
       raise UserError(f"`agreement_size` must be >= 0; got {self.agreement_size!r}.")
 
@@ -203,6 +211,10 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     m["agreement_images"] = int(len(x_check))
 
   record = provenance.model_provenance("quantize", info, base_model=config.base_model_path)
+  twin = None
+  if config.qat_twin_path:
+    twin = str(export.export_saved_model(model, config.qat_twin_path, version=1,
+                                         provenance=dict(record, qat_twin_of=str(export_path))))
   record["versions"]["ai_edge_litert"] = _litert_version()
   record.update({
       "method": config.method, "clusters": config.clusters, "int8_io": config.int8_io,
@@ -218,7 +230,9 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
           "adversarial": config.adversarial,
           "adversarial_settings": (dataclasses.asdict(config.adversarial_settings)
                                    if config.adversarial else None)},
-      "stages": stages, "measurement": m, "wall_seconds": time.time() - start})
+      "stages": stages, "measurement": m, "wall_seconds": time.time() - start,
+      # Only when written: sidecars made before it read as before.
+      **({"qat_twin": twin} if twin else {})})
   sidecar = str(export_path) + SIDECAR_SUFFIX
   io_utils.write_json(sidecar, record)
   return QuantizeResult(export_path=str(export_path), provenance_path=sidecar, record=record)

@@ -47,6 +47,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense.models import classifier as clf_lib
+from keras_defense.evaluation import black_box
 from keras_defense.evaluation import inputs
 from keras_defense.evaluation import replicas
 from keras_defense.evaluation import robustness_state as state_lib
@@ -347,7 +348,8 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
                  config.strategy, attack_model.num_replicas, ", ".join(attack_model.devices))
   auto = None
   if config.batch_size is None:
-    config, auto = _auto_batch_size(config, attack_model, images.image_shape)
+    config, auto = _auto_batch_size(config, _sized_model(config, clf, attack_model),
+                                    images.image_shape)
   identity = dict(config.identity(), **images.identity)
   first, shard = 0, None
   if config.num_shards > 1:
@@ -390,18 +392,39 @@ def run(config: RobustnessConfig, *, progress: Progress | None = None,
       versions=provenance.versions(), batch_size_auto=auto, shard=shard)
 
 
-def _auto_batch_size(config: RobustnessConfig, model: Any, image_shape: Sequence[int]
+def _sized_model(config: RobustnessConfig, clf: clf_lib.Classifier, attack_model: Any
+                 ) -> Any | None:
+  """The model whose attack step sizes the batch: the model itself; for a .tflite (no
+  gradients) its surrogate or QAT twin, where the gradient attacks run; None for Square
+  alone (forward passes only)."""
+  if clf.kind != "tflite":
+    return attack_model
+  if config.surrogate:
+    return black_box.load_surrogate(config)
+  if config.qat_twin:
+    return black_box.load_surrogate(config, config.qat_twin, what="qat_twin")
+  return None
+
+
+def _auto_batch_size(config: RobustnessConfig, model: Any | None, image_shape: Sequence[int]
                      ) -> tuple[RobustnessConfig, dict]:
   """``config`` with the batch size chosen from memory (``attacks.memory``), and how.
 
   Chosen once per run directory (``state/batch_size.json``, created
   exclusively): a resumed run, and every shard sharing the run directory, uses
-  the first choice, so their slices are batched alike.
+  the first choice, so their slices are batched alike. ``model`` None (no
+  gradient attack runs): the cap.
   """
   path = pathlib.Path(config.run_dir) / "state" / "batch_size.json"
   if not path.is_file():
-    batch, details = memory.choose_batch_size(model, image_shape,
-                                              cap=rob_config.DEFAULT_BATCH_SIZE)
+    if model is None:
+      batch = rob_config.DEFAULT_BATCH_SIZE
+      details = {"batch_size": batch, "per_image_bytes": 0,
+                 "available_bytes": memory.available_bytes(), "fraction": None, "cap": batch,
+                 "limited_by": "cap (no gradient attack: forward passes only)"}
+    else:
+      batch, details = memory.choose_batch_size(model, image_shape,
+                                                cap=rob_config.DEFAULT_BATCH_SIZE)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
       with open(path, "x", encoding="utf-8") as f:  # the first process's choice stands

@@ -70,6 +70,11 @@ class RobustnessConfig:
     surrogate: for a ``.tflite`` model (no gradients): the differentiable twin
       (any model kd-evaluate loads) whose APGD/PGD examples are transferred
       (``black_box``); None: Square alone.
+    qat_twin: for a ``.tflite`` model: the tfmot quantization-aware (QAT)
+      model it was converted from, as a SavedModel; adds the BPDA members
+      (APGD through its fake quantization, straight-through gradients,
+      judged on the interpreter). None: the surrogate when it is itself a QAT
+      model (``black_box.qat_twin_path``), else no BPDA.
     square_queries: Square's query budget per image in the black-box ensemble.
     strategy: "default" (one device) or "mirrored": every model call of the
       attacks is split across the replicas of a ``tf.distribute``
@@ -105,6 +110,7 @@ class RobustnessConfig:
   std: tuple[float, ...] | None = None
   surrogate: str | None = None
   square_queries: int = DEFAULT_SQUARE_QUERIES
+  qat_twin: str | None = None
   strategy: str = "default"
   num_cpu_devices: int | None = None
 
@@ -185,6 +191,9 @@ class RobustnessConfig:
          f"`compute_dtype` 'bfloat16' clones the Keras model itself; under strategy "
          f"{self.strategy!r} the model is called split across replicas in float32. Fix: "
          f"--compute_dtype=float32 (or auto).")
+    need(self.qat_twin is None or str(self.model).endswith(".tflite"),
+         f"`qat_twin` is for a .tflite model (no gradients); {self.model!r} is attacked "
+         f"white-box. Fix: drop --qat_twin, or evaluate the .tflite.")
     self.pixels().validate()
     return self
 
@@ -202,4 +211,6 @@ class RobustnessConfig:
             # Only when not [0, 1]: run directories made before these fields resume.
             **({} if self.pixels().is_identity else {"pixels": self.pixels().to_dict()}),
             **({"surrogate": self.surrogate, "square_queries": self.square_queries}
-               if str(self.model).endswith(".tflite") else {})}
+               if str(self.model).endswith(".tflite") else {}),
+            # Only when given: run directories made before it resume.
+            **({"qat_twin": self.qat_twin} if self.qat_twin else {})}

@@ -5,11 +5,15 @@ A sweep evaluates every *point* of
   method (standard, or an adversarial-training method of ``training.TrainConfig``)
   x (Dense sparsity, Conv sparsity) pairs (as given, not their product)
   x logits-augmentation ε (0: no augmentation)
+  x quantization (``none``: the float SavedModel; ``ptq_int8``/``qat_int8``:
+    the point's model converted by ``compression.quantize`` into a .tflite)
 
 (``SweepConfig.points``, in grid order). Keys: a parent or point is named by
 its coordinates and the seed, e.g. ``standard__s0`` (M0),
 ``standard__d0.9_c0.95__s0`` (pruned), ``standard__d0.9_c0.95__eps20__s0`` (a
-point and its augmented model).
+point and its augmented model), ``standard__d0.9_c0.95__eps20__s0__qat_int8``
+(that model quantized: the suffix only when quantized, so the keys and run
+directories of a sweep without quantization are those it always had).
 
 Below both the execution (``pipelines.sweep``: parents, attacks, run) and the
 report (``reports.sweep_report``), which read the same config and columns.
@@ -29,10 +33,14 @@ from typing import Any
 
 from keras_defense import data
 from keras_defense.evaluation import grid as evaluation
+from keras_defense.evaluation import statistics
 from keras_defense import training
 from keras_defense.util.errors import UserError
 
-STAGES = ("train", "prune", "augment", "attack", "autoattack", "report")
+STAGES = ("train", "prune", "augment", "quantize", "attack", "autoattack", "report")
+NO_QUANTIZATION = "none"
+# The quantization dimension: none, or a compression.quantize method.
+QUANTIZATIONS = (NO_QUANTIZATION, "ptq_int8", "qat_int8")
 STANDARD = "standard"
 # PruneConfig's robust-pruning flags (defenses.pruning, its adversarial spec):
 # part of a sweep's identity only when prune.adversarial is set.
@@ -64,15 +72,30 @@ class Point:
   conv_sparsity: float
   logits_epsilon: float
   seed: int
+  quantization: str = NO_QUANTIZATION
 
   @property
   def sparsity_id(self) -> str:
     return f"d{_g(self.dense_sparsity)}_c{_g(self.conv_sparsity)}"
 
   @property
+  def quantized(self) -> bool:
+    return self.quantization != NO_QUANTIZATION
+
+  @property
   def key(self) -> str:
-    """``<method>__d<dense>_c<conv>__eps<ε>__s<seed>``: the point and its model."""
+    """``<method>__d<dense>_c<conv>__eps<ε>__s<seed>[__<quantization>]``: the point and its
+    model (the suffix only when quantized)."""
+    return self.float_key + (f"__{self.quantization}" if self.quantized else "")
+
+  @property
+  def float_key(self) -> str:
+    """The key of the float model a quantized point converts (its own key if not quantized)."""
     return f"{self.method}__{self.sparsity_id}__eps{_g(self.logits_epsilon)}__s{self.seed}"
+
+  def float_point(self) -> "Point":
+    """This point without quantization: the float model it converts."""
+    return dataclasses.replace(self, quantization=NO_QUANTIZATION)
 
   @property
   def m0_key(self) -> str:
@@ -91,9 +114,11 @@ class Point:
     return f"{self.sparsity_id}_eps{_g(self.logits_epsilon)}"
 
   def coordinates(self) -> dict[str, Any]:
+    """The point's coordinates (``quantization`` only when quantized, as the key)."""
     return {"method": self.method, "dense_sparsity": float(self.dense_sparsity),
             "conv_sparsity": float(self.conv_sparsity),
-            "logits_epsilon": float(self.logits_epsilon), "seed": int(self.seed)}
+            "logits_epsilon": float(self.logits_epsilon), "seed": int(self.seed),
+            **({"quantization": self.quantization} if self.quantized else {})}
 
 
 @dataclasses.dataclass
@@ -102,6 +127,10 @@ class SweepConfig:
 
   ``eval`` must hold exactly one ε (``eval.epsilons``: the radius of every
   point's attacks and AutoAttack) and no C&W attacks (not ε-bounded).
+  ``quantize_epochs`` (QAT fine-tuning) and ``square_queries`` (the black-box
+  ensemble of a quantized point) concern quantized points only; they are bound
+  per quantized model and evaluation, not in ``identity``, so quantized points
+  can be added to a finished sweep's run directory.
   """
   run_dir: str
   train: training.TrainConfig
@@ -111,6 +140,9 @@ class SweepConfig:
   sparsities: tuple[tuple[float, float], ...] = ((0.0, 0.0), (0.9, 0.95))
   logits_epsilons: tuple[float, ...] = (0.0, 20.0)
   methods: tuple[str, ...] = (STANDARD,)
+  quantization: tuple[str, ...] = (NO_QUANTIZATION,)
+  quantize_epochs: int = 1  # qat_int8: fine-tuning epochs under fake quantization
+  square_queries: int = 5000  # a quantized point's Square budget (AutoAttack's)
   # The adversarial methods' attack (the adversarial-training flags; its method is each
   # point's); None: the spec's defaults. train.adversarial is set per point.
   adversarial: training.AdversarialSpec | None = None
@@ -165,6 +197,17 @@ class SweepConfig:
       need(m in available, f"`methods` must be from {', '.join(available)}; got {m!r}.")
     need(len(set(self.methods)) == len(self.methods),
          f"`methods` must not repeat; got {list(self.methods)}.")
+    need(len(self.quantization) > 0, f"`quantization` must name at least one of "
+         f"{', '.join(QUANTIZATIONS)}.")
+    for q in self.quantization:
+      need(q in QUANTIZATIONS,
+           f"`quantization` must be from {', '.join(QUANTIZATIONS)}; got {q!r}.")
+    need(len(set(self.quantization)) == len(self.quantization),
+         f"`quantization` must not repeat; got {list(self.quantization)}.")
+    need(isinstance(self.quantize_epochs, int) and self.quantize_epochs >= 0,
+         f"`quantize_epochs` must be an integer >= 0; got {self.quantize_epochs!r}.")
+    need(isinstance(self.square_queries, int) and self.square_queries >= 1,
+         f"`square_queries` must be an integer >= 1; got {self.square_queries!r}.")
     for m, path in self.base_models.items():
       need(m in self.methods, f"`base_models` names method {m!r}, which is not in `methods` "
            f"({', '.join(self.methods)}).")
@@ -203,10 +246,16 @@ class SweepConfig:
     """The attack ε of every point."""
     return float(self.eval.epsilons[0])
 
+  @property
+  def quantized(self) -> bool:
+    """True when the grid has quantized points (the report then shows bytes and agreement)."""
+    return any(q != NO_QUANTIZATION for q in self.quantization)
+
   def points(self) -> list[Point]:
-    """Every point, in grid order: method, then sparsity pair, then logits ε."""
-    return [Point(m, float(d), float(c), float(e), int(self.seed)) for m in self.methods
-            for d, c in self.sparsities for e in self.logits_epsilons]
+    """Every point, in grid order: method, sparsity pair, logits ε, then quantization."""
+    return [Point(m, float(d), float(c), float(e), int(self.seed), q) for m in self.methods
+            for d, c in self.sparsities for e in self.logits_epsilons
+            for q in self.quantization]
 
   def shard(self) -> list[Point]:
     """This shard's points: block ``shard_index`` of ``num_shards`` contiguous blocks."""
@@ -251,3 +300,14 @@ def success_columns(config: SweepConfig) -> list[str]:
   return [success_column(t, a, tg) for t in config.eval.threat_models
           for a in config.eval.attacks for tg in config.eval.targeted_modes]
 
+
+
+def record_head(config: SweepConfig, p: Point, *, clean_acc: float, n_clean: int, n: int,
+                n_robust: int, definition: str) -> dict[str, Any]:
+  """The fields every point record starts with: key, coordinates, ε, accuracies (Wilson)."""
+  lo, hi = statistics.wilson_interval(n_robust, n)
+  return {"key": p.key, **p.coordinates(),
+          "eps": config.epsilon, "threat_model": THREAT_MODEL, "n_examples": n,
+          "clean_acc": clean_acc, "n_clean": n_clean,
+          "robust_acc": n_robust / n, "robust_ci95": [lo, hi], "n_robust": n_robust,
+          "robust_acc_definition": definition}

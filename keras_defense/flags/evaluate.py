@@ -61,6 +61,12 @@ flags.DEFINE_string("surrogate", None,
                     "kd-evaluate on a .tflite (no gradients): the differentiable twin (float "
                     "parent or QAT twin, any model kd-evaluate loads) whose PGD/APGD examples "
                     "are transferred; without it Square alone runs (evaluation/black_box.py).")
+flags.DEFINE_string("qat_twin", None,
+                    "kd-evaluate on a .tflite: the tfmot quantization-aware (QAT) SavedModel it "
+                    "was converted from (kd-quantize --qat_twin_path writes it); adds the BPDA "
+                    "members bpda-apgd-ce/bpda-apgd-t: APGD through the twin's fake "
+                    "quantization with straight-through gradients, judged on the interpreter. "
+                    "Default: --surrogate when it is itself a QAT model.")
 flags.DEFINE_integer("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
                      "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).",
                      lower_bound=1)
@@ -151,5 +157,5 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       manual_dir=fv.manual_dir, command=command,
       input_range=tuple(float(v) for v in fv.input_range.split(",")),
       mean=_floats(fv.mean), std=_floats(fv.std),
-      surrogate=fv.surrogate, square_queries=fv.square_queries,
+      surrogate=fv.surrogate, square_queries=fv.square_queries, qat_twin=fv.qat_twin,
       strategy=fv.strategy, num_cpu_devices=fv.num_cpu_devices)

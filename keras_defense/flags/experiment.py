@@ -22,7 +22,9 @@ flags.DEFINE_string("train_flagfile", None, "Flagfile of the M0 training stage (
 flags.DEFINE_string("prune_flagfile", None, "Flagfile of the M1 pruning stage (flags/mnist_m1.flags).")
 flags.DEFINE_string("augment_flagfile", None, "Flagfile of the M2 stage (flags/mnist_m2.flags).")
 flags.DEFINE_list("stages", ["train", "prune", "augment", "attack", "autoattack", "report"],
-                  "Stages to run, in order; finished stages are skipped on a rerun.")
+                  "Stages to run, in order; finished stages are skipped on a rerun. kd-sweep "
+                  "also has quantize (after augment: the .tflite of each quantized point, "
+                  "--quantization), and runs all its stages when --stages is not given.")
 flags.DEFINE_bool("reuse_saved_models", False,
                   "Attack the shipped saved_models/<dataset>_{m0,m1,m2}/1 instead of "
                   "training, pruning and augmenting.")
@@ -79,7 +81,8 @@ flags.DEFINE_integer("sanity_size", 100,
 
 flags.register_validator("epsilons", common.check_epsilons)
 flags.register_validator("stages", common.check_choices("stages", ("train", "prune", "augment",
-                                                             "attack", "autoattack", "report")))
+                                                             "quantize", "attack", "autoattack",
+                                                             "report")))
 flags.register_validator("attacks", common.check_choices("attacks", _ev.GRADIENT_ATTACKS))
 flags.register_validator("cw_attacks", common.check_choices("cw_attacks", _ev.CW_ATTACKS))
 flags.register_validator("threat_models", common.check_choices("threat_models", _tm.THREAT_MODELS))

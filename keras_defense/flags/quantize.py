@@ -34,6 +34,10 @@ flags.DEFINE_string("export_path", None, "The .tflite to write; its provenance g
 flags.DEFINE_integer("agreement_size", 1000,
                      "Test images on which the .tflite's top-1 agreement with the float model "
                      "is measured (0: skip).", lower_bound=0)
+flags.DEFINE_string("qat_twin_path", None,
+                    "--method=qat_int8: also export the fine-tuned fake-quantized model (the QAT "
+                    "twin) as a SavedModel <qat_twin_path>/1, for kd-evaluate --qat_twin (BPDA "
+                    "through its fake quantization).")
 flags.register_validator("clusters", lambda v: v == 0 or v >= 2,
                          "--clusters must be 0 (none) or >= 2.")
 
@@ -73,5 +77,6 @@ def quantize_config(fv=None):
       representative_size=fv.representative_size, int8_io=fv.int8_io,
       batch_size=fv.batch_size, train_limit=fv.train_limit, adversarial=fv.adversarial,
       adversarial_settings=settings, agreement_size=fv.agreement_size, seed=fv.seed,
+      qat_twin_path=fv.qat_twin_path,
       data_dir=fv.data_dir, manual_dir=fv.manual_dir, validation_size=fv.validation_size,
       **tuned)

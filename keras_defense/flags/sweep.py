@@ -23,6 +23,20 @@ flags.DEFINE_list("logits_epsilons", ["0", "20"],
 flags.DEFINE_list("methods", ["standard"],
                   "kd-sweep: training methods: standard, plus pgd, fgsm_rs, trades "
                   "(adversarial training) where available.")
+flags.DEFINE_list("quantization", ["none"],
+                  "kd-sweep: the quantization dimension: none (the float SavedModel), ptq_int8 "
+                  "(full-integer post-training quantization), qat_int8 (tfmot quantization-aware "
+                  "fine-tuning for --quantize_epochs, then int8), e.g. none,ptq_int8,qat_int8. A "
+                  "quantized point is its float point converted to a .tflite (kd-quantize's "
+                  "library, stage quantize) and attacked by kd-evaluate's black-box ensemble on "
+                  "the LiteRT interpreter: transfer from the float point, BPDA through the QAT "
+                  "twin (qat_int8), Square.")
+flags.DEFINE_integer("quantize_epochs", 1,
+                     "kd-sweep: qat_int8's fine-tuning epochs under fake quantization (Adam "
+                     "1e-4, --train_flagfile's train_limit).", lower_bound=0)
+flags.DEFINE_integer("sweep_square_queries", 5000,
+                     "kd-sweep: Square's queries per image in a quantized point's black-box "
+                     "ensemble (AutoAttack: 5000).", lower_bound=1)
 flags.DEFINE_list("base_models", [],
                   "kd-sweep: method:SavedModel pairs used as that method's M0 instead of "
                   "training it (e.g. standard:saved_models/mnist_m0/1).")
@@ -62,6 +76,8 @@ def _check_floats(name):
 
 
 flags.register_validator("sparsities", _check_sparsities)
+flags.register_validator("quantization", common.check_choices(
+    "quantization", ("none", "ptq_int8", "qat_int8")))  # sweep_grid.QUANTIZATIONS
 flags.register_validator("logits_epsilons", _check_floats("logits_epsilons"))
 flags.register_validator(
     "base_models", lambda v: all(":" in x and x.split(":", 1)[1] for x in v),
@@ -87,8 +103,12 @@ def sweep_config(command: str | None = None):
       sparsities=tuple(tuple(float(p) for p in v.split(":")) for v in FLAGS.sparsities),
       logits_epsilons=tuple(float(e) for e in FLAGS.logits_epsilons),
       methods=tuple(FLAGS.methods), adversarial=attack,
+      quantization=tuple(FLAGS.quantization), quantize_epochs=FLAGS.quantize_epochs,
+      square_queries=FLAGS.sweep_square_queries,
       base_models=dict(v.split(":", 1) for v in FLAGS.base_models),
       dataset=exp.dataset, data_dir=exp.data_dir, manual_dir=exp.manual_dir,
-      seed=FLAGS.seed, deterministic=FLAGS.deterministic, stages=tuple(FLAGS.stages),
+      seed=FLAGS.seed, deterministic=FLAGS.deterministic,
+      # Not given: every sweep stage (quantize too; the flag's default is kd-experiment's).
+      stages=tuple(FLAGS.stages) if FLAGS["stages"].present else sweep_grid.STAGES,
       shard_index=FLAGS.shard_index, num_shards=FLAGS.num_shards,
       lock_timeout=FLAGS.lock_timeout, command=command)

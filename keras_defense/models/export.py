@@ -90,8 +90,9 @@ def export_saved_model(model: keras.Model, base: str | os.PathLike, *,
   """Exports ``model`` to ``<base>/<version>/`` atomically.
 
   Args:
-    model: a tf_keras model mapping float32 images to logits (no tfmot
-      wrappers: strip pruning first).
+    model: a tf_keras model mapping float32 images to logits (strip pruning
+      first; a tfmot QAT model exports as its fake-quant graph, loadable by
+      ``classifier.load_classifier``, not by ``load_model``).
     base: the model's folder, e.g. ``saved_models/mnist_m0``.
     version: positive int; default the next free version. An existing version
       is replaced only once the new export is complete.

@@ -276,6 +276,21 @@ def scan_saved_model(path: str | os.PathLike, *,
   return [f for meta in proto.meta_graphs for f in _scan_meta_graph(meta, denylist)]
 
 
+def op_types(path: str | os.PathLike) -> frozenset[str]:
+  """Every op type in a SavedModel's graphs and function libraries (read, nothing runs).
+
+  E.g. ``"FakeQuantWithMinMaxVars" in op_types(path)`` tells a tfmot
+  quantization-aware (QAT) model from a float one.
+
+  Raises:
+    UnreadableModelError: no saved_model.pb, or one that does not parse.
+  """
+  proto = _read(pathlib.Path(path))
+  return frozenset(n.op for meta in proto.meta_graphs
+                   for n in [*meta.graph_def.node,
+                             *(d for f in meta.graph_def.library.function for d in f.node_def)])
+
+
 def _describe(findings: Sequence[Finding], limit: int = 3) -> str:
   by_op: dict[str, list[Finding]] = {}
   for f in findings:

@@ -11,10 +11,10 @@ For each (parent, variant) row, in ``<run_dir>/<parent>/<variant>/``:
    agreement with the parent on them;
 3. robust accuracy at each ε on the first ``robust_size`` test images:
    a .tflite by kd-evaluate's black-box ensemble (``evaluation.black_box``,
-   transfer from the parent + Square on the interpreter), the float row by
-   white-box AutoAttack (``twin_attacks``); the twin's white-box number (the
-   parent's: the twin of every variant here is its float parent, kd-quantize
-   keeps no QAT twin) is shown beside every row.
+   transfer from the parent + Square on the interpreter; the QAT rows also BPDA
+   through their QAT twin, which kd-quantize exports to ``<variant>_twin/1``), the
+   float row by white-box AutoAttack (``twin_attacks``); the float parent's
+   white-box number is shown beside every row.
 
 A finished row writes ``row.json``; a rerun skips it, and an interrupted
 evaluation resumes (kd-evaluate's state). The report is rendered from the rows
@@ -88,23 +88,28 @@ class DeploymentConfig:
     return self
 
 
-def _artifact(config: DeploymentConfig, parent: str, variant: str, out: pathlib.Path) -> str:
+def _artifact(config: DeploymentConfig, parent: str, variant: str, out: pathlib.Path
+              ) -> tuple[str, str | None]:
+  """(the row's model, its QAT twin SavedModel or None), made once and reused."""
   spec = VARIANTS[variant]
   if spec is None:
-    return parent
+    return parent, None
   path = out / f"{variant}.tflite"
-  if compression.read_provenance(str(path)) is not None and path.is_file():
-    return str(path)
+  record = compression.read_provenance(str(path))
+  if record is not None and path.is_file():
+    twin = record.get("qat_twin")  # absent in artifacts made before twins were kept
+    return str(path), twin if twin and pathlib.Path(twin).is_dir() else None
   method, clusters, adversarial = spec
-  compression.quantize(compression.QuantizeConfig(
+  result = compression.quantize(compression.QuantizeConfig(
       base_model_path=parent, export_path=str(path), dataset=config.dataset, method=method,
       clusters=clusters, adversarial=adversarial, epochs=config.fine_tune_epochs,
-      train_limit=config.train_limit, seed=config.seed, agreement_size=0, verbose=0))
-  return str(path)
+      train_limit=config.train_limit, seed=config.seed, agreement_size=0, verbose=0,
+      qat_twin_path=str(out / f"{variant}_twin") if method == "qat_int8" else None))
+  return str(path), result.record.get("qat_twin")
 
 
 def _evaluate(config: DeploymentConfig, model: str, parent: str, run_dir: pathlib.Path,
-              *, white_box: bool):
+              *, white_box: bool, qat_twin: str | None = None):
   rc = RobustnessConfig(
       model=model, run_dir=str(run_dir), dataset=config.dataset,
       epsilons=tuple(config.epsilons), n_examples=config.robust_size,
@@ -112,6 +117,7 @@ def _evaluate(config: DeploymentConfig, model: str, parent: str, run_dir: pathli
       attacks=tuple(config.twin_attacks) if (white_box and config.twin_attacks) else None,
       output_key="logits" if model == parent else None, seed=config.seed,
       batch_size=config.batch_size, surrogate=None if white_box else parent,
+      qat_twin=qat_twin,
       square_queries=config.square_queries,
       slice_size=max(1, config.robust_size))  # one slice, as auto_attack
   return evaluate.run(rc).to_dict()
@@ -131,7 +137,7 @@ def run_row(config: DeploymentConfig, name: str, parent: str, variant: str,
     return io_utils.read_json(done)
   start = time.time()
   out.mkdir(parents=True, exist_ok=True)
-  artifact = _artifact(config, parent, variant, out)
+  artifact, qat_twin = _artifact(config, parent, variant, out)
   is_float = artifact == parent
   sized = measurement.saved_model_variables(parent) if is_float else artifact
   if is_float:
@@ -144,13 +150,14 @@ def run_row(config: DeploymentConfig, name: str, parent: str, variant: str,
     pred = lite.predict_classes(x)
     latency = measurement.latency_seconds(lite, x[0], repeats=config.latency_repeats)
   results = twin if is_float else _evaluate(config, artifact, parent, out / "evaluate",
-                                            white_box=False)
+                                            white_box=False, qat_twin=qat_twin)
   row = {"parent": name, "parent_path": parent, "variant": variant, "artifact": artifact,
          "runtime": "TensorFlow (SavedModel)" if is_float else "LiteRT",
          "bytes": measurement.file_bytes(sized), "gzip_bytes": measurement.gzipped_bytes(sized),
          "latency_seconds": latency, "clean_correct": int((pred == y).sum()),
          "clean_n": int(len(y)), "agreement": float(np.mean(pred == parent_pred)),
          "attack": "white-box AutoAttack" if is_float else "black-box ensemble",
+         "qat_twin": qat_twin,
          "attacks": results["attacks"], "robust": _robust(results),
          "twin_robust": _robust(twin),
          "provenance": compression.read_provenance(artifact) if not is_float else None,

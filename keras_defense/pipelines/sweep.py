@@ -11,6 +11,17 @@ augmented model per (method, sparsity, ε) (``logits_augmentation.augment``;
 one ε, and AutoAttack through ``evaluate.run`` when
 ``eval.autoattack_version != "none"``; ``reports.sweep_report`` writes the report.
 
+A quantized point (``quantization`` ptq_int8 / qat_int8) is its float point's
+model converted by ``compression.quantize`` (kd-quantize's library; stage
+``quantize``; qat_int8 also exports its QAT twin) into a ``.tflite``, a parent
+like the others. It has no gradients, so its attack stage is kd-evaluate's
+black-box ensemble (``evaluation.black_box`` through ``evaluate.run``) on the
+LiteRT interpreter: transfer from the float point, BPDA through the QAT twin
+(qat_int8), Square; robust accuracy is that ensemble's per-image worst case on
+the AutoAttack images, with clean accuracy on the interpreter, top-1 agreement
+with the float point, and the bytes (raw, gzip) of what ships
+(``sweep_quantization``).
+
 Run-directory layout::
 
   <run_dir>/sweep.json                 the run's binding (settings outside the grid)
@@ -18,6 +29,8 @@ Run-directory layout::
                                        done.json (finished), lock (while building)
   <run_dir>/work/<method>__s<seed>/cells/   attack cells of every point of the method
   <run_dir>/work/<key>/autoattack/     evaluate.run of the point
+  <run_dir>/parents/<key>__<q>/        a quantized point's model.tflite (+ twin/1 for qat_int8)
+  <run_dir>/work/<key>__<q>/black_box/ its black-box evaluate.run
   <run_dir>/points/<key>.json          one finished point (written last, atomically)
   <run_dir>/sweep.csv, report.md, plots/, tensorboard/   (sweep_report)
 
@@ -63,6 +76,8 @@ from keras_defense.evaluation import statistics
 from keras_defense.evaluation import sweep_grid
 from keras_defense.evaluation.sweep_grid import Point
 from keras_defense.evaluation.sweep_grid import SweepConfig
+from keras_defense.compression import measurement
+from keras_defense.pipelines import sweep_quantization
 from keras_defense.reports import sweep_report
 from keras_defense import training
 from keras_defense.util.errors import UserError
@@ -167,7 +182,8 @@ class _Sweep:
     return self._parent(p.pruned_key, "prune", build)
 
   def model(self, p: Point) -> str:
-    """The point's model: the augmented parent (the pruned one at logits ε = 0)."""
+    """The point's float model: the augmented parent (the pruned one at logits ε = 0); of a
+    quantized point, the float model it converts."""
     base = self.pruned(p)
     if p.logits_epsilon == 0:
       return base
@@ -180,7 +196,7 @@ class _Sweep:
       result = logits_augmentation.augment(cfg)
       return {"saved_model": result.saved_model_path,
               **{k: v for k, v in result.to_dict().items() if k != "saved_model_path"}}
-    return self._parent(p.key, "augment", build)
+    return self._parent(p.float_key, "augment", build)
 
   # ----------------------------------------------------------------- points
 
@@ -190,9 +206,18 @@ class _Sweep:
                                     data_dir=self.c.data_dir, manual_dir=self.c.manual_dir)
     return self._test
 
+  def quantized(self, p: Point) -> tuple[str, str | None]:
+    """A quantized point's .tflite and QAT twin (None for ptq_int8), built once."""
+    base = self.model(p.float_point())
+    path = self._parent(p.key, "quantize",
+                        lambda pdir: sweep_quantization.build(self.c, p, base, pdir))
+    return sweep_quantization.check_built(self.c, p, self.parent_dir(p.key), path)
+
   def evaluate_point(self, p: Point) -> dict:
     """Builds what the point needs, attacks it, returns its record (not yet written)."""
     from keras_defense import attacks  # pylint: disable=g-import-not-at-top
+    if p.quantized:
+      return sweep_quantization.evaluate(self, p)
     c, e = self.c, self.c.eval
     t0 = time.time()
     m0_path, path = self.m0(p), self.model(p)
@@ -219,26 +244,24 @@ class _Sweep:
     total0, _ = models_lib.count_weights(m0)
     total, nonzero = models_lib.count_weights(model)
     k = int(robust.sum())
-    lo, hi = statistics.wilson_interval(k, n)
     success = {}
     for r in rows:
       if r["model"] == name:
         success[sweep_grid.success_column(r["threat_model"], r["attack"], r["targeted"])] = {
             k2: r[k2] for k2 in ("n", "successes", "success_rate", "ci_low", "ci_high")}
     return {
-        "key": p.key, **p.coordinates(),
-        "eps": c.epsilon, "threat_model": sweep_grid.THREAT_MODEL, "n_examples": n,
-        "clean_acc": float(np.mean(pred == y)), "n_clean": int(len(y)),
-        "robust_acc": k / n, "robust_ci95": [lo, hi], "n_robust": k,
-        "robust_acc_definition": (
-            "per-image worst case at eps over every FGSM/BIM cell of the grid on this model"
-            + (" and AutoAttack" if autoattack else "")),
+        **sweep_grid.record_head(
+            c, p, clean_acc=float(np.mean(pred == y)), n_clean=int(len(y)), n=n, n_robust=k,
+            definition=("per-image worst case at eps over every FGSM/BIM cell of the grid on "
+                        "this model" + (" and AutoAttack" if autoattack else ""))),
         "autoattack": autoattack,
         "nonzero_params": nonzero, "total_params": total,
         "compression_ratio": total0 / max(nonzero, 1),
         "zero_gradient_fraction": float(attacks.zero_gradient_fraction(model, x[:n], y[:n])),
-        "success": success, "saved_model": _relative(path, self.dir),
-        "m0_saved_model": _relative(m0_path, self.dir),
+        "success": success, "saved_model": io_utils.relative_to(path, self.dir),
+        "bytes": measurement.file_bytes(measurement.saved_model_variables(path)),
+        "gzip_bytes": measurement.gzipped_bytes(measurement.saved_model_variables(path)),
+        "m0_saved_model": io_utils.relative_to(m0_path, self.dir),
         "seconds": time.time() - start, "build_seconds": start - t0,
     }
 
@@ -268,14 +291,6 @@ class _Sweep:
             "clean_acc": result.clean_acc, "robust_acc": result.robust_acc[0],
             "robust_ci95": [lo, hi], "attacks": list(result.attacks),
             "dir": str(aa_dir.relative_to(self.dir))}, mask
-
-
-def _relative(path: str, root: pathlib.Path) -> str:
-  """``path`` relative to ``root`` when it lies inside it (else as given)."""
-  try:
-    return str(pathlib.Path(path).relative_to(root))
-  except ValueError:
-    return path
 
 
 def _train_fields() -> set[str]:
@@ -325,14 +340,20 @@ def run(config: SweepConfig, *, progress: Progress | None = None) -> SweepResult
   build_only = "attack" not in config.stages
   for i, p in enumerate(mine):
     sweep.progress(i, len(mine), p.key)
+    if p.quantized and (sweep.parent_dir(p.key) / "done.json").is_file():
+      # Built with these settings (finished points too: the report would mix them).
+      sweep_quantization.check_built(config, p, sweep.parent_dir(p.key), "")
     if sweep.point_path(p.key).is_file():
       logging.info("point %s: finished, skipped", p.key)
       continue
     if build_only:
-      if any(s in config.stages for s in ("train", "prune", "augment")):
-        # Only the parents the requested stages make.
+      # Only the parents the requested stages make (a quantized point's float ones by
+      # train/prune/augment, its .tflite by quantize).
+      if "quantize" in config.stages and p.quantized:
+        sweep.quantized(p)
+      elif any(s in config.stages for s in ("train", "prune", "augment")):
         if "augment" in config.stages:
-          sweep.model(p)
+          sweep.model(p.float_point())
         elif "prune" in config.stages:
           sweep.pruned(p)
         else:

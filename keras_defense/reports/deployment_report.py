@@ -78,11 +78,12 @@ def render(rows: Sequence[dict], config: dict) -> str:
            f"Wilson.",
            "- Robust accuracy of a .tflite: kd-evaluate's **black-box ensemble** on the LiteRT "
            "interpreter (per-image worst case of PGD, APGD-CE and APGD-T transferred from the "
-           f"float parent, then Square with {config['square_queries']:,} queries on the "
-           "interpreter); of the float SavedModel: white-box AutoAttack "
-           f"({twin}).",
-           "- Twin: the float parent for every row (kd-quantize keeps no QAT twin), attacked "
-           "white-box; a .tflite number far above it is flagged.",
+           "float parent; on the QAT rows also BPDA: APGD-CE and APGD-T through the QAT "
+           "twin's fake quantization with straight-through gradients; then Square with "
+           f"{config['square_queries']:,} queries on the interpreter); of the float "
+           f"SavedModel: white-box AutoAttack ({twin}).",
+           "- Twin white-box: the float parent's AutoAttack, beside every row; a .tflite "
+           "number far above it is flagged.",
            "- Bytes: a .tflite's file, a SavedModel's variables/; gzip: level-9 tar.gz. "
            f"Latency: median of {config['latency_repeats']} single-image calls, 1 thread "
            "(LiteRT; the float row on TensorFlow eager).",

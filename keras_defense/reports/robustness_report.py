@@ -114,6 +114,10 @@ def _black_box_lines(r: dict) -> list[str]:
               f"on the interpreter; " if bb.get("surrogate") else
               "No surrogate was given, so Square alone runs: a weaker evaluation (pass "
               "--surrogate=PATH, the float parent or QAT twin, for the transfer attacks); ")
+           + (f"BPDA: APGD-CE and APGD-T on the QAT twin `{bb['qat_twin']}` (forward through "
+              f"its fake quantization, backward straight through the rounding: TensorFlow's "
+              f"gradient of the fake-quant ops), judged on the interpreter; "
+              if bb.get("qat_twin") else "")
            + f"Square queries the interpreter ({bb['square_queries']} queries per image at "
            f"most). The surrogate's own white-box AutoAttack is a separate kd-evaluate run "
            f"of the surrogate."]
@@ -148,6 +152,7 @@ def write(run_dir: str | os.PathLike, result: RobustnessResult) -> dict[str, str
   results = result.to_dict()
   if result.model_kind == "tflite":
     results["black_box"] = {"surrogate": result.config.surrogate,
+                            "qat_twin": black_box.qat_twin_path(result.config),
                             "square_queries": result.config.square_queries,
                             "queries": black_box.query_summary(str(run_dir))}
   paths = {"results.json": str(run_dir / "results.json"),

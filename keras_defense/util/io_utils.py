@@ -54,6 +54,14 @@ def atomic_path(path: str | os.PathLike, *, directory: bool = False) -> Iterator
     shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
+def relative_to(path: str | os.PathLike, root: str | os.PathLike) -> str:
+  """``path`` relative to ``root`` when it lies inside it (else as given)."""
+  try:
+    return str(pathlib.Path(path).relative_to(root))
+  except ValueError:
+    return str(path)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
   """Writes ``text`` to ``path`` atomically."""
   with atomic_path(path) as tmp:
