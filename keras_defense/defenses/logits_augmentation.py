@@ -37,6 +37,7 @@ from keras_defense.util import provenance
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.defenses import base
+from keras_defense.training import initial_model
 from keras_defense.training.config import ConfigError
 
 TRANSFORMS = ("logits_augmentation", "gradient_inhibition")
@@ -74,18 +75,11 @@ def output_dense_layer(model: keras.Model) -> keras.layers.Dense:
   return last
 
 
-def _copy(model: keras.Model) -> keras.Model:
-  """A clone of ``model`` with fresh variables holding the same values."""
-  clone = keras.models.clone_model(model)
-  clone.set_weights(model.get_weights())
-  return clone
-
-
 def _checked_copy(model: keras.Model, epsilon: float) -> tuple[float, keras.Model]:
   """Both transforms' start: checks ``epsilon`` then ``model``; (epsilon, a copy)."""
   epsilon = _validate_epsilon(epsilon)
   output_dense_layer(model)
-  return epsilon, _copy(model)
+  return epsilon, initial_model.fresh_copy(model)
 
 
 def augment_logits(model: keras.Model, epsilon: float) -> keras.Model:
