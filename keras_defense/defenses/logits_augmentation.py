@@ -33,6 +33,7 @@ import numpy as np
 
 from keras_defense import data
 from keras_defense.models import export
+from keras_defense.util import config_checks
 from keras_defense.util import provenance
 from keras_defense import training
 from keras_defense.util.compat import keras
@@ -169,9 +170,7 @@ class AugmentConfig:
 
   def validate(self) -> "AugmentConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
-    def need(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
+    need = config_checks.checker(ConfigError)
     need(self.transform in TRANSFORMS,
          f"`transform` must be one of {', '.join(TRANSFORMS)}; got {self.transform!r}.")
     for name in ("logits_epsilon", "inhibition_epsilon"):

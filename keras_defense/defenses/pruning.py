@@ -55,6 +55,7 @@ from keras_defense.models import user_model
 from keras_defense.training import distribution
 from keras_defense.training.config import AdversarialSpec
 from keras_defense.training.config import ConfigError
+from keras_defense.util import config_checks
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util.compat import keras
@@ -105,9 +106,7 @@ class PruneConfig:
 
   def validate(self) -> "PruneConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
-    def need(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
+    need = config_checks.checker(ConfigError)
     for name in ("dense_sparsity", "conv_sparsity", "initial_sparsity"):
       try:
         validate_sparsity(getattr(self, name), name)
