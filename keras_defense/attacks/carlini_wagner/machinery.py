@@ -16,8 +16,9 @@ the next compaction point, so they stop costing forward/backward passes; per
 image, the iterations are those it would see alone. Under bfloat16, the
 attacks aim slightly past the boundary (``_BF16_SLACK``) and successes are
 confirmed in float32. Here: tanh space, Adam, the objective's f and goal test,
-the compacting loop, the round loop, and the validation and compiled-attack
-cache the three public functions share.
+the compacting loop, the round loop with L-inf's and L0's schedule of c, their
+compiled signature, batched run and shared docstring blocks, and the
+validation and compiled-attack cache the three public functions share.
 """
 
 from __future__ import annotations
