@@ -85,14 +85,7 @@ def load_or_train(path: str | None, epochs: int) -> tuple[keras.Model, str]:
 
 
 def ceiling_fn(logits_fn):
-  @tf.function
-  def grad(x, y):
-    with tf.GradientTape() as tape:
-      tape.watch(x)
-      loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=y, logits=logits_fn(x)))
-    return tape.gradient(loss, x)
-  return grad
+  return tf.function(lambda x, y: runtime.ce_input_gradient(logits_fn, x, y))
 
 
 def measure_ceiling(grad, x, y, batch_size, repeats) -> float:

@@ -6,6 +6,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import data
 from keras_defense import defenses
 from keras_defense.models import export
@@ -184,10 +185,8 @@ def test_guard_needs_a_validation_split(tmp_path):
 
 
 def _parsed(*argv):
-  import copy  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
+  fv = _helpers.fresh_flags()
   fv(["kd-train", *argv])
   return kd_flags.train_config(fv).validate()
 

@@ -12,12 +12,12 @@ The attack is a cheap stand-in (PGD, 2 steps) handed to ``run`` as
 Keras 3 model; the strength of the ensemble is tested elsewhere.
 """
 
-import copy
 import json
 
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import attacks
 from keras_defense import data
 from keras_defense import flags as kd_flags
@@ -323,9 +323,7 @@ def test_a_functional_keras3_model_is_not_refused_for_its_node_records(tmp_path)
 
 
 def test_flags_make_the_config(tmp_path):
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
-  kd_flags.evaluate_flags(fv)
+  fv = _helpers.fresh_flags(kd_flags.evaluate_flags)
   fv(["kd-evaluate", "--model=m.keras", "--data=/d/test.npz", "--image_size=96x96x3",
       "--input_range=0,255", "--mean=123.68,116.78,103.94", "--std=58.4,57.1,57.4"])
   config = kd_flags.evaluate_config(None, fv).validate()
@@ -333,26 +331,19 @@ def test_flags_make_the_config(tmp_path):
   assert config.input_range == (0.0, 255.0)
   assert config.mean == (123.68, 116.78, 103.94) and config.std == (58.4, 57.1, 57.4)
   assert config.identity()["pixels"]["input_range"] == [0.0, 255.0]
-  tfds = copy.deepcopy(kd_flags.FLAGS)
-  tfds.unparse_flags()
-  kd_flags.evaluate_flags(tfds)
+  tfds = _helpers.fresh_flags(kd_flags.evaluate_flags)
   tfds(["kd-evaluate", "--model=m.keras", "--dataset=cifar10", "--image_size=224x224x3"])
   config = kd_flags.evaluate_config(None, tfds).validate()
   assert config.dataset == "cifar10@224x224x3" and "pixels" not in config.identity()
-  both = copy.deepcopy(kd_flags.FLAGS)
-  both.unparse_flags()
-  kd_flags.evaluate_flags(both)
+  both = _helpers.fresh_flags(kd_flags.evaluate_flags)
   both(["kd-evaluate", "--model=m.keras", "--dataset=cifar10", "--data=x.npz"])
   with pytest.raises(UserError, match=r"pass --data \(your arrays\) or --dataset, not both"):
     kd_flags.evaluate_config(None, both)
-  bad = copy.deepcopy(kd_flags.FLAGS)
-  bad.unparse_flags()
-  kd_flags.evaluate_flags(bad)
+  bad = _helpers.fresh_flags(kd_flags.evaluate_flags)
   with pytest.raises(Exception, match=r"--std must be > 0"):
     bad(["kd-evaluate", "--std=0"])
   # Training keeps the two C&W shapes.
-  train = copy.deepcopy(kd_flags.FLAGS)
-  train.unparse_flags()
+  train = _helpers.fresh_flags()
   with pytest.raises(Exception, match=r"--image_size must be 28x28x1 or 32x32x3"):
     train(["kd-train", "--image_size=64x64x3"])
   with pytest.raises(UserError, match=r"`mean` has 2 values; the images have 3 channel"):

@@ -182,29 +182,26 @@ def test_carlini_wagner_l2_targeted_and_unchanged_where_nothing_found(model, dat
   np.testing.assert_array_equal(x_none[~fooled], x[:20][~fooled])
 
 
-def _untargeted(attack, model, data, n, **kwargs):
-  """Runs ``attack`` untargeted on the first ``n`` images: (success, perturbation norms)."""
+@pytest.mark.parametrize("attack, n, options, min_rate, norm, reduce, bound", [
+    pytest.param(attacks.carlini_wagner_linf, 8,
+                 dict(max_iterations=50, initial_const=1.0, decrease_factor=0.5,
+                      learning_rate=0.05),
+                 0.75, "linf", np.max, 0.5, id="linf"),
+    # C&W report ~10-20 changed pixels on MNIST; far below the 784 available.
+    pytest.param(attacks.carlini_wagner_l0, 6,
+                 dict(max_iterations=40, initial_const=1.0, largest_const=16.0,
+                      learning_rate=0.1),
+                 0.8, "l0", np.mean, 60, id="l0"),
+])
+def test_carlini_wagner_succeeds(model, data, attack, n, options, min_rate, norm, reduce,
+                                 bound):
+  """Untargeted on the first ``n`` images: most succeed, with a small ``norm`` change."""
   x, y = data
-  x_adv = attack(model, x[:n], y[:n], **kwargs)
+  x_adv = attack(model, x[:n], y[:n], **options)
   ok = attacks.attack_success(model, x_adv, y[:n], x_clean=x[:n])
-  return ok, attacks.perturbation_norms(x[:n], x_adv)
-
-
-def test_carlini_wagner_linf_succeeds(model, data):
-  ok, norms = _untargeted(attacks.carlini_wagner_linf, model, data, 8,
-                          max_iterations=50, initial_const=1.0,
-                          decrease_factor=0.5, learning_rate=0.05)
-  assert ok.rate >= 0.75
-  assert norms.linf[ok.success].max() < 0.5
-
-
-def test_carlini_wagner_l0_succeeds(model, data):
-  ok, norms = _untargeted(attacks.carlini_wagner_l0, model, data, 6,
-                          max_iterations=40, initial_const=1.0,
-                          largest_const=16.0, learning_rate=0.1)
-  assert ok.rate >= 0.8
-  # C&W report ~10-20 changed pixels on MNIST; far below the 784 available.
-  assert norms.l0[ok.success].mean() < 60
+  assert ok.rate >= min_rate
+  changes = getattr(attacks.perturbation_norms(x[:n], x_adv), norm)
+  assert reduce(changes[ok.success]) < bound
 
 
 def test_pgd_targeted_reaches_targets_and_without_random_start_is_bim(model, data):

@@ -9,7 +9,6 @@ attack argument checks, kd-train's own errors) are listed in the table with
 the test that covers them, not repeated here.
 """
 
-import copy
 import hashlib
 import os
 import pathlib
@@ -21,6 +20,7 @@ from absl import flags
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import attacks
 from keras_defense import data
 from keras_defense.evaluation import grid as evaluation
@@ -39,8 +39,7 @@ M0 = REPO / "saved_models" / "mnist_m0" / "1"
 
 def _parse(*args):
   """Parses ``args`` into a fresh copy of the binaries' flags."""
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
+  fv = _helpers.fresh_flags()
   fv(["kd", *args])
   return fv
 

@@ -1,12 +1,12 @@
 """Tests for certified training (IBP, CROWN-IBP) as a trained defense (defenses.trainer)."""
 
-import copy
 import json
 
 from absl import flags
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import certify
 from keras_defense import data
 from keras_defense import defenses
@@ -189,8 +189,7 @@ def test_certified_does_not_combine_with_other_defenses():
 
 def _parsed(*argv):
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
+  fv = _helpers.fresh_flags()
   fv(["kd-train", *argv])
   return fv
 

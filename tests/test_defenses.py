@@ -5,6 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense.models import classifier
 from keras_defense import data
 from keras_defense import defenses
@@ -76,12 +77,10 @@ def test_method_defaults_follow_the_papers():
 def test_the_spec_keeps_the_committed_models_defense_identity(name, prune):
   # Their run directories and SavedModels were made with the six flat fields:
   # the spec must give the same identity, or they would no longer resume.
-  import copy  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
   repo = pathlib.Path(__file__).resolve().parents[1]
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
+  fv = _helpers.fresh_flags()
   fv(["kd", f"--flagfile={repo / 'flags' / (name + '.flags')}"])
   config = (kd_flags.prune_config if prune else kd_flags.train_config)(fv).validate()
   held = export.read_provenance(repo / "saved_models" / name / "1")["defense"]
@@ -213,15 +212,13 @@ def test_distillation_student_learns_the_teacher_and_is_deployed_at_t1(tmp_path)
 
 
 def test_distillation_flagfiles_are_m0s_recipe_at_t100():
-  import copy  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
 
   def parsed(*argv):
-    fv = copy.deepcopy(kd_flags.FLAGS)
-    fv.unparse_flags()
+    fv = _helpers.fresh_flags()
     fv(["kd-train", *argv])
     return kd_flags.train_config(fv).validate()
 

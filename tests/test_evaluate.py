@@ -12,19 +12,17 @@ so these tests check kd-evaluate's bookkeeping, not the strength of the
 ensemble (tests/test_autoattack*.py do that).
 """
 
-import copy
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import attacks
 from keras_defense.models import classifier
 from keras_defense import data
@@ -48,17 +46,14 @@ _SAVE_MODELS = textwrap.dedent("""
     import tensorflow as tf
     import tf_keras as keras
     out, mnist = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, sys.argv[3])
+    import _helpers
     with gzip.open(os.path.join(mnist, "train-images-idx3-ubyte.gz")) as f:
       x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28, 1)[:2000]
     with gzip.open(os.path.join(mnist, "train-labels-idx1-ubyte.gz")) as f:
       y = np.frombuffer(f.read(), np.uint8, offset=8)[:2000].astype(np.int64)
     x = (x / 255.0).astype(np.float32)
-    keras.utils.set_random_seed(0)
-    logits = keras.Sequential([keras.layers.Input((28, 28, 1)),
-                               keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-                               keras.layers.Flatten(), keras.layers.Dense(10)])
-    logits.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    logits.fit(x, y, epochs=2, batch_size=64, verbose=0)
+    logits = _helpers.small_cnn(keras, x, y, batch_size=64)
     tf.saved_model.save(logits, os.path.join(out, "plain_logits"))
     logits.save(os.path.join(out, "plain.keras"))
     # One more SavedModel, of signatures written by hand: softmax output, and
@@ -99,7 +94,8 @@ def _stand_in_plan(version, norm, names):
 def models(tmp_path_factory):
   data.info("mnist")  # build the hermetic tfds copy once, before any child runs
   out = tmp_path_factory.mktemp("models")
-  done = subprocess.run([sys.executable, "-", str(out), str(data.SHIPPED_DIR / "mnist")],
+  done = subprocess.run([sys.executable, "-", str(out), str(data.SHIPPED_DIR / "mnist"),
+                         str(pathlib.Path(__file__).parent)],
                         input=_SAVE_MODELS, env=_ENV, capture_output=True, text=True,
                         timeout=300)
   assert done.returncode == 0 and "saved" in done.stdout, done.stderr[-3000:]
@@ -112,15 +108,6 @@ def _config(model, run_dir, **kw):
   kw.setdefault("compute_dtype", "float32")  # "auto" would time bfloat16 first
   return robustness.RobustnessConfig(model=str(model), run_dir=str(run_dir), batch_size=64,
                                      **kw)
-
-
-def _without_timing(obj):
-  """results.json minus its timing fields: exactly the keys ending in "seconds"."""
-  if isinstance(obj, dict):
-    return {k: _without_timing(v) for k, v in obj.items() if not k.endswith("seconds")}
-  if isinstance(obj, list):
-    return [_without_timing(v) for v in obj]
-  return obj
 
 
 def _check_invariants(res: dict):
@@ -304,7 +291,7 @@ def test_runner_writes_only_its_state_and_the_pipeline_adds_the_report(models, t
   # The pipeline resumes the finished run (nothing recomputed) and writes the artifacts.
   again = evaluate.run(_config(models / "plain_logits", run_dir, epsilons=(0.1,)),
                        attack_plan=identity)
-  assert _without_timing(again.to_dict()) == _without_timing(result.to_dict())
+  assert _helpers.without_timing(again.to_dict()) == _helpers.without_timing(result.to_dict())
   assert {"results.json", "report.md", "tensorboard"} <= {p.name for p in run_dir.iterdir()}
 
 
@@ -331,38 +318,25 @@ def test_kill_9_then_rerun_gives_the_same_results(models, tmp_path, monkeypatch)
   config = _config(model, tmp_path / "whole", epsilons=(0.05, 0.1, 0.2), n_examples=100)
   whole = evaluate.run(config, attack_plan=_stand_in_plan).to_dict()
   run_dir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, "-", str(model), str(run_dir),
-                           str(pathlib.Path(__file__).parent)],
-                          stdin=subprocess.PIPE, env=_ENV, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  proc.stdin.write(_KILLABLE)
-  proc.stdin.close()
-  deadline = time.time() + 240
-  while not list(run_dir.glob("state/eps_*/*.npz")):
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  _helpers.kill_9_script_when(_KILLABLE, [model, run_dir, pathlib.Path(__file__).parent],
+                              lambda: list(run_dir.glob("state/eps_*/*.npz")), timeout=240)
   assert not (run_dir / "results.json").exists()  # killed mid-run
   finished = {p: p.stat().st_mtime_ns for p in run_dir.glob("state/eps_*/*.npz")}
   assert 1 <= len(finished) < 6
   resumed = evaluate.run(_config(model, run_dir, epsilons=(0.05, 0.1, 0.2), n_examples=100),
                          attack_plan=_stand_in_plan).to_dict()
   on_disk = json.loads((run_dir / "results.json").read_text())
-  assert _without_timing(on_disk) == _without_timing(resumed)
+  assert _helpers.without_timing(on_disk) == _helpers.without_timing(resumed)
   _check_invariants(on_disk)
-  assert _without_timing(resumed) == _without_timing(whole), _differences(
-      _without_timing(resumed), _without_timing(whole))
+  assert _helpers.without_timing(resumed) == _helpers.without_timing(whole), _differences(
+      _helpers.without_timing(resumed), _helpers.without_timing(whole))
   # The finished steps were loaded, not recomputed: their files are unchanged.
   assert {p: p.stat().st_mtime_ns for p in finished} == finished
   assert len(list(run_dir.glob("state/eps_*/*.npz"))) == 6
 
 
 def test_flags_make_the_config():
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
-  kd_flags.evaluate_flags(fv)
+  fv = _helpers.fresh_flags(kd_flags.evaluate_flags)
   fv(["kd-evaluate", "--model=saved_models/mnist_m0/1", "--output_key=logits",
       "--epsilons=0.1,8/255", "--n_examples=1000", "--version=custom",
       "--attacks=apgd-ce,square", "--norm=l2", "--run_dir=/tmp/x", "--batch_size=250"])
@@ -372,19 +346,14 @@ def test_flags_make_the_config():
   assert config.attacks == ("apgd-ce", "square") and config.version == "custom"
   assert (config.n_examples, config.batch_size, config.compute_dtype) == (1000, 250, "float32")
   # L2 radii may exceed 1; L-inf ones keep the shared validator.
-  l2 = copy.deepcopy(kd_flags.FLAGS)
-  l2.unparse_flags()
-  kd_flags.evaluate_flags(l2)
+  l2 = _helpers.fresh_flags(kd_flags.evaluate_flags)
   l2(["kd-evaluate", "--model=m.keras", "--norm=l2", "--epsilons=1.5,2"])
   assert kd_flags.evaluate_config(None, l2).validate().epsilons == (1.5, 2.0)
-  linf = copy.deepcopy(kd_flags.FLAGS)
-  linf.unparse_flags()
-  kd_flags.evaluate_flags(linf)
+  linf = _helpers.fresh_flags(kd_flags.evaluate_flags)
   with pytest.raises(Exception, match=r"--epsilons must all be in \(0, 1\]; got \['2'\]"):
     linf(["kd-evaluate", "--epsilons=2"])
   # The other binaries' --model (an architecture) is untouched.
-  other = copy.deepcopy(kd_flags.FLAGS)
-  other.unparse_flags()
+  other = _helpers.fresh_flags()
   with pytest.raises(Exception, match="value should be one of"):
     other(["kd-train", "--model=saved_models/mnist_m0/1"])
 

@@ -11,18 +11,14 @@ a merge with a shard missing or unfinished is refused, naming it.
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
-import signal
-import subprocess
-import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import attacks
 from keras_defense import data
 from keras_defense.attacks import memory
@@ -32,9 +28,6 @@ from keras_defense.evaluation import robustness_state
 from keras_defense.pipelines import evaluate
 from keras_defense.util.compat import keras
 from keras_defense.util.errors import UserError
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
 def plan(version, norm, names):
@@ -59,25 +52,11 @@ def config(model, run_dir, **kw):
       batch_size=8, slice_size=10, compute_dtype="float32", **kw)
 
 
-def without_timing(obj):
-  if isinstance(obj, dict):
-    return {k: without_timing(v) for k, v in obj.items() if not k.endswith("seconds")}
-  if isinstance(obj, list):
-    return [without_timing(v) for v in obj]
-  return obj
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   x, y = data.load_arrays("mnist", "train", limit=1000)
-  keras.utils.set_random_seed(0)
-  m = keras.Sequential([keras.layers.Input((28, 28, 1)),
-                        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
-                        keras.layers.Flatten(), keras.layers.Dense(10)])
-  m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-  m.fit(x, y, epochs=2, batch_size=50, verbose=0)
   path = tmp_path_factory.mktemp("model") / "cnn.keras"
-  m.save(path)
+  _helpers.small_cnn(keras, x, y, batch_size=50).save(path)
   return path
 
 
@@ -141,9 +120,9 @@ def test_two_shards_then_merge_equal_one_process(model, whole, tmp_path):
   second = _shard(model, run_dir, 1)
   assert second.shard["images"] == [20, 40]
   merged = evaluate.merge(str(run_dir), attack_plan=plan).to_dict()
-  assert without_timing(merged) == without_timing(expected)
+  assert _helpers.without_timing(merged) == _helpers.without_timing(expected)
   on_disk = json.loads((run_dir / "results.json").read_text())
-  assert without_timing(on_disk) == without_timing(expected)
+  assert _helpers.without_timing(on_disk) == _helpers.without_timing(expected)
   assert (run_dir / "report.md").read_text().count("## ε =") == 2
   _same_state(run_dir, whole_dir)
   # The shard counts add up to the whole's.
@@ -174,19 +153,8 @@ def test_shard_killed_with_sigkill_then_rerun_merges_the_same(model, whole, tmp_
   run_dir = tmp_path / "killed"
   _shard(model, run_dir, 0)
   shard_state = robustness_state.shard_dir(run_dir, 1, 2) / "state"
-  proc = subprocess.Popen([sys.executable, "-", str(model), str(run_dir),
-                           str(pathlib.Path(__file__).parent)],
-                          stdin=subprocess.PIPE, env=_ENV, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  proc.stdin.write(_KILLABLE)
-  proc.stdin.close()
-  deadline = time.time() + 120
-  while not list(shard_state.glob("eps_*/*.npz")):
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    assert time.time() < deadline
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  _helpers.kill_9_script_when(_KILLABLE, [model, run_dir, pathlib.Path(__file__).parent],
+                              lambda: list(shard_state.glob("eps_*/*.npz")), timeout=120)
   finished = {p: p.stat().st_mtime_ns for p in shard_state.glob("eps_*/*.npz")}
   assert 1 <= len(finished) < 4
   shard0 = {p: p.stat().st_mtime_ns for p in (run_dir / "shards" / "0-of-2").rglob("*")}
@@ -195,7 +163,7 @@ def test_shard_killed_with_sigkill_then_rerun_merges_the_same(model, whole, tmp_
   _shard(model, run_dir, 1)   # resumes after the killed run's finished steps
   assert {p: p.stat().st_mtime_ns for p in finished} == finished
   merged = evaluate.merge(str(run_dir), attack_plan=plan).to_dict()
-  assert without_timing(merged) == without_timing(expected)
+  assert _helpers.without_timing(merged) == _helpers.without_timing(expected)
   # The other shard's work was untouched by the kill and the rerun.
   assert {p: p.stat().st_mtime_ns for p in shard0} == shard0
 

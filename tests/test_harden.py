@@ -6,6 +6,7 @@ from unittest import mock
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import data
 from keras_defense import defenses
 from keras_defense import training
@@ -211,12 +212,10 @@ def test_init_model_of_another_image_shape_is_refused_before_training(tmp_path):
 
 
 def test_the_flagfile_fills_an_init_model_pgd_config():
-  import copy  # pylint: disable=g-import-not-at-top
   import pathlib  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
   flagfile = pathlib.Path(__file__).resolve().parents[1] / "flags" / "harden_your_model.flags"
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
+  fv = _helpers.fresh_flags()
   fv(["kd-train", f"--flagfile={flagfile}", "--export_keras=out/m_at.keras"])
   config = kd_flags.train_config(fv).validate()
   assert (config.init_model, config.model, config.export_keras) == (

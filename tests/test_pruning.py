@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import data
 from keras_defense.models import export
 from keras_defense import models
@@ -356,11 +357,9 @@ def test_robust_pruning_fine_tunes_on_adversarial_batches_and_keeps_a_sparse_bes
 
 
 def test_prune_flags_fill_the_robust_pruning_fields():
-  import copy  # pylint: disable=g-import-not-at-top
   import dataclasses  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
+  fv = _helpers.fresh_flags()
   fv(["kd-prune", "--adversarial=pgd", "--adv_epsilon=0.2", "--adv_steps=7",
       "--trades_beta=3", "--robust_val_size=50"])
   config = kd_flags.prune_config(fv).validate()

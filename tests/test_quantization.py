@@ -16,6 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import compression
 from keras_defense import data
 from keras_defense.compression import conversion
@@ -254,11 +255,8 @@ def test_quantize_writes_tflite_and_provenance(setup, tmp_path):
 
 
 def _quantize_config(*argv):
-  import copy  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
-  kd_flags.quantize_flags(fv)
+  fv = _helpers.fresh_flags(kd_flags.quantize_flags)
   fv(["kd-quantize", *argv])
   return kd_flags.quantize_config(fv)
 

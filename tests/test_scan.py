@@ -9,7 +9,6 @@ is not written, the run directory not created), naming the op and the
 function; ``allow_ops=("WriteFile",)`` lets (a) run.
 """
 
-import copy
 import os
 import pathlib
 import subprocess
@@ -18,6 +17,7 @@ import sys
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import data
 from keras_defense import flags as kd_flags
 from keras_defense.evaluation import robustness
@@ -183,9 +183,7 @@ def test_allow_ops_lets_the_model_run(bad, tmp_path):
 
 
 def test_allow_ops_flag_makes_the_config():
-  fv = copy.deepcopy(kd_flags.FLAGS)
-  fv.unparse_flags()
-  kd_flags.evaluate_flags(fv)
+  fv = _helpers.fresh_flags(kd_flags.evaluate_flags)
   fv(["kd-evaluate", "--model=m", "--allow_ops=WriteFile,PrintV2"])
   assert kd_flags.evaluate_config(None, fv).validate().allow_ops == ("WriteFile", "PrintV2")
   fv.unparse_flags()

@@ -17,8 +17,20 @@ from __future__ import annotations
 from typing import Any
 
 from keras_defense.attacks import core
+from keras_defense.util import docstrings
 
 DEFAULT_BATCH_SIZE = 1000
+
+# The end of BIM's and PGD's Args, and their Returns (docstrings.fill).
+_ITERATIVE_TAIL = '''\
+  clip_min: lowest pixel value.
+  clip_max: highest pixel value.
+  loss: "cross_entropy" or "margin".
+  compute_dtype: "float32" or "bfloat16".
+  batch_size: images per compiled call.
+
+Returns:
+  Adversarial images, same shape/dtype/kind as ``x``.'''
 
 
 def fgsm(model: Any, x: Any, y: Any, epsilon: float, *, targeted: bool = False,
@@ -60,6 +72,7 @@ def fgsm(model: Any, x: Any, y: Any, epsilon: float, *, targeted: bool = False,
       compute_dtype=compute_dtype, batch_size=batch_size, seed=0)
 
 
+@docstrings.fill(iterative_tail=_ITERATIVE_TAIL)
 def bim(model: Any, x: Any, y: Any, epsilon: float, *, step_size: float,
         steps: int, targeted: bool = False, clip_min: float = 0.0,
         clip_max: float = 1.0, loss: str = "cross_entropy",
@@ -80,14 +93,7 @@ def bim(model: Any, x: Any, y: Any, epsilon: float, *, step_size: float,
     step_size: per-step size > 0.
     steps: number of steps >= 1.
     targeted: descend the loss at ``y`` (e.g. least-likely targets).
-    clip_min: lowest pixel value.
-    clip_max: highest pixel value.
-    loss: "cross_entropy" or "margin".
-    compute_dtype: "float32" or "bfloat16".
-    batch_size: images per compiled call.
-
-  Returns:
-    Adversarial images, same shape/dtype/kind as ``x``.
+  {iterative_tail}
 
   Raises:
     ValueError: as ``fgsm``, plus step_size <= 0 or steps < 1.
@@ -100,6 +106,7 @@ def bim(model: Any, x: Any, y: Any, epsilon: float, *, step_size: float,
       batch_size=batch_size, seed=0)
 
 
+@docstrings.fill(iterative_tail=_ITERATIVE_TAIL)
 def pgd(model: Any, x: Any, y: Any, epsilon: float, *, step_size: float,
         steps: int, norm: str = "linf", random_start: bool = True,
         seed: int | None = None, targeted: bool = False, clip_min: float = 0.0,
@@ -123,14 +130,7 @@ def pgd(model: Any, x: Any, y: Any, epsilon: float, *, step_size: float,
     random_start: start from a uniform point in the ball (False = BIM).
     seed: seed of the random start, for reproducible runs; None = random.
     targeted: descend the loss at ``y``.
-    clip_min: lowest pixel value.
-    clip_max: highest pixel value.
-    loss: "cross_entropy" or "margin".
-    compute_dtype: "float32" or "bfloat16".
-    batch_size: images per compiled call.
-
-  Returns:
-    Adversarial images, same shape/dtype/kind as ``x``.
+  {iterative_tail}
 
   Raises:
     ValueError: as ``bim``, plus an unknown ``norm`` or a negative seed.

@@ -80,16 +80,8 @@ def _graph_bytes(graph: Any, seen: set) -> int:
 
 def _step_bytes(model: Any, image_shape: Sequence[int], batch: int) -> int:
   logits_fn = runtime.logits_function(model, "float32")
-
-  def grad(x):
-    with tf.GradientTape() as tape:
-      tape.watch(x)
-      logits = logits_fn(x)
-      loss = tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-          labels=tf.argmax(logits, -1), logits=logits))
-    return tape.gradient(loss, x)
-
-  concrete = tf.function(grad).get_concrete_function(
+  grad = tf.function(lambda x: runtime.ce_input_gradient(logits_fn, x))
+  concrete = grad.get_concrete_function(
       tf.TensorSpec([batch, *image_shape], tf.float32))
   return _graph_bytes(concrete.graph, set())
 

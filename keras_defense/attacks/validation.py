@@ -110,16 +110,25 @@ def to_numpy(name: str, value: Any) -> np.ndarray:
                     f"{type(value).__name__}.") from e
 
 
+def _typed_array(name: str, value: Any, kind: type, holds: str, ndim: int,
+                 shape: str) -> np.ndarray:
+  """``value`` as numpy, checked to have a dtype of ``kind`` and rank ``ndim``.
+
+  The errors read "`name` must hold <holds>" and "`name` must <shape>".
+  """
+  arr = to_numpy(name, value)
+  if not np.issubdtype(arr.dtype, kind):
+    raise TypeError(f"`{name}` must hold {holds}; got dtype {arr.dtype}.")
+  if arr.ndim != ndim:
+    raise ValueError(f"`{name}` must {shape}; got shape {arr.shape}.")
+  return arr
+
+
 def check_images(x: Any, clip_min: float, clip_max: float,
                  name: str = "x") -> np.ndarray:
   """Checks rank 4, float dtype, finite values inside [clip_min, clip_max]."""
-  arr = to_numpy(name, x)
-  if not np.issubdtype(arr.dtype, np.floating):
-    raise TypeError(f"`{name}` must hold floating-point images (float32 NHWC); "
-                    f"got dtype {arr.dtype}.")
-  if arr.ndim != 4:
-    raise ValueError(f"`{name}` must be a rank-4 NHWC batch (N, H, W, C); got "
-                     f"shape {arr.shape}.")
+  arr = _typed_array(name, x, np.floating, "floating-point images (float32 NHWC)",
+                     4, "be a rank-4 NHWC batch (N, H, W, C)")
   if arr.shape[0] == 0:
     raise ValueError(f"`{name}` must hold at least one image; got shape "
                      f"{arr.shape}.")
@@ -138,13 +147,8 @@ def check_images(x: Any, clip_min: float, clip_max: float,
 def check_labels(y: Any, num_examples: int, num_classes: int | None,
                  name: str = "y") -> np.ndarray:
   """Checks integer class ids of shape (N,) inside [0, num_classes)."""
-  arr = to_numpy(name, y)
-  if not np.issubdtype(arr.dtype, np.integer):
-    raise TypeError(f"`{name}` must hold integer class ids; got dtype "
-                    f"{arr.dtype}.")
-  if arr.ndim != 1:
-    raise ValueError(f"`{name}` must have shape (N,) of class ids; got shape "
-                     f"{arr.shape}.")
+  arr = _typed_array(name, y, np.integer, "integer class ids",
+                     1, "have shape (N,) of class ids")
   if arr.shape[0] != num_examples:
     raise ValueError(f"`{name}` must have one label per image: expected "
                      f"{num_examples} labels to match `x`; got {arr.shape[0]}.")

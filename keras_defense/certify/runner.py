@@ -34,6 +34,7 @@ from keras_defense.certify import bounds
 from keras_defense.certify import smoothing
 from keras_defense.models import classifier as clf_lib
 from keras_defense.models import export
+from keras_defense.util import config_checks
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util.errors import UserError
@@ -92,24 +93,14 @@ class CertifyConfig:
     Raises:
       UserError: a field out of range, naming it.
     """
-    def need(cond, msg):
-      if not cond:
-        raise UserError(msg)
-    need(bool(self.model), "`model` must name a SavedModel directory or a .keras/.h5 file.")
-    need(bool(self.run_dir), "`run_dir` must name a directory for the results.")
+    need = config_checks.checker(UserError)
+    config_checks.check_model_and_run_dir(self.model, self.run_dir)
     need(self.method in METHODS,
          f"`method` must be one of {', '.join(METHODS)}; got {self.method!r}.")
     need(self.norm in NORMS, f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}.")
     need(self.method != "smoothing" or self.norm == "l2",
          f"`method` 'smoothing' certifies L2 radii; pass norm 'l2' (got {self.norm!r}).")
-    need(len(self.epsilons) > 0, "`epsilons` must list at least one epsilon; got none.")
-    for e in self.epsilons:
-      need(isinstance(e, (int, float)) and np.isfinite(e) and e > 0,
-           f"`epsilons` must all be finite and > 0; got {e!r}.")
-    need(len(set(self.epsilons)) == len(self.epsilons),
-         f"`epsilons` must not repeat; got {list(self.epsilons)}.")
-    need(self.norm != "linf" or max(self.epsilons) <= 1,
-         f"L-inf `epsilons` must be <= 1 (the whole [0, 1] range); got {list(self.epsilons)}.")
+    config_checks.check_epsilons(self.norm, self.epsilons)
     for name in ("n_examples", "batch_size", "n0", "n"):
       value = getattr(self, name)
       need(isinstance(value, int) and value >= 1,

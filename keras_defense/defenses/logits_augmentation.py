@@ -33,10 +33,12 @@ import numpy as np
 
 from keras_defense import data
 from keras_defense.models import export
+from keras_defense.util import config_checks
 from keras_defense.util import provenance
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.defenses import base
+from keras_defense.training import initial_model
 from keras_defense.training.config import ConfigError
 
 TRANSFORMS = ("logits_augmentation", "gradient_inhibition")
@@ -74,18 +76,11 @@ def output_dense_layer(model: keras.Model) -> keras.layers.Dense:
   return last
 
 
-def _copy(model: keras.Model) -> keras.Model:
-  """A clone of ``model`` with fresh variables holding the same values."""
-  clone = keras.models.clone_model(model)
-  clone.set_weights(model.get_weights())
-  return clone
-
-
 def _checked_copy(model: keras.Model, epsilon: float) -> tuple[float, keras.Model]:
   """Both transforms' start: checks ``epsilon`` then ``model``; (epsilon, a copy)."""
   epsilon = _validate_epsilon(epsilon)
   output_dense_layer(model)
-  return epsilon, _copy(model)
+  return epsilon, initial_model.fresh_copy(model)
 
 
 def augment_logits(model: keras.Model, epsilon: float) -> keras.Model:
@@ -175,9 +170,7 @@ class AugmentConfig:
 
   def validate(self) -> "AugmentConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
-    def need(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
+    need = config_checks.checker(ConfigError)
     need(self.transform in TRANSFORMS,
          f"`transform` must be one of {', '.join(TRANSFORMS)}; got {self.transform!r}.")
     for name in ("logits_epsilon", "inhibition_epsilon"):

@@ -55,6 +55,7 @@ from keras_defense.models import user_model
 from keras_defense.training import distribution
 from keras_defense.training.config import AdversarialSpec
 from keras_defense.training.config import ConfigError
+from keras_defense.util import config_checks
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util.compat import keras
@@ -105,9 +106,7 @@ class PruneConfig:
 
   def validate(self) -> "PruneConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
-    def need(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
+    need = config_checks.checker(ConfigError)
     for name in ("dense_sparsity", "conv_sparsity", "initial_sparsity"):
       try:
         validate_sparsity(getattr(self, name), name)
@@ -247,20 +246,10 @@ def prune(config: PruneConfig) -> PruneResult:
   if chief:
     training.claim_run_dir(run_dir, identity)
 
-  # Epoch e's batch order depends only on (seed, e), so a resumed run matches.
-  train_ds, steps_per_epoch = data.load_epochs(
-      config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
-      epochs=int(config.finetune_epochs), first_epoch=first_epoch, limit=config.train_limit,
-      **common)
-  val_ds = None
-  if ds_info.num_validation > 0:
-    val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
-                             limit=config.test_limit, **common)
-  test_ds = data.load_split(config.dataset, "test", batch_size=1000,
-                            limit=config.test_limit, **common)
-  # Multi-worker: element-wise sharding for fit (no-op for one process).
-  train_ds, val_ds = (None if d is None else distribution.shard_by_data(d, strategy)
-                      for d in (train_ds, val_ds))
+  # The test split stays whole: evaluate_accuracy reads it here, not fit.
+  train_ds, val_ds, test_ds, steps_per_epoch = training.fit_datasets(
+      config, strategy, ds_info.num_validation, epochs=int(config.finetune_epochs),
+      first_epoch=first_epoch, shard_test=False)
 
   total_steps = steps_per_epoch * int(config.finetune_epochs)
   begin_step = int(round(config.pruning_begin_epoch * steps_per_epoch))

@@ -24,6 +24,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense import attacks
+from keras_defense.util import config_checks
 from keras_defense.util import io_utils
 from keras_defense.util import randomness
 from keras_defense.evaluation import statistics
@@ -70,9 +71,7 @@ class EvalConfig:
   sanity_size: int = 100
 
   def validate(self) -> "EvalConfig":
-    def need(cond, msg):
-      if not cond:
-        raise UserError(msg)
+    need = config_checks.checker(UserError)
     for a in self.attacks:
       need(a in GRADIENT_ATTACKS,
            f"`attacks` must be from {', '.join(GRADIENT_ATTACKS)}; got {a!r}.")

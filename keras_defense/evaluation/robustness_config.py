@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import numpy as np
-
 from keras_defense.models import pixels as pixels_lib
+from keras_defense.util import config_checks
 from keras_defense.util.errors import UserError
 
 NORMS = ("linf", "l2")
@@ -127,22 +126,12 @@ class RobustnessConfig:
     Raises:
       UserError: a field out of range, naming it.
     """
-    def need(cond, msg):
-      if not cond:
-        raise UserError(msg)
-    need(bool(self.model), "`model` must name a SavedModel directory or a .keras/.h5 file.")
-    need(bool(self.run_dir), "`run_dir` must name a directory for the results.")
+    need = config_checks.checker(UserError)
+    config_checks.check_model_and_run_dir(self.model, self.run_dir)
     need(self.norm in NORMS, f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}.")
     need(self.version in VERSIONS,
          f"`version` must be one of {', '.join(VERSIONS)}; got {self.version!r}.")
-    need(len(self.epsilons) > 0, "`epsilons` must list at least one epsilon; got none.")
-    for e in self.epsilons:
-      need(isinstance(e, (int, float)) and np.isfinite(e) and e > 0,
-           f"`epsilons` must all be finite and > 0; got {e!r}.")
-    need(len(set(self.epsilons)) == len(self.epsilons),
-         f"`epsilons` must not repeat; got {list(self.epsilons)}.")
-    need(self.norm != "linf" or max(self.epsilons) <= 1,
-         f"L-inf `epsilons` must be <= 1 (the whole [0, 1] range); got {list(self.epsilons)}.")
+    config_checks.check_epsilons(self.norm, self.epsilons)
     need(isinstance(self.n_examples, int) and self.n_examples >= 1,
          f"`n_examples` must be an integer >= 1; got {self.n_examples!r}.")
     need(self.batch_size is None or (isinstance(self.batch_size, int) and self.batch_size >= 1),

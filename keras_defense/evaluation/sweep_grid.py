@@ -35,6 +35,7 @@ from keras_defense import data
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.evaluation import statistics
 from keras_defense import training
+from keras_defense.util import config_checks
 from keras_defense.util.errors import UserError
 
 STAGES = ("train", "prune", "augment", "quantize", "attack", "autoattack", "report")
@@ -164,9 +165,7 @@ class SweepConfig:
     Raises:
       UserError: a bad field, named.
     """
-    def need(cond, msg):
-      if not cond:
-        raise UserError(msg)
+    need = config_checks.checker(UserError)
     need(bool(self.stages), "`stages` must name at least one stage; got an empty list.")
     for s in self.stages:
       need(s in STAGES, f"`stages` must be from {', '.join(STAGES)}; got {s!r}.")

@@ -20,10 +20,10 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_float("sigma", 0.25, "kd-certify smoothing: the Gaussian noise's standard "
                    "deviation in pixel units.", lower_bound=0.0)
-flags.DEFINE_integer("n0", 100, "kd-certify smoothing: samples to pick the top class "
-                     "(Cohen et al.: 100).", lower_bound=1)
-flags.DEFINE_integer("n", 100_000, "kd-certify smoothing: samples to bound its probability "
-                     "(Cohen et al.: 100,000).", lower_bound=1)
+common.define_count("n0", 100, "kd-certify smoothing: samples to pick the top class "
+                    "(Cohen et al.: 100).")
+common.define_count("n", 100_000, "kd-certify smoothing: samples to bound its probability "
+                    "(Cohen et al.: 100,000).")
 flags.DEFINE_float("alpha", 0.001, "kd-certify smoothing: each certificate's failure "
                    "probability (Cohen et al.: 0.001).", lower_bound=0.0, upper_bound=1.0)
 

@@ -9,6 +9,8 @@ functions of this package (one module per binary).
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 
 from keras_defense import data
@@ -17,6 +19,16 @@ from keras_defense import training
 from keras_defense.training import distribution as _dist
 
 FLAGS = flags.FLAGS
+
+
+def define_count(name: str, default: int | None, help_text: str) -> flags.FlagHolder:
+  """An integer flag >= 1 (images, steps, queries, shards...): ``DEFINE_integer``, lower_bound=1.
+
+  The flag is listed (``--helpfull``, key flags) under the module that calls
+  this, as if that module had called ``DEFINE_integer`` itself.
+  """
+  return flags.DEFINE_integer(name, default, help_text, lower_bound=1,
+                              module_name=sys._getframe(1).f_globals["__name__"])  # pylint: disable=protected-access
 
 # --- data -------------------------------------------------------------------
 flags.DEFINE_string("dataset", "mnist",
@@ -34,8 +46,8 @@ flags.DEFINE_string("manual_dir", None,
 flags.DEFINE_integer("validation_size", None,
                      "Training examples held out for validation (default min(5000, n_train/10); "
                      "C&W: 5000).", lower_bound=0)
-flags.DEFINE_integer("train_limit", None, "Use only this many training examples.", lower_bound=1)
-flags.DEFINE_integer("test_limit", None, "Use only this many test/validation examples.", lower_bound=1)
+define_count("train_limit", None, "Use only this many training examples.")
+define_count("test_limit", None, "Use only this many test/validation examples.")
 flags.DEFINE_integer("seed", 0, "Random seed for data order, weights and attacks.")
 flags.DEFINE_bool("deterministic", False,
                   "Enable TensorFlow op determinism: same seed and flags give identical "
@@ -47,8 +59,8 @@ flags.DEFINE_bool("deterministic", False,
 flags.DEFINE_enum("model", None, list(models.MODEL_NAMES),
                   "Architecture; default: the paper's model for --dataset.")
 flags.DEFINE_string("run_dir", None, "Run directory: checkpoints, TensorBoard, results.")
-flags.DEFINE_integer("epochs", 10, "Training epochs.", lower_bound=1)
-flags.DEFINE_integer("batch_size", 128, "Batch size (C&W: 128).", lower_bound=1)
+define_count("epochs", 10, "Training epochs.")
+define_count("batch_size", 128, "Batch size (C&W: 128).")
 flags.DEFINE_enum("optimizer", "sgd", list(training.OPTIMIZERS), "Optimizer.")
 flags.DEFINE_float("learning_rate", 0.05, "Initial learning rate.", lower_bound=0.0)
 flags.DEFINE_float("momentum", 0.9, "SGD momentum (C&W: 0.9).", lower_bound=0.0, upper_bound=0.999)
@@ -61,7 +73,7 @@ flags.DEFINE_enum("compute_dtype", "float32", list(training.COMPUTE_DTYPES),
                   "float32, or bfloat16 (Keras mixed_bfloat16; variables stay float32).")
 flags.DEFINE_string("export_dir", None,
                     "SavedModel base folder, e.g. saved_models/mnist_m0 (TF Serving layout <base>/<version>/).")
-flags.DEFINE_integer("export_version", None, "SavedModel version (default: next free).", lower_bound=1)
+define_count("export_version", None, "SavedModel version (default: next free).")
 
 # --- distribution (kd-train, kd-prune, kd-experiment; kd-evaluate: default|mirrored) ---
 
@@ -69,9 +81,8 @@ flags.DEFINE_enum("strategy", "default", list(_dist.STRATEGIES),
                   "tf.distribute strategy: default (one device), mirrored (all local GPUs, "
                   "or --num_cpu_devices logical CPUs), multi_worker (TF_CONFIG cluster). "
                   "See docs/DISTRIBUTED.md.")
-flags.DEFINE_integer("num_cpu_devices", None,
-                     "With --strategy=mirrored and no GPU: logical CPU devices (default 2).",
-                     lower_bound=1)
+define_count("num_cpu_devices", None,
+             "With --strategy=mirrored and no GPU: logical CPU devices (default 2).")
 flags.register_multi_flags_validator(
     ["strategy", "num_cpu_devices"],
     lambda d: d["num_cpu_devices"] is None or d["strategy"] == "mirrored",

@@ -20,12 +20,10 @@ flags.DEFINE_list("deployment_variants",
                   ["float", "float16", "int8_ptq", "int8_qat", "int8_robust_qat",
                    "clustered16_int8"],
                   "kd-experiment --deployment_parent: the variants of each parent.")
-flags.DEFINE_integer("deployment_clean_size", 10000,
-                     "Deployment table: test images for clean accuracy and agreement.",
-                     lower_bound=1)
-flags.DEFINE_integer("deployment_square_queries", 5000,
-                     "Deployment table: Square's queries per image on the interpreter.",
-                     lower_bound=1)
+common.define_count("deployment_clean_size", 10000,
+                    "Deployment table: test images for clean accuracy and agreement.")
+common.define_count("deployment_square_queries", 5000,
+                    "Deployment table: Square's queries per image on the interpreter.")
 flags.DEFINE_list("deployment_twin_attacks", None,
                   "Deployment table: the float rows' white-box attacks (AutoAttack version "
                   "custom); default AutoAttack standard.")

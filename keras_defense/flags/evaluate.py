@@ -12,6 +12,12 @@ from keras_defense.util.errors import UserError
 
 FLAGS = flags.FLAGS
 
+
+def _define_normalisation(name: str, use: str, example: str = "") -> None:
+  """--mean or --std: the model's per-channel input normalisation (``_check_mean_std``)."""
+  flags.DEFINE_list(name, None, f"kd-evaluate: per-channel {name} (or one for all) the model "
+                    f"{use}, in --input_range units{'; ' + example if example else ''}.")
+
 # --- evaluation (kd-evaluate) -----------------------------------------------
 # kd-evaluate reuses --dataset, --data_dir, --manual_dir, --seed, --run_dir,
 # --batch_size, --deterministic and --epsilons. Its --model is a model *path*
@@ -22,8 +28,8 @@ FLAGS = flags.FLAGS
 # (MNIST's usual L2 radius is 2).
 
 flags.DEFINE_enum("norm", "linf", list(_rob.NORMS), "kd-evaluate threat model: L-inf or L2 ball.")
-flags.DEFINE_integer("n_examples", 10000,
-                     "kd-evaluate: the first n test images (RobustBench: 10,000).", lower_bound=1)
+common.define_count("n_examples", 10000,
+                    "kd-evaluate: the first n test images (RobustBench: 10,000).")
 flags.DEFINE_enum("version", "standard", list(_rob.VERSIONS),
                   "kd-evaluate AutoAttack version: standard (APGD-CE, APGD-T, FAB-T, Square), "
                   "plus, rand, or custom (--attacks).")
@@ -44,19 +50,18 @@ flags.DEFINE_string("data", None,
 flags.DEFINE_enum("input_range", "0,1", ["0,1", "0,255"],
                   "kd-evaluate: the pixel range the model takes; attacks and --epsilons stay "
                   "in [0, 1] units and the scaling runs inside the attacked function.")
-flags.DEFINE_list("mean", None, "kd-evaluate: per-channel mean (or one for all) the model "
-                  "subtracts from its input, in --input_range units; e.g. 0.5 with --std=0.5 "
-                  "for inputs in [-1, 1] (Keras applications' 'tf' preprocess_input).")
+_define_normalisation("mean", "subtracts from its input", example=(
+    "e.g. 0.5 with --std=0.5 for inputs in [-1, 1] (Keras applications' 'tf' "
+    "preprocess_input)"))
 flags.DEFINE_bool("merge", False,
                   "kd-evaluate: combine the finished shards of --run_dir (run with "
                   "--shard_index/--num_shards, the kd-sweep flags) into its results.json and "
                   "report.md, the ones one process would write; the shards' settings are used.")
-flags.DEFINE_integer("slice_size", _rob.DEFAULT_SLICE_SIZE,
-                     "kd-evaluate: images attacked together, each slice with its own seed; a "
-                     "shard takes whole slices, so a shard count above n_examples/slice_size "
-                     "is refused.", lower_bound=1)
-flags.DEFINE_list("std", None, "kd-evaluate: per-channel std (or one for all) the model "
-                  "divides its input by after --mean, in --input_range units.")
+common.define_count("slice_size", _rob.DEFAULT_SLICE_SIZE,
+                    "kd-evaluate: images attacked together, each slice with its own seed; a "
+                    "shard takes whole slices, so a shard count above n_examples/slice_size "
+                    "is refused.")
+_define_normalisation("std", "divides its input by after --mean")
 flags.DEFINE_string("surrogate", None,
                     "kd-evaluate on a .tflite (no gradients): the differentiable twin (float "
                     "parent or QAT twin, any model kd-evaluate loads) whose PGD/APGD examples "
@@ -67,9 +72,8 @@ flags.DEFINE_string("qat_twin", None,
                     "members bpda-apgd-ce/bpda-apgd-t: APGD through the twin's fake "
                     "quantization with straight-through gradients, judged on the interpreter. "
                     "Default: --surrogate when it is itself a QAT model.")
-flags.DEFINE_integer("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
-                     "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).",
-                     lower_bound=1)
+common.define_count("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
+                    "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).")
 
 
 def evaluate_flags(fv=None) -> None:

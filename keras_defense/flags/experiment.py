@@ -37,32 +37,27 @@ flags.DEFINE_enum("target_selection", "random", list(_ev.TARGET_SELECTIONS),
                   "Targets: random other class, least_likely class, or next class.")
 flags.DEFINE_list("threat_models", list(_tm.THREAT_MODELS),
                   "grey_box, transfer, adaptive (see BUILD.md).")
-flags.DEFINE_integer("eval_size", 2000,
-                     "Test images for FGSM/BIM (the reproduction's 2,000; unset for all).",
-                     lower_bound=1)
-flags.DEFINE_integer("bim_steps", 10, "BIM iterations (defense authors' code: 10).", lower_bound=1)
+common.define_count("eval_size", 2000,
+                    "Test images for FGSM/BIM (the reproduction's 2,000; unset for all).")
+common.define_count("bim_steps", 10, "BIM iterations (defense authors' code: 10).")
 flags.DEFINE_float("rel_step_size", 0.25, "BIM step size as a fraction of epsilon.")
 flags.DEFINE_list("cw_attacks", ["cw_l2", "cw_linf", "cw_l0"],
                   "Carlini-Wagner attacks of the grid (empty for none).")
-flags.DEFINE_integer("cw_eval_size", 100, "Test images for the C&W attacks.", lower_bound=1)
+common.define_count("cw_eval_size", 100, "Test images for the C&W attacks.")
 flags.DEFINE_list("cw_targeted_modes", ["untargeted"],
                   "C&W modes: untargeted, targeted or both (targeted doubles their cost).")
 # The C&W budgets default to the reproduction's (flags/mnist.flags), so that
 # kd-experiment --dataset=NAME with no flagfile finishes in minutes; C&W's own
 # values are in the help.
-flags.DEFINE_integer("cw_linf_eval_size", 50,
-                     "Test images for C&W L-inf (unset: --cw_eval_size).", lower_bound=1)
-flags.DEFINE_integer("cw_l0_eval_size", 20,
-                     "Test images for C&W L0, the slowest (unset: --cw_eval_size).",
-                     lower_bound=1)
-flags.DEFINE_integer("cw_linf_max_iterations", 100,
-                     "C&W L-inf/L0 iterations per round (unset: --cw_max_iterations).",
-                     lower_bound=1)
-flags.DEFINE_integer("cw_binary_search_steps", 5, "C&W L2 binary-search steps (C&W: 9).",
-                     lower_bound=1)
-flags.DEFINE_integer("cw_max_iterations", 200, "C&W iterations per search step (C&W: 1000).",
-                     lower_bound=1)
-flags.DEFINE_integer("attack_batch_size", 1000, "Images per compiled attack call.", lower_bound=1)
+common.define_count("cw_linf_eval_size", 50,
+                    "Test images for C&W L-inf (unset: --cw_eval_size).")
+common.define_count("cw_l0_eval_size", 20,
+                    "Test images for C&W L0, the slowest (unset: --cw_eval_size).")
+common.define_count("cw_linf_max_iterations", 100,
+                    "C&W L-inf/L0 iterations per round (unset: --cw_max_iterations).")
+common.define_count("cw_binary_search_steps", 5, "C&W L2 binary-search steps (C&W: 9).")
+common.define_count("cw_max_iterations", 200, "C&W iterations per search step (C&W: 1000).")
+common.define_count("attack_batch_size", 1000, "Images per compiled attack call.")
 flags.DEFINE_enum("attack_compute_dtype", "float32", ["float32", "bfloat16"],
                   "Attack arithmetic; bfloat16 is faster on CPUs with AMX/AVX-512 BF16 but "
                   "changes where softmax saturates.")
@@ -72,9 +67,9 @@ flags.DEFINE_enum("autoattack_version", "standard", list(_ev.AUTOATTACK_VERSIONS
 flags.DEFINE_list("autoattack_epsilons", [],
                   "L-inf radii of the AutoAttack stage (default: the largest of --epsilons; "
                   "at small radii most images stay robust and each costs the whole ensemble).")
-flags.DEFINE_integer("autoattack_size", 1000,
-                     "Test images for the AutoAttack stage (RobustBench: 10000; "
-                     "flags/mnist.flags uses all 10,000).", lower_bound=1)
+common.define_count("autoattack_size", 1000,
+                    "Test images for the AutoAttack stage (RobustBench: 10000; "
+                    "flags/mnist.flags uses all 10,000).")
 flags.DEFINE_integer("sanity_size", 100,
                      "Test images for the sanity check at epsilon 1 (0: skip).", lower_bound=0)
 

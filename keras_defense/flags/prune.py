@@ -40,9 +40,8 @@ flags.DEFINE_float("pruning_begin_epoch", 0.0,
 flags.DEFINE_float("pruning_end_epoch", 4.0,
                    "Epoch at which the final sparsity is reached (PolynomialDecay, power 3).",
                    lower_bound=0.0)
-flags.DEFINE_integer("pruning_frequency", 100, "Steps between mask updates.", lower_bound=1)
-flags.DEFINE_integer("finetune_epochs", 8, "Epochs of fine-tuning while/after pruning.",
-                     lower_bound=1)
+common.define_count("pruning_frequency", 100, "Steps between mask updates.")
+common.define_count("finetune_epochs", 8, "Epochs of fine-tuning while/after pruning.")
 flags.DEFINE_string("report_path", None,
                     "Compression report prefix: writes <prefix>.json and <prefix>.md "
                     "(e.g. reports/compression/mnist_m1).")

@@ -24,9 +24,9 @@ flags.DEFINE_integer("clusters", 0,
                      "Weight clustering before quantization: centroids per kernel (tfmot "
                      "cluster_weights; 16 in tfmot's examples), fine-tuned --epochs; 0: none.",
                      lower_bound=0)
-flags.DEFINE_integer("representative_size", 500,
-                     "Training images that calibrate int8 activation ranges (TFLite's guide: "
-                     "~100-500).", lower_bound=1)
+common.define_count("representative_size", 500,
+                    "Training images that calibrate int8 activation ranges (TFLite's guide: "
+                    "~100-500).")
 flags.DEFINE_bool("int8_io", False,
                   "int8 input and output tensors (ptq_int8/qat_int8); default float32 in/out.")
 flags.DEFINE_string("export_path", None, "The .tflite to write; its provenance goes to "

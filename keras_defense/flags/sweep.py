@@ -43,9 +43,8 @@ flags.DEFINE_list("base_models", [],
 flags.DEFINE_integer("shard_index", 0,
                      "kd-sweep, kd-evaluate: this shard, in [0, --num_shards).",
                      lower_bound=0)
-flags.DEFINE_integer("num_shards", 1, "kd-sweep: shards the grid's points are split into; "
-                     "kd-evaluate: shards the images are split into (then --merge).",
-                     lower_bound=1)
+common.define_count("num_shards", 1, "kd-sweep: shards the grid's points are split into; "
+                    "kd-evaluate: shards the images are split into (then --merge).")
 flags.DEFINE_float("lock_timeout", 600.0,
                    "kd-sweep: seconds without a heartbeat after which a parent's build lock "
                    "counts as stale (a holder on this host whose pid is dead: at once).")

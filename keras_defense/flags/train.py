@@ -17,9 +17,9 @@ flags.DEFINE_enum("adversarial", None, list(training.ADVERSARIAL_METHODS),
                   "fgsm_rs (FGSM from a random start, Wong et al. 2020) or trades (Zhang et "
                   "al. 2019). Default: standard training.")
 flags.DEFINE_float("adv_epsilon", 0.3, "L-inf radius of the training attack (MNIST papers: 0.3).")
-flags.DEFINE_integer("adv_steps", None,
-                     "Steps of the training attack (default: 40 for pgd/trades, Madry's MNIST; "
-                     "fgsm_rs takes 1).", lower_bound=1)
+common.define_count("adv_steps", None,
+                    "Steps of the training attack (default: 40 for pgd/trades, Madry's MNIST; "
+                    "fgsm_rs takes 1).")
 flags.DEFINE_float("adv_step_size", None,
                    "Step of the training attack (default: 2.5 * eps / steps for pgd/trades; "
                    "1.25 * eps for fgsm_rs, Wong et al.).")

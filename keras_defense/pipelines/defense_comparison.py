@@ -70,6 +70,7 @@ import numpy as np
 from keras_defense import data
 from keras_defense import defenses
 from keras_defense.evaluation import diagnostics
+from keras_defense.pipelines import bound_run
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.models import export
 from keras_defense.util import io_utils
@@ -447,11 +448,8 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
   Raises:
     UserError: a bad config, a run directory of other settings, a missing model.
   """
-  config.validate()
+  bound_run.start(config, _bind)
   comp = _Comparison(config, progress)
-  comp.dir.mkdir(parents=True, exist_ok=True)
-  _bind(comp.dir, config.identity())
-  training.setup_determinism(config.seed, config.deterministic)
   computed = []
   reference = None
   for i, row in enumerate(() if config.report_only else config.rows):

@@ -67,6 +67,7 @@ import numpy as np
 from keras_defense import data
 from keras_defense import defenses
 from keras_defense.evaluation import grid as evaluation
+from keras_defense.pipelines import bound_run
 from keras_defense.models import export
 from keras_defense.util import file_lock
 from keras_defense.util import io_utils
@@ -330,11 +331,8 @@ def run(config: SweepConfig, *, progress: Progress | None = None) -> SweepResult
     UserError: a bad config, a run directory of other settings, a parent
       missing and its stage not in ``stages``.
   """
-  config.validate()
+  bound_run.start(config, _bind)
   sweep = _Sweep(config, progress)
-  sweep.dir.mkdir(parents=True, exist_ok=True)
-  _bind(sweep.dir, config.identity())
-  training.setup_determinism(config.seed, config.deterministic)
   computed = []
   mine = config.shard()
   build_only = "attack" not in config.stages

@@ -29,6 +29,7 @@ from keras_defense.training.loop import compile_classifier
 from keras_defense.training.loop import Defense
 from keras_defense.training.loop import DefenseFactory
 from keras_defense.training.loop import EpochSeeder
+from keras_defense.training.loop import fit_datasets
 from keras_defense.training.loop import make_optimizer
 from keras_defense.training.loop import resume_epoch
 from keras_defense.training.loop import setup_determinism

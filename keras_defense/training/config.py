@@ -29,6 +29,7 @@ from typing import Any
 
 from keras_defense import models
 from keras_defense.training import distribution
+from keras_defense.util import config_checks
 from keras_defense.util import io_utils
 from keras_defense.util.errors import UserError
 
@@ -97,6 +98,23 @@ def claim_run_dir(run_dir: str | os.PathLike, identity: dict) -> None:
   io_utils.write_json(path, identity)
 
 
+def _spec_checker(spec: Any, method_flag: str, methods: tuple[str, ...],
+                  epsilon_flag: str):
+  """Checks what both training specs have, then returns ``need`` for the rest.
+
+  ``spec.method`` must be one of ``methods`` and ``spec.epsilon`` (an L-inf
+  training radius) in (0, 1]; the messages name the flags that set them.
+
+  Raises:
+    ConfigError: either is bad.
+  """
+  need = config_checks.checker(ConfigError)
+  need(spec.method in methods,
+       f"`{method_flag}` must be None or one of {', '.join(methods)}; got {spec.method!r}.")
+  need(0 < spec.epsilon <= 1, f"`{epsilon_flag}` must be in (0, 1]; got {spec.epsilon}.")
+  return need
+
+
 @dataclasses.dataclass(frozen=True)
 class AdversarialSpec:
   """Adversarial training's attack, one for training and robust pruning alike.
@@ -124,13 +142,7 @@ class AdversarialSpec:
 
   def validate(self) -> "AdversarialSpec":
     """Checks every field; returns self. Raises ConfigError naming the flag."""
-    def need(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
-    need(self.method in ADVERSARIAL_METHODS,
-         f"`adversarial` must be None or one of {', '.join(ADVERSARIAL_METHODS)}; "
-         f"got {self.method!r}.")
-    need(0 < self.epsilon <= 1, f"`adv_epsilon` must be in (0, 1]; got {self.epsilon}.")
+    need = _spec_checker(self, "adversarial", ADVERSARIAL_METHODS, "adv_epsilon")
     need(self.steps is None or int(self.steps) >= 1,
          f"`adv_steps` must be >= 1; got {self.steps}.")
     need(self.method != "fgsm_rs" or self.steps in (None, 1),
@@ -208,13 +220,7 @@ class CertifiedSpec:
 
   def validate(self) -> "CertifiedSpec":
     """Checks every field; returns self. Raises ConfigError naming the flag."""
-    def need(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
-    need(self.method in CERTIFIED_METHODS,
-         f"`certified` must be None or one of {', '.join(CERTIFIED_METHODS)}; "
-         f"got {self.method!r}.")
-    need(0 < self.epsilon <= 1, f"`cert_epsilon` must be in (0, 1]; got {self.epsilon}.")
+    need = _spec_checker(self, "certified", CERTIFIED_METHODS, "cert_epsilon")
     need(self.warmup_epochs >= 0,
          f"`cert_warmup_epochs` must be >= 0; got {self.warmup_epochs}.")
     need(self.ramp_epochs >= 0, f"`cert_ramp_epochs` must be >= 0; got {self.ramp_epochs}.")
@@ -327,9 +333,7 @@ class TrainConfig:
 
   def validate(self) -> "TrainConfig":
     """Checks every field; returns self. Raises ConfigError naming the field."""
-    def need(cond, msg):
-      if not cond:
-        raise ConfigError(msg)
+    need = config_checks.checker(ConfigError)
     need(self.model is None or self.model in models.MODEL_NAMES,
          f"`model` must be one of {', '.join(models.MODEL_NAMES)}; got {self.model!r}.")
     need(int(self.epochs) >= 1, f"`epochs` must be >= 1; got {self.epochs}.")
@@ -404,9 +408,7 @@ def check_fit_fields(config) -> None:
   Raises:
     ConfigError: naming the first bad field.
   """
-  def need(cond, msg):
-    if not cond:
-      raise ConfigError(msg)
+  need = config_checks.checker(ConfigError)
   need(int(config.batch_size) >= 1, f"`batch_size` must be >= 1; got {config.batch_size}.")
   need(config.optimizer in OPTIMIZERS,
        f"`optimizer` must be one of {', '.join(OPTIMIZERS)}; got {config.optimizer!r}.")

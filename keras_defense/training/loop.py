@@ -28,7 +28,7 @@ import dataclasses
 import os
 import pathlib
 import time
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from keras_defense import data
 from keras_defense import models
@@ -159,6 +159,47 @@ def to_float32(model: keras.Model, seed: int = 0) -> keras.Model:
   return clone
 
 
+def fit_datasets(config: Any, strategy: Any, num_validation: int, *, epochs: int,
+                 first_epoch: int, shard_test: bool = True) -> tuple[Any, Any, Any, int]:
+  """The datasets a fit reads: ``config``'s train epochs, validation and test splits.
+
+  Epoch e's batch order depends only on (seed, e): a run resumed from its last
+  epoch checkpoint (``first_epoch``) sees the batches an uninterrupted run
+  would have. Multi-worker: the splits are sharded element-wise for ``strategy``
+  (a no-op for one process); the test split only with ``shard_test`` (fine
+  tuning evaluates it itself, outside the strategy).
+
+  Args:
+    config: a config with the fit fields (``check_fit_fields``): dataset,
+      batch_size, seed, train_limit, test_limit, data_dir, manual_dir,
+      validation_size.
+    strategy: the run's ``tf.distribute`` strategy.
+    num_validation: images in the validation split (0: no validation set).
+    epochs: epochs of the whole run.
+    first_epoch: the epoch the run starts (or resumes) at.
+    shard_test: shard the test split too.
+
+  Returns:
+    (train_ds, val_ds or None, test_ds, steps_per_epoch).
+  """
+  common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
+                validation_size=config.validation_size)
+  train_ds, steps_per_epoch = data.load_epochs(
+      config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
+      epochs=epochs, first_epoch=first_epoch, limit=config.train_limit, **common)
+  val_ds = None
+  if num_validation > 0:
+    val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
+                             limit=config.test_limit, **common)
+  test_ds = data.load_split(config.dataset, "test", batch_size=1000,
+                            limit=config.test_limit, **common)
+  train_ds, val_ds = (None if d is None else distribution.shard_by_data(d, strategy)
+                      for d in (train_ds, val_ds))
+  if shard_test:
+    test_ds = distribution.shard_by_data(test_ds, strategy)
+  return train_ds, val_ds, test_ds, steps_per_epoch
+
+
 def train(config: TrainConfig, *,
           defense_factory: DefenseFactory | None = None) -> TrainResult:
   """Trains a classifier per ``config``; resumes from ``run_dir`` if interrupted.
@@ -199,22 +240,10 @@ def train(config: TrainConfig, *,
                       validation_size=config.validation_size)
   common = dict(data_dir=config.data_dir, manual_dir=config.manual_dir,
                 validation_size=config.validation_size)
-  # Epoch e's batch order depends only on (seed, e): a run resumed from its
-  # last epoch checkpoint sees the batches an uninterrupted run would have.
   first_epoch = min(resume_epoch(run_dir / "backup"), config.epochs)
-  train_ds, steps_per_epoch = data.load_epochs(
-      config.dataset, "train", batch_size=config.batch_size, seed=config.seed,
-      epochs=config.epochs, first_epoch=first_epoch,
-      limit=config.train_limit, **common)
-  val_ds = None
-  if ds_info.num_validation > 0:
-    val_ds = data.load_split(config.dataset, "validation", batch_size=1000,
-                             limit=config.test_limit, **common)
-  test_ds = data.load_split(config.dataset, "test", batch_size=1000,
-                            limit=config.test_limit, **common)
-  # Multi-worker: element-wise sharding (no-op for one process).
-  train_ds, val_ds, test_ds = (None if d is None else distribution.shard_by_data(d, strategy)
-                               for d in (train_ds, val_ds, test_ds))
+  train_ds, val_ds, test_ds, steps_per_epoch = fit_datasets(
+      config, strategy, ds_info.num_validation, epochs=config.epochs,
+      first_epoch=first_epoch)
 
   user = None  # the user's model (init_model), checked against the data before training
   if config.init_model:

@@ -20,6 +20,7 @@ from keras_defense.attacks.carlini_wagner.machinery import DEFAULT_BATCH_SIZE
 from keras_defense.attacks.carlini_wagner.machinery import expand
 from keras_defense.attacks.carlini_wagner.machinery import Machinery
 from keras_defense.attacks.carlini_wagner.machinery import sum_per_image
+from keras_defense.util import docstrings
 from keras_defense.util.compat import tf
 
 
@@ -28,10 +29,7 @@ class _CarliniWagnerL0(Machinery):
 
   def __init__(self, logits_fn, *, image_shape, **kwargs):
     super().__init__(logits_fn, **kwargs)
-    self.run = self.compile_run(
-        image_shape, initial_const=tf.float32, largest_const=tf.float32,
-        const_factor=tf.float32, max_iterations=tf.int32,
-        learning_rate=tf.float32, abort_early=tf.bool, max_rounds=tf.int32)
+    self.run = self.compile_rounds(image_shape)
 
   def _run(self, x, y, initial_const, largest_const, const_factor,
            max_iterations, lr, abort_early, max_rounds):
@@ -85,13 +83,8 @@ class _CarliniWagnerL0(Machinery):
       valid = valid & ~remove
       state["valid"] = tf.where(expand(ok), tf.reshape(
           tf.cast(valid, tf.float32), tf.shape(state["valid"])), state["valid"])
-      failed = state["active"] & ~ok
-      state["const"] = tf.where(failed, state["const"] * const_factor,
-                                state["const"])
-      state["active"] = (state["active"]
-                         & ~(failed & (state["const"] >= largest_const))
-                         & tf.reduce_any(valid, axis=1))
-      return state
+      return self.double_on_failure(state, ok, const_factor, largest_const,
+                                    going=tf.reduce_any(valid, axis=1))
 
     state = {"const": tf.fill([b], initial_const), "prev": x,
              "valid": tf.ones_like(x[..., :1]),
@@ -101,6 +94,7 @@ class _CarliniWagnerL0(Machinery):
                        lr=lr, abort_early=abort_early, max_rounds=max_rounds)
 
 
+@docstrings.fill(**machinery.ROUNDS_DOCS)
 def carlini_wagner_l0(model: Any, x: Any, y: Any, *, targeted: bool = False,
                       confidence: float = 0.0, max_iterations: int = 1000,
                       learning_rate: float = 1e-2, initial_const: float = 1e-3,
@@ -118,26 +112,9 @@ def carlini_wagner_l0(model: Any, x: Any, y: Any, *, targeted: bool = False,
   1e-3 doubling up to 2e6, Adam lr 1e-2, 1000 iterations.
 
   Args:
-    model: Keras model or callable, images -> logits (N, K).
-    x: float32 (N, H, W, C) in [clip_min, clip_max].
-    y: int (N,) true labels (untargeted) or target labels (targeted).
-    targeted: reach ``y`` instead of leaving it.
-    confidence: kappa >= 0.
-    max_iterations: Adam steps per round, >= 1.
-    learning_rate: Adam step size > 0.
-    initial_const: first c > 0.
-    largest_const: give up once c reaches this (> initial_const).
-    const_factor: c multiplier after a failure (> 1).
+    {rounds_args}
     abort_early: end a round as soon as the goal holds.
-    clip_min: lowest pixel value.
-    clip_max: highest pixel value.
-    compute_dtype: "float32" or "bfloat16" (successes are confirmed on the
-      float32 model; L0 ranks pixels by the float32 gradient).
-    batch_size: images optimised together (finished ones leave the batch).
-
-  Returns:
-    Adversarial images, same shape/dtype/kind as ``x``; unchanged where
-    nothing was found.
+  {rounds_tail}
 
   Raises:
     ValueError: as ``carlini_wagner_l2``, plus bad const factors.
@@ -151,11 +128,9 @@ def carlini_wagner_l0(model: Any, x: Any, y: Any, *, targeted: bool = False,
       compute_dtype=compute_dtype, batch_size=batch_size,
       learning_rate=learning_rate, max_iterations=max_iterations,
       initial_const=initial_const)
-  # At least one pixel leaves the set per success, plus every doubling of c.
-  max_rounds = (int(np.prod(inputs.x.shape[1:3]))
-                + machinery.doublings(initial_const, largest_const, const_factor) + 2)
-  return machinery.run_in_batches(
-      attack, inputs, batch_size, tf.constant(initial_const, tf.float32),
-      tf.constant(largest_const, tf.float32), tf.constant(const_factor, tf.float32),
-      tf.constant(max_iterations), tf.constant(learning_rate, tf.float32),
-      tf.constant(bool(abort_early)), tf.constant(max_rounds))
+  shrink_rounds = int(np.prod(inputs.x.shape[1:3]))   # >= 1 pixel per success
+  return machinery.run_rounds(
+      attack, inputs, batch_size, shrink_rounds, initial_const=initial_const,
+      largest_const=largest_const, const_factor=const_factor,
+      max_iterations=max_iterations, learning_rate=learning_rate,
+      abort_early=abort_early)

@@ -19,6 +19,7 @@ from keras_defense.attacks.carlini_wagner.machinery import DEFAULT_BATCH_SIZE
 from keras_defense.attacks.carlini_wagner.machinery import expand
 from keras_defense.attacks.carlini_wagner.machinery import Machinery
 from keras_defense.attacks.carlini_wagner.machinery import sum_per_image
+from keras_defense.util import docstrings
 from keras_defense.util.compat import tf
 
 
@@ -28,11 +29,7 @@ class _CarliniWagnerLinf(Machinery):
   def __init__(self, logits_fn, *, image_shape, clip_min, clip_max, **kwargs):
     super().__init__(logits_fn, clip_min=clip_min, clip_max=clip_max, **kwargs)
     self._range = clip_max - clip_min
-    self.run = self.compile_run(
-        image_shape, initial_const=tf.float32, largest_const=tf.float32,
-        const_factor=tf.float32, decrease_factor=tf.float32,
-        max_iterations=tf.int32, learning_rate=tf.float32, abort_early=tf.bool,
-        max_rounds=tf.int32)
+    self.run = self.compile_rounds(image_shape, "decrease_factor")
 
   def _run(self, x, y, initial_const, largest_const, const_factor,
            decrease_factor, max_iterations, lr, abort_early, max_rounds):
@@ -51,12 +48,8 @@ class _CarliniWagnerLinf(Machinery):
       actual = tf.reduce_max(tf.abs(result - x), axis=[1, 2, 3])
       state["tau"] = tf.where(
           ok, tf.minimum(state["tau"], actual) * decrease_factor, state["tau"])
-      failed = state["active"] & ~ok
-      state["const"] = tf.where(failed, state["const"] * const_factor,
-                                state["const"])
-      state["active"] = (state["active"] & ~(failed & (state["const"] >= largest_const))
-                         & (state["tau"] >= tau_min))
-      return state
+      return self.double_on_failure(state, ok, const_factor, largest_const,
+                                    going=state["tau"] >= tau_min)
 
     state = {"const": tf.fill([b], initial_const), "prev": x,
              "tau": tf.fill([b], tf.constant(self._range, tf.float32)),
@@ -67,6 +60,7 @@ class _CarliniWagnerLinf(Machinery):
                        abort_early=abort_early, max_rounds=max_rounds)
 
 
+@docstrings.fill(**machinery.ROUNDS_DOCS)
 def carlini_wagner_linf(model: Any, x: Any, y: Any, *, targeted: bool = False,
                         confidence: float = 0.0, max_iterations: int = 1000,
                         learning_rate: float = 5e-3, initial_const: float = 1e-5,
@@ -84,28 +78,11 @@ def carlini_wagner_linf(model: Any, x: Any, y: Any, *, targeted: bool = False,
   doubling up to 20, tau x 0.9, Adam lr 5e-3, 1000 iterations.
 
   Args:
-    model: Keras model or callable, images -> logits (N, K).
-    x: float32 (N, H, W, C) in [clip_min, clip_max].
-    y: int (N,) true labels (untargeted) or target labels (targeted).
-    targeted: reach ``y`` instead of leaving it.
-    confidence: kappa >= 0.
-    max_iterations: Adam steps per round, >= 1.
-    learning_rate: Adam step size > 0.
-    initial_const: first c > 0.
-    largest_const: give up once c reaches this (> initial_const).
-    const_factor: c multiplier after a failure (> 1).
+    {rounds_args}
     decrease_factor: tau multiplier after a success, in (0, 1).
     abort_early: end a round as soon as the goal holds (else only the last
       iteration is checked).
-    clip_min: lowest pixel value.
-    clip_max: highest pixel value.
-    compute_dtype: "float32" or "bfloat16" (successes are confirmed on the
-      float32 model; L0 ranks pixels by the float32 gradient).
-    batch_size: images optimised together (finished ones leave the batch).
-
-  Returns:
-    Adversarial images, same shape/dtype/kind as ``x``; unchanged where
-    nothing was found.
+  {rounds_tail}
 
   Raises:
     ValueError: as ``carlini_wagner_l2``, plus bad const/decrease factors.
@@ -121,12 +98,9 @@ def carlini_wagner_linf(model: Any, x: Any, y: Any, *, targeted: bool = False,
       compute_dtype=compute_dtype, batch_size=batch_size,
       learning_rate=learning_rate, max_iterations=max_iterations,
       initial_const=initial_const)
-  # Enough rounds for every tau decrease and every doubling of c.
-  max_rounds = (math.ceil(math.log(256.0) / -math.log(decrease_factor))
-                + machinery.doublings(initial_const, largest_const, const_factor) + 2)
-  return machinery.run_in_batches(
-      attack, inputs, batch_size, tf.constant(initial_const, tf.float32),
-      tf.constant(largest_const, tf.float32), tf.constant(const_factor, tf.float32),
-      tf.constant(decrease_factor, tf.float32), tf.constant(max_iterations),
-      tf.constant(learning_rate, tf.float32), tf.constant(bool(abort_early)),
-      tf.constant(max_rounds))
+  shrink_rounds = math.ceil(math.log(256.0) / -math.log(decrease_factor))  # every tau decrease
+  return machinery.run_rounds(
+      attack, inputs, batch_size, shrink_rounds, initial_const=initial_const,
+      largest_const=largest_const, const_factor=const_factor,
+      max_iterations=max_iterations, learning_rate=learning_rate,
+      abort_early=abort_early, decrease_factor=decrease_factor)

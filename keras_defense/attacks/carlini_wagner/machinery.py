@@ -16,8 +16,9 @@ the next compaction point, so they stop costing forward/backward passes; per
 image, the iterations are those it would see alone. Under bfloat16, the
 attacks aim slightly past the boundary (``_BF16_SLACK``) and successes are
 confirmed in float32. Here: tanh space, Adam, the objective's f and goal test,
-the compacting loop, the round loop, and the validation and compiled-attack
-cache the three public functions share.
+the compacting loop, the round loop with L-inf's and L0's schedule of c, their
+compiled signature, batched run and shared docstring blocks, and the
+validation and compiled-attack cache the three public functions share.
 """
 
 from __future__ import annotations
@@ -41,6 +42,31 @@ _COMPACT_EVERY = 10   # L-inf/L0: drop finished images from the batch this often
 # slack, the smallest-L2 bf16 success of a step was often not adversarial in
 # float32 (warm-started C&W-L2 5x200: 86.7% in bf16 vs 100% in float32).
 _BF16_SLACK = 0.01
+
+# The Args and Returns that L-inf's and L0's docstrings share (docstrings.fill):
+# their options but the one that shrinks the search (decrease_factor for L-inf).
+_ROUNDS_ARGS = """\
+model: Keras model or callable, images -> logits (N, K).
+x: float32 (N, H, W, C) in [clip_min, clip_max].
+y: int (N,) true labels (untargeted) or target labels (targeted).
+targeted: reach ``y`` instead of leaving it.
+confidence: kappa >= 0.
+max_iterations: Adam steps per round, >= 1.
+learning_rate: Adam step size > 0.
+initial_const: first c > 0.
+largest_const: give up once c reaches this (> initial_const).
+const_factor: c multiplier after a failure (> 1)."""
+_ROUNDS_TAIL = """\
+  clip_min: lowest pixel value.
+  clip_max: highest pixel value.
+  compute_dtype: "float32" or "bfloat16" (successes are confirmed on the
+    float32 model; L0 ranks pixels by the float32 gradient).
+  batch_size: images optimised together (finished ones leave the batch).
+
+Returns:
+  Adversarial images, same shape/dtype/kind as ``x``; unchanged where
+  nothing was found."""
+ROUNDS_DOCS = {"rounds_args": _ROUNDS_ARGS, "rounds_tail": _ROUNDS_TAIL}
 
 
 def expand(v: tf.Tensor) -> tf.Tensor:
@@ -107,6 +133,18 @@ class Machinery:
         tf.TensorSpec([None], tf.int64),
         *(tf.TensorSpec([], dtype) for dtype in hyperparameters.values())])
 
+  def compile_rounds(self, image_shape, *shrink: str):
+    """``compile_run`` for L-inf/L0 (``run_rounds``'s order).
+
+    ``shrink`` names the variant's own float hyperparameters, which come
+    after ``const_factor``.
+    """
+    return self.compile_run(
+        image_shape, initial_const=tf.float32, largest_const=tf.float32,
+        const_factor=tf.float32, **{name: tf.float32 for name in shrink},
+        max_iterations=tf.int32, learning_rate=tf.float32, abort_early=tf.bool,
+        max_rounds=tf.int32)
+
   def to_tanh(self, x: tf.Tensor) -> tf.Tensor:
     unit = tf.clip_by_value((x - self._mid) / self._half, -1.0, 1.0)
     return tf.atanh(unit * _TANH_SHRINK)
@@ -159,6 +197,22 @@ class Machinery:
     out = runtime.on_subset(mask, {"x": images, "y": y, "ok": mask}, lambda sub: {
         "ok": self.reached(self.exact_logits(sub["x"]), sub["y"], exact=True)})
     return mask & out["ok"]
+
+  @staticmethod
+  def double_on_failure(state, ok, const_factor, largest_const, *, going):
+    """L-inf's/L0's schedule of c after a round; returns ``state``, updated.
+
+    Where an active image failed, c is multiplied by ``const_factor``; an
+    image stays active while c < ``largest_const`` (checked after a failure)
+    and ``going`` (bool (N,), the variant's own condition) holds.
+    """
+    failed = state["active"] & ~ok
+    state["const"] = tf.where(failed, state["const"] * const_factor,
+                              state["const"])
+    state["active"] = (state["active"]
+                       & ~(failed & (state["const"] >= largest_const))
+                       & going)
+    return state
 
   def rounds(self, x, y, state, *, make_image, objective, after_round,
              max_iterations, lr, abort_early, max_rounds):
@@ -252,6 +306,25 @@ def run_in_batches(attack, inputs: runtime.Inputs, batch_size: int,
   return inputs.restore(runtime.in_batches(
       lambda xb, yb: attack.run(xb, yb, *hyperparameters), batch_size,
       inputs.x, inputs.y))
+
+
+def run_rounds(attack, inputs: runtime.Inputs, batch_size: int,
+               shrink_rounds: int, *, initial_const: float, largest_const: float,
+               const_factor: float, max_iterations: int, learning_rate: float,
+               abort_early: bool, **shrink: float) -> Any:
+  """``run_in_batches`` for L-inf/L0, in ``compile_rounds``'s order.
+
+  Rounds: ``shrink_rounds`` (the successes the variant can make) plus every
+  multiplication of c, plus two. ``shrink`` are the variant's own float
+  hyperparameters (``compile_rounds``'s ``shrink``, in order).
+  """
+  max_rounds = shrink_rounds + doublings(initial_const, largest_const, const_factor) + 2
+  return run_in_batches(
+      attack, inputs, batch_size, tf.constant(initial_const, tf.float32),
+      tf.constant(largest_const, tf.float32), tf.constant(const_factor, tf.float32),
+      *(tf.constant(value, tf.float32) for value in shrink.values()),
+      tf.constant(max_iterations), tf.constant(learning_rate, tf.float32),
+      tf.constant(bool(abort_early)), tf.constant(max_rounds))
 
 
 def check_const_schedule(initial_const, largest_const, const_factor):
