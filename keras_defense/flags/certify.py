@@ -18,8 +18,9 @@ from keras_defense.flags import evaluate as _evaluate
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_float("sigma", 0.25, "kd-certify smoothing: the Gaussian noise's standard "
-                   "deviation in pixel units.", lower_bound=0.0)
+common.define_nonnegative("sigma", 0.25,
+                          "kd-certify smoothing: the Gaussian noise's standard deviation in pixel "
+                          "units.")
 common.define_count("n0", 100, "kd-certify smoothing: samples to pick the top class "
                     "(Cohen et al.: 100).")
 common.define_count("n", 100_000, "kd-certify smoothing: samples to bound its probability "

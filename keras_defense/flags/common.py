@@ -30,6 +30,22 @@ def define_count(name: str, default: int | None, help_text: str) -> flags.FlagHo
   return flags.DEFINE_integer(name, default, help_text, lower_bound=1,
                               module_name=sys._getframe(1).f_globals["__name__"])  # pylint: disable=protected-access
 
+
+def define_nonnegative(name: str, default: int | float | None, help_text: str, *,
+                       kind: type | None = None) -> flags.FlagHolder:
+  """A number flag >= 0 (sizes where 0 means skip, epochs, rates): lower_bound=0.
+
+  ``DEFINE_integer`` for ``kind=int`` (the default's type when not given),
+  ``DEFINE_float`` for ``kind=float``; listed under the calling module, as
+  ``define_count``.
+  """
+  kind = kind or type(default)
+  if kind not in (int, float):
+    raise TypeError(f"define_nonnegative({name!r}): kind must be int or float; got {kind!r}.")
+  define = flags.DEFINE_integer if kind is int else flags.DEFINE_float
+  return define(name, default, help_text, lower_bound=kind(0),
+                module_name=sys._getframe(1).f_globals["__name__"])  # pylint: disable=protected-access
+
 # --- data -------------------------------------------------------------------
 flags.DEFINE_string("dataset", "mnist",
                     "tfds image-classification dataset with 28x28x1 or 32x32x3 uint8 images and "
@@ -43,9 +59,9 @@ flags.DEFINE_string("data_dir", None, "tfds data directory (default $TFDS_DATA_D
 flags.DEFINE_string("manual_dir", None,
                     "Folder with the dataset's official files (e.g. cifar-10-binary.tar.gz). "
                     "MNIST needs none: the package carries its files.")
-flags.DEFINE_integer("validation_size", None,
-                     "Training examples held out for validation (default min(5000, n_train/10); "
-                     "C&W: 5000).", lower_bound=0)
+define_nonnegative("validation_size", None,
+                   "Training examples held out for validation (default min(5000, n_train/10); C&W: "
+                   "5000).", kind=int)
 define_count("train_limit", None, "Use only this many training examples.")
 define_count("test_limit", None, "Use only this many test/validation examples.")
 flags.DEFINE_integer("seed", 0, "Random seed for data order, weights and attacks.")
@@ -62,7 +78,8 @@ flags.DEFINE_string("run_dir", None, "Run directory: checkpoints, TensorBoard, r
 define_count("epochs", 10, "Training epochs.")
 define_count("batch_size", 128, "Batch size (C&W: 128).")
 flags.DEFINE_enum("optimizer", "sgd", list(training.OPTIMIZERS), "Optimizer.")
-flags.DEFINE_float("learning_rate", 0.05, "Initial learning rate.", lower_bound=0.0)
+define_nonnegative("learning_rate", 0.05,
+                   "Initial learning rate.")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum (C&W: 0.9).", lower_bound=0.0, upper_bound=0.999)
 flags.DEFINE_bool("nesterov", True, "Nesterov momentum (C&W: true).")
 flags.DEFINE_list("lr_decay_epochs", ["5", "8"],

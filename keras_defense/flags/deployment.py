@@ -27,9 +27,8 @@ common.define_count("deployment_square_queries", 5000,
 flags.DEFINE_list("deployment_twin_attacks", None,
                   "Deployment table: the float rows' white-box attacks (AutoAttack version "
                   "custom); default AutoAttack standard.")
-flags.DEFINE_integer("deployment_epochs", 1,
-                     "Deployment table: fine-tuning epochs of QAT, robust QAT, clustering.",
-                     lower_bound=0)
+common.define_nonnegative("deployment_epochs", 1,
+                          "Deployment table: fine-tuning epochs of QAT, robust QAT, clustering.")
 
 
 def deployment_config(command: str | None = None, fv=None):

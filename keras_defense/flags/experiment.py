@@ -70,8 +70,8 @@ flags.DEFINE_list("autoattack_epsilons", [],
 common.define_count("autoattack_size", 1000,
                     "Test images for the AutoAttack stage (RobustBench: 10000; "
                     "flags/mnist.flags uses all 10,000).")
-flags.DEFINE_integer("sanity_size", 100,
-                     "Test images for the sanity check at epsilon 1 (0: skip).", lower_bound=0)
+common.define_nonnegative("sanity_size", 100,
+                          "Test images for the sanity check at epsilon 1 (0: skip).")
 
 
 flags.register_validator("epsilons", common.check_epsilons)

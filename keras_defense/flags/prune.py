@@ -35,11 +35,11 @@ flags.DEFINE_bool("prune_logits", True,
 flags.DEFINE_float("finetune_dropout", None,
                    "Dropout rate while fine-tuning the pruned model (default: the base "
                    "model's, C&W 0.5). No effect at inference.")
-flags.DEFINE_float("pruning_begin_epoch", 0.0,
-                   "Fine-tuning epoch (may be fractional) at which pruning starts.", lower_bound=0.0)
-flags.DEFINE_float("pruning_end_epoch", 4.0,
-                   "Epoch at which the final sparsity is reached (PolynomialDecay, power 3).",
-                   lower_bound=0.0)
+common.define_nonnegative("pruning_begin_epoch", 0.0,
+                          "Fine-tuning epoch (may be fractional) at which pruning starts.")
+common.define_nonnegative("pruning_end_epoch", 4.0,
+                          "Epoch at which the final sparsity is reached (PolynomialDecay, power "
+                          "3).")
 common.define_count("pruning_frequency", 100, "Steps between mask updates.")
 common.define_count("finetune_epochs", 8, "Epochs of fine-tuning while/after pruning.")
 flags.DEFINE_string("report_path", None,
@@ -49,12 +49,11 @@ flags.DEFINE_enum("transform", "logits_augmentation", list(_la.TRANSFORMS),
                   "logits_augmentation: logits kernel W <- (1+eps)W (the defense's M2); "
                   "gradient_inhibition: every Dense kernel W <- W + eps*sign(W) (Liu et al. "
                   "ASP-DAC'18).")
-flags.DEFINE_float("logits_epsilon", 20.0,
-                   "Logits augmentation eps, W <- (1+eps)W. Authors' code recommends 20 for "
-                   "MNIST and 10 for CIFAR-10; their later default was 100.", lower_bound=0.0)
-flags.DEFINE_float("inhibition_epsilon", _la.GRADIENT_INHIBITION_EPSILON,
-                   "Gradient inhibition eps, W <- W + eps*sign(W) (Liu et al.: 0.1).",
-                   lower_bound=0.0)
+common.define_nonnegative("logits_epsilon", 20.0,
+                          "Logits augmentation eps, W <- (1+eps)W. Authors' code recommends 20 for "
+                          "MNIST and 10 for CIFAR-10; their later default was 100.")
+common.define_nonnegative("inhibition_epsilon", _la.GRADIENT_INHIBITION_EPSILON,
+                          "Gradient inhibition eps, W <- W + eps*sign(W) (Liu et al.: 0.1).")
 flags.register_validator("dense_sparsity", lambda v: 0 <= v < 1,
                          "--dense_sparsity must be in [0, 1).")
 flags.register_validator("conv_sparsity", lambda v: 0 <= v < 1,

@@ -20,10 +20,9 @@ _METHODS = ("ptq_dynamic", "ptq_int8", "ptq_float16", "qat_int8")  # compression
 
 # --base_model_path is defined by the pruning flags (kd-prune, kd-augment); --method
 # by quantize_flags() (kd-certify has a --method of its own).
-flags.DEFINE_integer("clusters", 0,
-                     "Weight clustering before quantization: centroids per kernel (tfmot "
-                     "cluster_weights; 16 in tfmot's examples), fine-tuned --epochs; 0: none.",
-                     lower_bound=0)
+common.define_nonnegative("clusters", 0,
+                          "Weight clustering before quantization: centroids per kernel (tfmot "
+                          "cluster_weights; 16 in tfmot's examples), fine-tuned --epochs; 0: none.")
 common.define_count("representative_size", 500,
                     "Training images that calibrate int8 activation ranges (TFLite's guide: "
                     "~100-500).")
@@ -31,9 +30,9 @@ flags.DEFINE_bool("int8_io", False,
                   "int8 input and output tensors (ptq_int8/qat_int8); default float32 in/out.")
 flags.DEFINE_string("export_path", None, "The .tflite to write; its provenance goes to "
                     "<export_path>.json.")
-flags.DEFINE_integer("agreement_size", 1000,
-                     "Test images on which the .tflite's top-1 agreement with the float model "
-                     "is measured (0: skip).", lower_bound=0)
+common.define_nonnegative("agreement_size", 1000,
+                          "Test images on which the .tflite's top-1 agreement with the float model "
+                          "is measured (0: skip).")
 flags.DEFINE_string("qat_twin_path", None,
                     "--method=qat_int8: also export the fine-tuned fake-quantized model (the QAT "
                     "twin) as a SavedModel <qat_twin_path>/1, for kd-evaluate --qat_twin (BPDA "

@@ -31,18 +31,17 @@ flags.DEFINE_list("quantization", ["none"],
                   "library, stage quantize) and attacked by kd-evaluate's black-box ensemble on "
                   "the LiteRT interpreter: transfer from the float point, BPDA through the QAT "
                   "twin (qat_int8), Square.")
-flags.DEFINE_integer("quantize_epochs", 1,
-                     "kd-sweep: qat_int8's fine-tuning epochs under fake quantization (Adam "
-                     "1e-4, --train_flagfile's train_limit).", lower_bound=0)
+common.define_nonnegative("quantize_epochs", 1,
+                          "kd-sweep: qat_int8's fine-tuning epochs under fake quantization (Adam "
+                          "1e-4, --train_flagfile's train_limit).")
 flags.DEFINE_integer("sweep_square_queries", 5000,
                      "kd-sweep: Square's queries per image in a quantized point's black-box "
                      "ensemble (AutoAttack: 5000).", lower_bound=1)
 flags.DEFINE_list("base_models", [],
                   "kd-sweep: method:SavedModel pairs used as that method's M0 instead of "
                   "training it (e.g. standard:saved_models/mnist_m0/1).")
-flags.DEFINE_integer("shard_index", 0,
-                     "kd-sweep, kd-evaluate: this shard, in [0, --num_shards).",
-                     lower_bound=0)
+common.define_nonnegative("shard_index", 0,
+                          "kd-sweep, kd-evaluate: this shard, in [0, --num_shards).")
 common.define_count("num_shards", 1, "kd-sweep: shards the grid's points are split into; "
                     "kd-evaluate: shards the images are split into (then --merge).")
 flags.DEFINE_float("lock_timeout", 600.0,

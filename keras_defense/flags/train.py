@@ -23,11 +23,11 @@ common.define_count("adv_steps", None,
 flags.DEFINE_float("adv_step_size", None,
                    "Step of the training attack (default: 2.5 * eps / steps for pgd/trades; "
                    "1.25 * eps for fgsm_rs, Wong et al.).")
-flags.DEFINE_float("trades_beta", 6.0, "TRADES beta, the weight of the KL term (TRADES: 6).",
-                   lower_bound=0.0)
-flags.DEFINE_integer("robust_val_size", 1000,
-                     "Held-out validation images of the per-epoch PGD-10 robust-accuracy check "
-                     "that keeps the best epoch (0: no check).", lower_bound=0)
+common.define_nonnegative("trades_beta", 6.0,
+                          "TRADES beta, the weight of the KL term (TRADES: 6).")
+common.define_nonnegative("robust_val_size", 1000,
+                          "Held-out validation images of the per-epoch PGD-10 robust-accuracy check"
+                          " that keeps the best epoch (0: no check).")
 flags.register_validator("adv_epsilon", lambda v: 0 < v <= 1, "--adv_epsilon must be in (0, 1].")
 flags.register_validator("adv_step_size", lambda v: v is None or v > 0,
                          "--adv_step_size must be > 0.")
@@ -41,22 +41,22 @@ flags.DEFINE_enum("certified", None, list(training.CERTIFIED_METHODS),
 flags.DEFINE_float("cert_epsilon", 0.4,
                    "L-inf training radius of certified training (Gowal et al. MNIST: 0.4 to "
                    "certify at 0.3).")
-flags.DEFINE_float("cert_warmup_epochs", 1.0,
-                   "Epochs of clean training before eps ramps (Gowal et al. MNIST: 2k steps "
-                   "at batch 100, ~3.6 epochs).", lower_bound=0.0)
-flags.DEFINE_float("cert_ramp_epochs", 5.0,
-                   "Epochs over which eps ramps linearly from 0 to --cert_epsilon and kappa "
-                   "from 1 to --cert_kappa_final (Gowal et al. MNIST: 10k steps, ~18 epochs, "
-                   "of 60k). Counted in optimizer steps, so a resumed run continues the ramp.",
-                   lower_bound=0.0)
+common.define_nonnegative("cert_warmup_epochs", 1.0,
+                          "Epochs of clean training before eps ramps (Gowal et al. MNIST: 2k steps "
+                          "at batch 100, ~3.6 epochs).")
+common.define_nonnegative("cert_ramp_epochs", 5.0,
+                          "Epochs over which eps ramps linearly from 0 to --cert_epsilon and kappa "
+                          "from 1 to --cert_kappa_final (Gowal et al. MNIST: 10k steps, ~18 epochs,"
+                          " of 60k). Counted in optimizer steps, so a resumed run continues the "
+                          "ramp.")
 flags.DEFINE_float("cert_kappa_final", 0.5,
                    "Weight of the clean loss after the ramp (Gowal et al.: 0.5).")
 flags.DEFINE_float("cert_val_epsilon", None,
                    "Radius of the per-epoch IBP-certified-accuracy check that keeps the best "
                    "epoch (default: --cert_epsilon; MNIST: 0.3, the test radius).")
-flags.DEFINE_integer("cert_val_size", 1000,
-                     "Held-out validation images of the per-epoch IBP-certified-accuracy "
-                     "check (0: no check).", lower_bound=0)
+common.define_nonnegative("cert_val_size", 1000,
+                          "Held-out validation images of the per-epoch IBP-certified-accuracy check"
+                          " (0: no check).")
 flags.register_validator("cert_epsilon", lambda v: 0 < v <= 1,
                          "--cert_epsilon must be in (0, 1].")
 flags.register_validator("cert_kappa_final", lambda v: 0 <= v <= 1,
