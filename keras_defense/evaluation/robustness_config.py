@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_defense.certify import bounds as _bounds
 from keras_defense.models import pixels as pixels_lib
 from keras_defense.util.errors import UserError
 
@@ -28,6 +29,7 @@ DEFAULT_SQUARE_QUERIES = 5000  # AutoAttack's
 # Images per slice (robustness_state): 1,000 keeps every run of up to 1,000
 # images (kd-experiment's AutoAttack) one slice, i.e. the calls auto_attack makes.
 DEFAULT_SLICE_SIZE = 1000
+CERTIFY_METHODS = _bounds.METHODS
 
 
 @dataclasses.dataclass
@@ -68,6 +70,11 @@ class RobustnessConfig:
       (any model kd-evaluate loads) whose APGD/PGD examples are transferred
       (``black_box``); None: Square alone.
     square_queries: Square's query budget per image in the black-box ensemble.
+    certify: bound methods (``certify.bounds.METHODS``) whose certified
+      accuracy is reported beside the robust accuracy (``evaluation.certified``:
+      an image counts when any method proves it; n/a with the reason for a
+      model the bounds cannot read); () for none. Not part of the run's
+      identity: it adds a lower bound, it does not change the attacks.
   """
   model: str
   run_dir: str
@@ -95,6 +102,7 @@ class RobustnessConfig:
   std: tuple[float, ...] | None = None
   surrogate: str | None = None
   square_queries: int = DEFAULT_SQUARE_QUERIES
+  certify: tuple[str, ...] = ()
 
   def pixels(self) -> pixels_lib.PixelConvention:
     """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
@@ -154,6 +162,10 @@ class RobustnessConfig:
     need(self.surrogate is None or str(self.model).endswith(".tflite"),
          f"`surrogate` is for a .tflite model (no gradients); {self.model!r} is attacked "
          f"white-box. Fix: drop --surrogate, or evaluate the .tflite.")
+    need(all(m in CERTIFY_METHODS for m in self.certify)
+         and len(set(self.certify)) == len(self.certify),
+         f"`certify` must list distinct methods among {', '.join(CERTIFY_METHODS)}; got "
+         f"{list(self.certify)}.")
     self.pixels().validate()
     return self
 

@@ -65,6 +65,19 @@ flags.DEFINE_integer("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
                      "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).",
                      lower_bound=1)
 
+flags.DEFINE_list("certify", ["ibp", "crown_ibp"],
+                  "kd-evaluate: bound methods (ibp, crown_ibp, crown) whose certified accuracy "
+                  "is reported beside the robust accuracy, so each ε reads certified <= robust "
+                  "<= clean; an image counts as certified when any method proves it. On by "
+                  "default because it costs seconds and is the only lower bound; a model the "
+                  "bounds cannot read (a layer they do not support, a non-Keras SavedModel, "
+                  "Keras 3, .tflite, --input_range/--mean/--std) shows n/a with the reason. "
+                  "A certified image an attack broke stops the run with an error (a bug). "
+                  "--certify= (empty) turns it off.")
+flags.register_validator(
+    "certify", lambda v: all(m in _rob.CERTIFY_METHODS for m in v) and len(set(v)) == len(v),
+    message=f"--certify must list distinct methods among {', '.join(_rob.CERTIFY_METHODS)}.")
+
 
 def evaluate_flags(fv=None) -> None:
   """Gives --model, --attacks and --compute_dtype kd-evaluate's meaning.
@@ -151,4 +164,5 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       manual_dir=fv.manual_dir, command=command,
       input_range=tuple(float(v) for v in fv.input_range.split(",")),
       mean=_floats(fv.mean), std=_floats(fv.std),
-      surrogate=fv.surrogate, square_queries=fv.square_queries)
+      surrogate=fv.surrogate, square_queries=fv.square_queries,
+      certify=tuple(fv.certify or ()))
