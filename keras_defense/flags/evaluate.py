@@ -73,7 +73,9 @@ flags.DEFINE_list("certify", ["ibp", "crown_ibp"],
                   "bounds cannot read (a layer they do not support, a non-Keras SavedModel, "
                   "Keras 3, .tflite, --input_range/--mean/--std) shows n/a with the reason. "
                   "A certified image an attack broke stops the run with an error (a bug). "
-                  "--certify= (empty) turns it off.")
+                  "--certify= (empty) turns it off. kd-experiment --defense: the certified "
+                  "column of the defenses comparison (from the saved models, at the report "
+                  "stage).")
 flags.register_validator(
     "certify", lambda v: all(m in _rob.CERTIFY_METHODS for m in v) and len(set(v)) == len(v),
     message=f"--certify must list distinct methods among {', '.join(_rob.CERTIFY_METHODS)}.")
