@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from keras_defense.certify import bounds
-from keras_defense.evaluation import inputs
+from keras_defense.data import test_images as inputs
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.evaluation.robustness_result import RobustnessResult
 from keras_defense.models import export

@@ -47,7 +47,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense.models import classifier as clf_lib
-from keras_defense.evaluation import inputs
+from keras_defense.data import test_images as inputs
 from keras_defense.evaluation import robustness_state as state_lib
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
