@@ -180,11 +180,11 @@ def test_report_stage_certifies_old_rows_and_a_lying_bound_fails_loudly(result, 
 
 
 def test_every_row_of_the_plot_has_its_own_look(tmp_path):
-  from keras_defense.reports import defense_comparison_report as report  # pylint: disable=g-import-not-at-top
+  from keras_defense.reports import defense_comparison_report as rep  # pylint: disable=g-import-not-at-top
   rows = [{"name": f"row {i}", "per_eps": {"0.3": {
       "eps": 0.3, "worst_case_robust_acc": 0.5, "worst_case_ci95": [0.4, 0.6]}}}
           for i in range(14)]
-  fig = report.plot_robust_vs_eps(rows, tmp_path / "p.png")
+  fig = rep.plot_robust_vs_eps(rows, tmp_path / "p.png")
   looks = [(l.get_color(), l.get_marker(), l.get_linestyle()) for l in fig.axes[0].lines]
   assert len(looks) == 14 and len(set(looks)) == 14
   # The committed report's pairs that shared a colour (rows 0 and 10, 1 and 11) do not.

@@ -57,7 +57,8 @@ class Certified:
     n: images evaluated.
     per_eps: ε -> {"eps", "n_certified", "certified_acc", "certified_indices"
       (sorted indices into the evaluated images), "by_method" ({method:
-      count}), "seconds"}; empty when ``reason`` is set.
+      {"n_certified", "certified_indices"}}), "seconds"}; empty when
+      ``reason`` is set.
     reason: why the model cannot be bounded ("n/a"), else None.
   """
   methods: tuple[str, ...]
@@ -74,11 +75,6 @@ class Certified:
     return {"methods": list(self.methods), "norm": self.norm, "n_examples": self.n,
             "reason": self.reason,
             "per_eps": [self.per_eps[e] for e in sorted(self.per_eps)]}
-
-  @classmethod
-  def from_dict(cls, d: dict[str, Any]) -> "Certified":
-    return cls(methods=tuple(d["methods"]), norm=d["norm"], n=int(d["n_examples"]),
-               per_eps={float(p["eps"]): p for p in d["per_eps"]}, reason=d.get("reason"))
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -228,9 +224,9 @@ def check_sound(cert: Certified, outcomes: Sequence[AttackOutcome], *,
     if not len(certified):
       continue
 
-    def methods_of(i):
+    def methods_of(i, entry=entry):
       return ", ".join(m for m, v in entry["by_method"].items()
-                       if i in set(v["certified_indices"])) or "?"
+                       if i in v["certified_indices"]) or "?"
     if clean_correct is not None:
       bad = certified[~np.asarray(clean_correct, bool)[certified]]
       if len(bad):
@@ -255,13 +251,6 @@ def check_sound(cert: Certified, outcomes: Sequence[AttackOutcome], *,
       raise CertificationBug(
           f"at ε {eps:g}, {entry['n_certified']} images are certified but only "
           f"{robust_counts[eps]} survived the attacks: certified must be <= robust (a bug).")
-
-
-def gap_text(certified: int, robust: int, n: int) -> str:
-  """"the gap": robust - certified, the images neither proven nor broken."""
-  gap = robust - certified
-  return f"{gap} image{'s' if gap != 1 else ''} ({100 * gap / max(n, 1):.1f} points) " \
-      f"unresolved"
 
 
 def attack_outcomes(run_dir: str | pathlib.Path) -> list[AttackOutcome]:

@@ -3,10 +3,10 @@
 kd-certify reuses --dataset, --data_dir, --manual_dir, --seed, --run_dir,
 --batch_size and kd-evaluate's --norm, --n_examples, --signature,
 --output_key, --allow_ops, its test data (--data, --image_size) and pixel
-convention (--input_range, --mean, --std). Its --model is a model *path*, its --epsilons take L2 radii
-> 1 and its --method is a certification method (kd-quantize's is a
-quantization method): certify_flags() defines those three in the kd-certify
-process only.
+convention (--input_range, --mean, --std). Its --model is a model *path*,
+its --epsilons take L2 radii > 1 and its --method is a certification method
+(kd-quantize's is a quantization method): certify_flags() defines those
+three, and kd-evaluate's --image_size, in the kd-certify process only.
 """
 
 from __future__ import annotations

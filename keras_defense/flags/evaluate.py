@@ -38,9 +38,9 @@ flags.DEFINE_list("allow_ops", [],
                   "holding any is refused before it runs (models/scan.py, docs/RELIABILITY.md "
                   "'Running models you did not write').")
 flags.DEFINE_string("data", None,
-                    "kd-evaluate, kd-certify: your own test set instead of --dataset, a .npz with arrays "
-                    "x (NHWC, uint8 0-255 or float32 0-1), y (int labels) and optionally "
-                    "class_names.")
+                    "kd-evaluate, kd-certify: your own test set instead of --dataset, a .npz "
+                    "with arrays x (NHWC, uint8 0-255 or float32 0-1), y (int labels) and "
+                    "optionally class_names.")
 flags.DEFINE_enum("input_range", "0,1", ["0,1", "0,255"],
                   "kd-evaluate: the pixel range the model takes; attacks and --epsilons stay "
                   "in [0, 1] units and the scaling runs inside the attacked function.")
@@ -156,7 +156,7 @@ def _check_evaluate_epsilons(values: dict) -> bool:
 
 
 def test_dataset(fv) -> str:
-  """The test set --dataset/--data/--image_size name (``data.test_images``), as the library names it.
+  """The test set that --dataset/--data/--image_size name, as ``data.test_images`` names it.
 
   Shared by kd-evaluate and kd-certify (both after ``test_data_flags``).
   """

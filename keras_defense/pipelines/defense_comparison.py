@@ -484,9 +484,9 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
   comp.progress(len(config.rows), len(config.rows), "rows done")
   rows, missing = load_rows(config)
   if config.certify:  # from the saved models alone: also at the report stage
-    from keras_defense.pipelines import comparison_certification  # pylint: disable=g-import-not-at-top
+    from keras_defense.pipelines import comparison_certification as cc  # pylint: disable=g-import-not-at-top
     comp.progress(len(config.rows), len(config.rows), "certifying")
-    rows = comparison_certification.certify_rows(config, rows)
+    rows = cc.certify_rows(config, rows)
   from keras_defense.reports import defense_comparison_report  # pylint: disable=g-import-not-at-top
   artifacts = defense_comparison_report.write(config, rows, missing)
   return ComparisonResult(rows=rows, missing=missing, computed=computed, artifacts=artifacts)
