@@ -368,9 +368,12 @@ def test_certified_beside_robust_and_reused_on_rerun(tmp_path, monkeypatch):
   run_dir = tmp_path / "run"
   config = _config(IBP, run_dir, epsilons=(0.1, 0.3), n_examples=30, output_key="logits",
                    certify=("ibp", "crown_ibp"))
-  res = evaluate.run(config, attack_plan=_stand_in_plan).to_dict()
+  result = evaluate.run(config, attack_plan=_stand_in_plan)
+  res = result.to_dict()
   _check_invariants(res)
   assert res["certify_methods"] == ["ibp", "crown_ibp"] and res["certified_reason"] is None
+  assert (f"ε=0.3: certified {100 * res['certified_acc'][1]:.2f}% <= robust "
+          f"{100 * res['robust_acc'][1]:.2f}%") in result.summary()
   for p, idx in zip(res["per_eps"], res["certified_indices"]):
     # certified <= robust <= clean, image by image: no certified image was broken.
     assert p["n_certified"] == len(idx) <= p["n_robust"] <= res["n_clean_correct"]

@@ -154,6 +154,14 @@ class RobustnessResult:
     if self.shard:
       parts.insert(0, f"shard {self.shard['index']} of {self.shard['count']}, images "
                       f"{self.shard['images'][0]}-{self.shard['images'][1] - 1}")
-    parts += [f"ε={e.eps:g}: robust {100 * e.robust / self.n:.2f}%" for e in self.epsilons]
+    cert = self.certified
+    for e in self.epsilons:
+      text = f"ε={e.eps:g}: robust {100 * e.robust / self.n:.2f}%"
+      if cert is not None and cert.available:
+        text = f"ε={e.eps:g}: certified {100 * cert.per_eps[e.eps]['certified_acc']:.2f}% " \
+            f"<= robust {100 * e.robust / self.n:.2f}%"
+      parts.append(text)
+    if cert is not None and not cert.available:
+      parts.append(f"certified n/a ({cert.reason})")
     return f"{self.config.model} ({THREAT_MODELS[self.config.norm]}, n={self.n}): " + \
         ", ".join(parts)
