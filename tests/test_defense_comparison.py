@@ -88,7 +88,8 @@ def test_rows_and_report(result):
   assert c["n_certified"] <= m0["per_eps"]["0.3"]["autoattack_n_robust"] <= 12
   assert (tmp / "run" / "certified" / "m0.json").is_file()
   assert "randomized at inference" in drop["certified"]["reason"]
-  assert "certified (IBP ∪ CROWN-IBP), ε 0.3" in text and "| n/a: randomized" in text
+  assert "certified (IBP ∪ CROWN-IBP), ε 0.3" in text and "| n/a |" in text
+  assert "Certified n/a — Dropout p=0.1: randomized at inference" in text
   assert "gap (worst case − certified), ε 0.3" in text
   assert lines[0]["certified_acc"] != "" and lines[1]["certified_acc"] == ""
 

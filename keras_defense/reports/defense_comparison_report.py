@@ -60,7 +60,7 @@ def _certified_cell(row: dict, eps: float) -> str:
   if not cert:
     return "—"
   if cert.get("reason"):
-    return f"n/a: {cert['reason']}"
+    return "n/a"
   p = certified_at(row, eps)
   n = cert["n_examples"]
   return "—" if p is None else f"{_pct(p['certified_acc'])} ({p['n_certified']}/{n})"
@@ -223,9 +223,9 @@ def markdown(rows: Sequence[dict], missing: Sequence[str], config, plots: Sequen
         f"**Certified** = proven by {methods} bounds (keras_defense/certify; an image counts "
         f"when any method proves that no L∞ perturbation of that ε changes its prediction) "
         f"on the same first {n_aa} images: a lower bound, so each row reads certified ≤ "
-        f"robust ≤ clean; the gap is the images neither proven nor broken. n/a: the bounds "
-        f"cannot read that model (the reason is given). A certified image an attack broke "
-        f"stops the report with an error.", ""]
+        f"robust ≤ clean; the gap is the images neither proven nor broken. n/a: a randomized "
+        f"row, or a model the bounds cannot read (the reasons below the table). A certified "
+        f"image an attack broke stops the report with an error.", ""]
   head = ["defense", "clean", "compression", "build time"]
   if grid_eps is not None:
     for threat in e.threat_models:
@@ -264,6 +264,10 @@ def markdown(rows: Sequence[dict], missing: Sequence[str], config, plots: Sequen
                    f"{100 * (p['worst_case_robust_acc'] - cert['certified_acc']):.1f} points")
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
+  not_bounded = [f"{r['name']}: {r['certified']['reason']}" for r in rows
+                 if r.get("certified") and r["certified"].get("reason")]
+  if not_bounded:
+    lines += ["Certified n/a — " + "; ".join(not_bounded) + ".", ""]
   if missing:
     lines += [f"Not finished yet: {', '.join(missing)} (rerun the command to resume).", ""]
   lines += ["## How each row was made", ""]
