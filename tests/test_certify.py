@@ -300,6 +300,7 @@ def test_kd_certify_binary_writes_results_and_resumes(mnist_model, tmp_path):
   assert len(small) == round(20 * results["certified_acc"]["0.01"]) and len(small) > 0
   assert results["clean_acc"] >= results["certified_acc"]["0.01"]
   assert "certified accuracy" in (run_dir / "report.md").read_text()
+  assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))  # as kd-evaluate
   # Resumable: the finished ε are loaded, not recomputed, by an in-process rerun.
   state = run_dir / "state" / "eps_0.01.json"
   mtime = state.stat().st_mtime_ns
@@ -312,6 +313,47 @@ def test_kd_certify_binary_writes_results_and_resumes(mnist_model, tmp_path):
   # A run directory of other settings is refused.
   with pytest.raises(UserError, match="other settings"):
     runner.run(dataclasses.replace(config, method="ibp"))
+
+
+def test_kd_certify_takes_arrays_and_pixel_flags_like_kd_evaluate(mnist_model, tmp_path):
+  import copy  # pylint: disable=g-import-not-at-top
+  from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top
+  from keras_defense.pipelines import certification  # pylint: disable=g-import-not-at-top
+  model, x, y = mnist_model
+  path = export.export_saved_model(model, tmp_path / "tiny", version=1)
+  npz = tmp_path / "mine.npz"
+  pixels = (x[:30] * 255).round().astype(np.uint8)
+  np.savez(npz, x=pixels, y=y[:30])
+
+  def parse(*extra):
+    fv = copy.deepcopy(kd_flags.FLAGS)
+    fv.unparse_flags()
+    kd_flags.certify_flags(fv)
+    fv(["kd-certify", f"--model={path}", f"--data={npz}", "--epsilons=0.01,0.02",
+        "--n_examples=30", f"--run_dir={tmp_path / 'run'}", "--method=ibp", *extra])
+    return kd_flags.certify_config(None, fv)
+  config = parse()
+  assert config.dataset == f"npz:{npz}"
+  results = certification.run(config)
+  assert results["n_examples"] == 30
+  assert json.loads((tmp_path / "run" / "run.json").read_text())["data_sha256"]
+  # The arrays' own images were certified: the same proofs as the bounds on them.
+  ok = bounds.certify(model, pixels.astype(np.float32) / 255, y[:30], 0.01, method="ibp")
+  assert results["certified_indices"]["0.01"] == [int(i) for i in np.flatnonzero(ok)]
+  assert len(results["certified_indices"]["0.01"]) > 0
+  # TensorBoard scalars per method and ε, as kd-evaluate writes its own.
+  (events,) = (tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*")
+  scalars = {(v.tag, e.step): float(tf.make_ndarray(v.tensor))
+             for e in tf.compat.v1.train.summary_iterator(str(events))
+             for v in e.summary.value if v.tag != "report"}
+  assert scalars[("certified_accuracy/ibp", 10)] == pytest.approx(
+      results["certified_acc"]["0.01"])
+  assert ("certified_accuracy/ibp", 20) in scalars and ("clean_accuracy", 0) in scalars
+  # A pixel convention: smoothing takes it, the bound methods refuse it by name.
+  odd = parse("--input_range=0,255", "--mean=0.5", "--std=0.5")
+  assert odd.input_range == (0.0, 255.0) and odd.mean == (0.5,) and odd.std == (0.5,)
+  with pytest.raises(UserError, match="`method` 'ibp' bounds a model taking \\[0, 1\\] pixels"):
+    odd.validate()
 
 
 # --- certified training loss ---------------------------------------------------------

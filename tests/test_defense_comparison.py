@@ -80,6 +80,18 @@ def test_rows_and_report(result):
                                                   "threat_model", "n_examples"}
   assert (tmp / "report" / "defenses" / "plots" / "robust_vs_eps.png").is_file()
   assert any((tmp / "report" / "defenses" / "tensorboard").iterdir())
+  # The certified column, from the saved models at report time: M0 is bounded (and
+  # held image by image against its AutoAttack state), the randomized row is n/a.
+  cert = m0["certified"]
+  assert cert["methods"] == ["ibp", "crown_ibp"] and cert["reason"] is None
+  (c,) = cert["per_eps"]
+  assert c["n_certified"] <= m0["per_eps"]["0.3"]["autoattack_n_robust"] <= 12
+  assert (tmp / "run" / "certified" / "m0.json").is_file()
+  assert "randomized at inference" in drop["certified"]["reason"]
+  assert "certified (IBP ∪ CROWN-IBP), ε 0.3" in text and "| n/a |" in text
+  assert "Certified n/a — Dropout p=0.1: randomized at inference" in text
+  assert "gap (worst case − certified), ε 0.3" in text
+  assert lines[0]["certified_acc"] != "" and lines[1]["certified_acc"] == ""
 
 
 def test_rerun_computes_nothing(result):
@@ -143,6 +155,41 @@ def test_report_only_renders_finished_rows_and_names_the_missing(result, tmp_pat
   assert out.rows == res.rows
   text = (tmp_path / "defenses.md").read_text()
   assert "Not finished yet: Dropout p=0.2" in text and "Made by `test`" in text
+
+
+def test_report_stage_certifies_old_rows_and_a_lying_bound_fails_loudly(result, tmp_path,
+                                                                         monkeypatch):
+  tmp, res = result
+  shutil.copytree(tmp / "run", tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "certified")  # rows finished before the column existed
+  config = _config(tmp_path, report_only=True)
+  again = dc.run(config)
+  def untimed(cert):
+    return dict(cert, per_eps=[{k: v for k, v in p.items() if k != "seconds"}
+                               for p in cert["per_eps"]])
+  assert [untimed(r["certified"]) for r in again.rows] == \
+      [untimed(r["certified"]) for r in res.rows]
+  shutil.rmtree(tmp_path / "run" / "certified")
+  from keras_defense.certify import bounds  # pylint: disable=g-import-not-at-top
+  from keras_defense.evaluation import certified  # pylint: disable=g-import-not-at-top
+  # M0 classifies its first 12 images correctly and AutoAttack breaks them at 0.3.
+  monkeypatch.setattr(bounds, "certify", lambda model, x, y, eps, **kw: y == y)
+  with pytest.raises(certified.CertificationBug,
+                     match=r"image \d+ is certified at ε 0.3 by ibp, crown_ibp but attack "
+                           r"'apgd-ce' broke it at ε 0.3"):
+    dc.run(config)
+
+
+def test_every_row_of_the_plot_has_its_own_look(tmp_path):
+  from keras_defense.reports import defense_comparison_report as rep  # pylint: disable=g-import-not-at-top
+  rows = [{"name": f"row {i}", "per_eps": {"0.3": {
+      "eps": 0.3, "worst_case_robust_acc": 0.5, "worst_case_ci95": [0.4, 0.6]}}}
+          for i in range(14)]
+  fig = rep.plot_robust_vs_eps(rows, tmp_path / "p.png")
+  looks = [(l.get_color(), l.get_marker(), l.get_linestyle()) for l in fig.axes[0].lines]
+  assert len(looks) == 14 and len(set(looks)) == 14
+  # The committed report's pairs that shared a colour (rows 0 and 10, 1 and 11) do not.
+  assert looks[0][0] != looks[10][0] and looks[1][0] != looks[11][0]
 
 
 # A child process running the fixture's comparison (what kd-experiment --defense

@@ -148,11 +148,15 @@ def test_plain_saved_model_evaluates(models, tmp_path):
 
 
 def test_keras_file_evaluates(models, tmp_path):
-  res = evaluate.run(_config(models / "plain.keras", tmp_path / "run", epsilons=(0.1,)),
+  res = evaluate.run(_config(models / "plain.keras", tmp_path / "run", epsilons=(0.1,),
+                             certify=("ibp",)),
                      attack_plan=_stand_in_plan).to_dict()
   _check_invariants(res)
   assert res["model_kind"] == "keras" and res["signature"] is None
   assert res["output"] == "logits" and res["robust_acc"][0] < res["clean_acc"]
+  # A tf_keras Conv2D/Flatten/Dense file is bounded: certified <= robust per ε.
+  assert res["certify_methods"] == ["ibp"] and res["certified_reason"] is None
+  assert 0 <= res["certified_acc"][0] <= res["robust_acc"][0]
 
 
 def test_probability_output_is_attacked_as_log(models, tmp_path):
@@ -164,10 +168,14 @@ def test_probability_output_is_attacked_as_log(models, tmp_path):
   np.testing.assert_allclose(logits, np.log(np.maximum(probs, 1e-38)), rtol=1e-5, atol=1e-5)
   run_dir = tmp_path / "run"
   res = evaluate.run(_config(models / "signatures", run_dir, epsilons=(0.1,),
-                             signature="probs"),
+                             signature="probs", certify=("ibp", "crown_ibp")),
                      attack_plan=_stand_in_plan).to_dict()
   _check_invariants(res)
   assert res["output"] == "probabilities (attacked as log)"
+  # Hand-written signatures hold no tf_keras model: certified is n/a with the reason.
+  assert res["certified_acc"] == [None] and res["certified_indices"] == [None]
+  assert "not a tf_keras model" in res["certified_reason"]
+  assert "| n/a |" in (run_dir / "report.md").read_text()
   assert res["robust_acc"][0] < res["clean_acc"] - 0.1  # log(p) gives real gradients
   assert "attacks differentiate log(p)" in (run_dir / "report.md").read_text()
   # The logits model's output is not mistaken for probabilities.
@@ -335,6 +343,56 @@ def test_kill_9_then_rerun_gives_the_same_results(models, tmp_path, monkeypatch)
   assert len(list(run_dir.glob("state/eps_*/*.npz"))) == 6
 
 
+IBP = REPO / "saved_models" / "mnist_m0_ibp" / "1"
+
+
+def test_certified_beside_robust_and_reused_on_rerun(tmp_path, monkeypatch):
+  run_dir = tmp_path / "run"
+  config = _config(IBP, run_dir, epsilons=(0.1, 0.3), n_examples=30, output_key="logits",
+                   certify=("ibp", "crown_ibp"))
+  result = evaluate.run(config, attack_plan=_stand_in_plan)
+  res = result.to_dict()
+  _check_invariants(res)
+  assert res["certify_methods"] == ["ibp", "crown_ibp"] and res["certified_reason"] is None
+  assert (f"ε=0.3: certified {100 * res['certified_acc'][1]:.2f}% <= robust "
+          f"{100 * res['robust_acc'][1]:.2f}%") in result.summary()
+  for p, idx in zip(res["per_eps"], res["certified_indices"]):
+    # certified <= robust <= clean, image by image: no certified image was broken.
+    assert p["n_certified"] == len(idx) <= p["n_robust"] <= res["n_clean_correct"]
+    assert max(p["n_certified_by_method"].values()) <= p["n_certified"]
+  assert res["certified_acc"][1] > 0.5  # the IBP-trained net is provably robust at 0.3
+  report = (run_dir / "report.md").read_text()
+  assert "certified (IBP ∪ CROWN-IBP)" in report and "gap (robust − certified)" in report
+  # A rerun reuses the saved certificates (state/certified/) instead of bounding again.
+  from keras_defense.certify import bounds  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(bounds, "certify", lambda *a, **k: pytest.fail("bounded again"))
+  again = evaluate.run(config, attack_plan=_stand_in_plan).to_dict()
+  assert again["certified_indices"] == res["certified_indices"]
+
+
+@pytest.mark.parametrize("lie, message", [
+    ("all", r"image \d+ is certified at ε 0.3 by ibp but misclassified clean"),
+    ("clean", r"image \d+ is certified at ε 0.3 by ibp but attack 'fgsm' broke it at ε 0.3"),
+])
+def test_a_certified_image_an_attack_broke_fails_loudly(tmp_path, monkeypatch, lie, message):
+  from keras_defense.certify import bounds  # pylint: disable=g-import-not-at-top
+  from keras_defense.evaluation import certified  # pylint: disable=g-import-not-at-top
+
+  def lying(model, x, y, eps, **kw):  # a bound that proves what the attacks then break
+    del kw, eps
+    if lie == "all":
+      return np.ones(len(y), bool)
+    return np.argmax(model(x).numpy(), axis=1) == y
+  monkeypatch.setattr(bounds, "certify", lying)
+  # M0-IBP misclassifies 2 of its first 40 images; plain M0 none of its first 20.
+  config = _config(IBP if lie == "all" else M0, tmp_path / "run", epsilons=(0.3,),
+                   n_examples=40 if lie == "all" else 20, output_key="logits",
+                   certify=("ibp",))
+  with pytest.raises(certified.CertificationBug, match=message):
+    evaluate.run(config, attack_plan=_stand_in_plan)
+  assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_flags_make_the_config():
   fv = _helpers.fresh_flags(kd_flags.evaluate_flags)
   fv(["kd-evaluate", "--model=saved_models/mnist_m0/1", "--output_key=logits",
@@ -345,10 +403,12 @@ def test_flags_make_the_config():
   assert config.epsilons == (0.1, 8 / 255) and config.norm == "l2"
   assert config.attacks == ("apgd-ce", "square") and config.version == "custom"
   assert (config.n_examples, config.batch_size, config.compute_dtype) == (1000, 250, "float32")
+  assert config.certify == ("ibp", "crown_ibp")  # on by default: n/a where it cannot bound
   # L2 radii may exceed 1; L-inf ones keep the shared validator.
   l2 = _helpers.fresh_flags(kd_flags.evaluate_flags)
-  l2(["kd-evaluate", "--model=m.keras", "--norm=l2", "--epsilons=1.5,2"])
+  l2(["kd-evaluate", "--model=m.keras", "--norm=l2", "--epsilons=1.5,2", "--certify="])
   assert kd_flags.evaluate_config(None, l2).validate().epsilons == (1.5, 2.0)
+  assert kd_flags.evaluate_config(None, l2).certify == ()
   linf = _helpers.fresh_flags(kd_flags.evaluate_flags)
   with pytest.raises(Exception, match=r"--epsilons must all be in \(0, 1\]; got \['2'\]"):
     linf(["kd-evaluate", "--epsilons=2"])

@@ -7,14 +7,16 @@
       --norm=l2 --epsilons=0.5,1,1.5 --sigma=0.5 --n=10000 --n_examples=100
 
 A rerun with the same --run_dir skips the finished ε (smoothing: the finished
-chunks of images). Results: <run_dir>/results.json and report.md.
+chunks of images). Results: <run_dir>/results.json, report.md and tensorboard/.
+Your own test set: --data=arrays.npz (x NHWC, y labels; optionally --image_size,
+and --input_range/--mean/--std for the model's pixels, as kd-evaluate).
 """
 
 import sys
 
 from keras_defense import bin as kd_bin
 from keras_defense import flags as kd_flags
-from keras_defense.certify import runner
+from keras_defense.pipelines import certification
 from keras_defense.util import progress as progress_lib
 from keras_defense.util import provenance
 
@@ -22,7 +24,7 @@ from keras_defense.util import provenance
 def main(argv):
   del argv
   config = kd_flags.certify_config(provenance.command_line(sys.argv))
-  results = runner.run(config, progress=progress_lib.ProgressBar())
+  results = certification.run(config, progress=progress_lib.ProgressBar())
   print(f"clean accuracy {100 * results['clean_acc']:.2f}% on {results['n_examples']} images")
   for entry in results["certified"]:
     print(f"ε={entry['epsilon']:g} ({config.method}, {config.norm}): certified "

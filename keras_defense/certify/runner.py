@@ -29,12 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from keras_defense import data
+from keras_defense.data import test_images
 from keras_defense.certify import bounds
 from keras_defense.certify import smoothing
 from keras_defense.models import classifier as clf_lib
 from keras_defense.models import export
 from keras_defense.util import config_checks
+from keras_defense.models import pixels as pixels_lib
 from keras_defense.util import io_utils
 from keras_defense.util import provenance
 from keras_defense.util.errors import UserError
@@ -46,14 +47,16 @@ SMOOTHING_CHUNK = 50  # images per resumable smoothing state file
 
 
 @dataclasses.dataclass
-class CertifyConfig:
+class CertifyConfig(pixels_lib.PixelFields):
   """What ``kd-certify`` certifies; field names match its flags.
 
   Attributes:
     model: a SavedModel directory or a .keras/.h5 file (bounds: a tf_keras
       model; smoothing: any model kd-evaluate loads).
     run_dir: where state, results.json and report.md go.
-    dataset: tfds dataset; its test split is used.
+    dataset: a tfds dataset, ``folder:PATH`` or ``npz:PATH`` (kd-certify's
+      ``--data``), optionally ``@HxWxC`` (``data.test_images``, as
+      kd-evaluate); its test split is used.
     norm: "linf" or "l2" ("smoothing" certifies L2 only).
     epsilons: radii > 0 in pixel units of [0, 1] images.
     method: "ibp", "crown_ibp", "crown" or "smoothing".
@@ -67,6 +70,11 @@ class CertifyConfig:
     signature, output_key: which SavedModel signature and output to use.
     data_dir, manual_dir: see ``data.prepare``.
     command: the command line, recorded in the report.
+    input_range, mean, std: the model's pixel convention
+      (``pixels.PixelConvention``, as kd-evaluate); ε stay in [0, 1] units.
+      Smoothing takes any; the bound methods need [0, 1] pixels.
+    allow_ops: ops a SavedModel may hold although they touch the outside
+      world (``models.scan``), as kd-evaluate.
   """
   model: str
   run_dir: str
@@ -86,6 +94,10 @@ class CertifyConfig:
   data_dir: str | None = None
   manual_dir: str | None = None
   command: str | None = None
+  input_range: tuple[float, float] = (0.0, 1.0)
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
+  allow_ops: tuple[str, ...] = ()
 
   def validate(self) -> "CertifyConfig":
     """Checks every field; returns self.
@@ -93,8 +105,7 @@ class CertifyConfig:
     Raises:
       UserError: a field out of range, naming it.
     """
-    need = config_checks.checker(UserError)
-    config_checks.check_model_and_run_dir(self.model, self.run_dir)
+    need = config_checks.run_checker(self.model, self.run_dir)
     need(self.method in METHODS,
          f"`method` must be one of {', '.join(METHODS)}; got {self.method!r}.")
     need(self.norm in NORMS, f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}.")
@@ -107,6 +118,10 @@ class CertifyConfig:
            f"`{name}` must be an integer >= 1; got {value!r}.")
     need(np.isfinite(self.sigma) and self.sigma > 0, f"`sigma` must be > 0; got {self.sigma!r}.")
     need(0 < self.alpha < 1, f"`alpha` must be in (0, 1); got {self.alpha!r}.")
+    self.pixels().validate()
+    need(self.method == "smoothing" or self.pixels().is_identity,
+         f"`method` {self.method!r} bounds a model taking [0, 1] pixels; this one takes "
+         f"{self.pixels().describe()}. Fix: use method 'smoothing', which takes any model.")
     return self
 
   def identity(self) -> dict[str, Any]:
@@ -116,6 +131,8 @@ class CertifyConfig:
            "signature": self.signature, "output_key": self.output_key}
     if self.method == "smoothing":
       out.update(sigma=self.sigma, n0=self.n0, n=self.n, alpha=self.alpha, seed=self.seed)
+    if not self.pixels().is_identity:  # only then: run directories made before resume
+      out["pixels"] = self.pixels().to_dict()
     return out
 
 
@@ -130,7 +147,7 @@ def _clean_predictions(model: Any, x: np.ndarray, batch_size: int) -> np.ndarray
 
 def _load_keras(config: CertifyConfig):
   try:
-    model = export.load_model(config.model)
+    model = export.load_model(config.model, allow_ops=config.allow_ops)
   except export.ModelLoadError as e:
     raise UserError(f"{e} The bound methods need a tf_keras model (a SavedModel exported "
                     f"by Keras, or a .keras/.h5 file); method 'smoothing' takes any model.") \
@@ -243,24 +260,33 @@ def run(config: CertifyConfig, *, progress: Progress | None = None) -> dict[str,
   if blocker is not None:
     raise UserError(f"`run_dir` {str(run_dir)!r} cannot be a directory: {str(blocker)!r} "
                     f"exists and is not a directory.")
-  facts = data.info(config.dataset, data_dir=config.data_dir, manual_dir=config.manual_dir)
-  if config.n_examples > facts.num_test:
-    raise UserError(f"`n_examples` must be at most the {facts.num_test} test images of "
-                    f"{config.dataset}; got {config.n_examples}.")
   if config.method == "smoothing":
     clf = clf_lib.load_classifier(config.model, signature=config.signature,
-                                  output_key=config.output_key)
-    clf.check_input(facts.image_shape, dataset=config.dataset)
-    model = clf
+                                  output_key=config.output_key,
+                                  allow_ops=config.allow_ops).use_pixels(config.pixels())
+    model, model_shape = clf, clf.input_shape
   else:
     model = _load_keras(config)
-  x, y = data.load_arrays(config.dataset, "test", limit=config.n_examples,
-                          data_dir=config.data_dir, manual_dir=config.manual_dir)
+    model_shape = model.input_shape
+  images = test_images.load_test_images(config.dataset, n_examples=config.n_examples,
+                                        model_shape=model_shape, data_dir=config.data_dir,
+                                        manual_dir=config.manual_dir)
+  x, y = images.x, images.y
   if config.method == "smoothing":
-    clf.use_output(clf_lib.detect_output(clf, x[:min(len(x), 256)],
-                                         num_classes=facts.num_classes))
+    clf.check_input(images.image_shape, dataset=config.dataset)
+    num_classes = test_images.resolve_num_classes(images, clf.scores)
+    clf.use_output(clf_lib.detect_output(clf, x[:min(len(x), 256)], num_classes=num_classes))
+  else:
+    num_classes = bounds.bounded(model).num_classes
+    if images.num_classes is not None and images.num_classes != num_classes:
+      raise UserError(f"model {config.model!r} outputs {num_classes} class scores but "
+                      f"dataset {config.dataset!r} has {images.num_classes} classes.")
+    if int(y.max()) >= num_classes:
+      raise UserError(f"dataset {config.dataset!r} has label {int(y.max())}, but the model "
+                      f"outputs {num_classes} class scores.")
   sha256 = clf_lib.fingerprint(config.model)
-  io_utils.bind_settings(run_dir / "run.json", dict(config.identity(), model_sha256=sha256),
+  io_utils.bind_settings(run_dir / "run.json", dict(config.identity(), model_sha256=sha256,
+                                                   **images.identity),
                          what="a certification")
   state = run_dir / "state"
   state.mkdir(parents=True, exist_ok=True)
@@ -272,8 +298,7 @@ def run(config: CertifyConfig, *, progress: Progress | None = None) -> dict[str,
       "method": config.method, "norm": config.norm, "n_examples": len(y),
       "clean_acc": float(clean.mean()), "clean_seconds": clean_seconds}
   if config.method == "smoothing":
-    per_eps, extra = _certify_smoothing(config, model, x, y, facts.num_classes, state,
-                                        progress)
+    per_eps, extra = _certify_smoothing(config, model, x, y, num_classes, state, progress)
     results["smoothing"] = dict(sigma=config.sigma, n0=config.n0, n=config.n,
                                 alpha=config.alpha, seed=config.seed, **extra)
   else:

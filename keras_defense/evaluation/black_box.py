@@ -58,7 +58,7 @@ import numpy as np
 from keras_defense.attacks.apgd import apgd
 from keras_defense.attacks.gradient_attacks import pgd
 from keras_defense.attacks.square import square
-from keras_defense.evaluation import inputs
+from keras_defense.data import test_images as inputs
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.models import classifier as clf_lib
 from keras_defense.models import scan

@@ -48,7 +48,7 @@ import numpy as np
 
 from keras_defense.models import classifier as clf_lib
 from keras_defense.evaluation import black_box
-from keras_defense.evaluation import inputs
+from keras_defense.data import test_images as inputs
 from keras_defense.evaluation import replicas
 from keras_defense.evaluation import robustness_state as state_lib
 from keras_defense.training import distribution

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from keras_defense.certify import bounds as _bounds
 from keras_defense.models import pixels as pixels_lib
 from keras_defense.util import config_checks
 from keras_defense.util.errors import UserError
@@ -30,10 +31,11 @@ DEFAULT_SLICE_SIZE = 1000
 # tf.distribute strategies kd-evaluate runs under (``replicas``); across
 # machines it runs shards, not MultiWorkerMirroredStrategy.
 STRATEGIES = ("default", "mirrored")
+CERTIFY_METHODS = _bounds.METHODS
 
 
 @dataclasses.dataclass
-class RobustnessConfig:
+class RobustnessConfig(pixels_lib.PixelFields):
   """What ``kd-evaluate`` evaluates; field names match its flags.
 
   Attributes:
@@ -82,6 +84,11 @@ class RobustnessConfig:
       computed (up to floating-point summation order), not what is computed.
     num_cpu_devices: with "mirrored" and no GPU, logical CPU devices
       (default 2).
+    certify: bound methods (``certify.bounds.METHODS``) whose certified
+      accuracy is reported beside the robust accuracy (``evaluation.certified``:
+      an image counts when any method proves it; n/a with the reason for a
+      model the bounds cannot read); () for none. Not part of the run's
+      identity: it adds a lower bound, it does not change the attacks.
   """
   model: str
   run_dir: str
@@ -112,13 +119,7 @@ class RobustnessConfig:
   qat_twin: str | None = None
   strategy: str = "default"
   num_cpu_devices: int | None = None
-
-  def pixels(self) -> pixels_lib.PixelConvention:
-    """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
-    return pixels_lib.PixelConvention(
-        input_range=pixels_lib.parse_range(self.input_range),
-        mean=None if self.mean is None else tuple(float(v) for v in self.mean),
-        std=None if self.std is None else tuple(float(v) for v in self.std))
+  certify: tuple[str, ...] = ()
 
   def validate(self) -> "RobustnessConfig":
     """Checks every field; returns self.
@@ -126,8 +127,7 @@ class RobustnessConfig:
     Raises:
       UserError: a field out of range, naming it.
     """
-    need = config_checks.checker(UserError)
-    config_checks.check_model_and_run_dir(self.model, self.run_dir)
+    need = config_checks.run_checker(self.model, self.run_dir)
     need(self.norm in NORMS, f"`norm` must be one of {', '.join(NORMS)}; got {self.norm!r}.")
     need(self.version in VERSIONS,
          f"`version` must be one of {', '.join(VERSIONS)}; got {self.version!r}.")
@@ -183,6 +183,10 @@ class RobustnessConfig:
     need(self.qat_twin is None or str(self.model).endswith(".tflite"),
          f"`qat_twin` is for a .tflite model (no gradients); {self.model!r} is attacked "
          f"white-box. Fix: drop --qat_twin, or evaluate the .tflite.")
+    need(all(m in CERTIFY_METHODS for m in self.certify)
+         and len(set(self.certify)) == len(self.certify),
+         f"`certify` must list distinct methods among {', '.join(CERTIFY_METHODS)}; got "
+         f"{list(self.certify)}.")
     self.pixels().validate()
     return self
 

@@ -63,6 +63,8 @@ class RobustnessResult:
   batch_size_auto: dict[str, Any] | None = None
   # This process's shard ({"index", "count", "images": [start, stop)}); None if whole.
   shard: dict[str, Any] | None = None
+  # The proven side (``evaluation.certified.Certified``); None when not asked for.
+  certified: Any = None
 
   @property
   def clean_acc(self) -> float:
@@ -94,7 +96,7 @@ class RobustnessResult:
       per_eps.append({"eps": e.eps, "robust_acc": final["acc"],
                       "robust_acc_ci95": final["ci95"], "n_robust": e.robust,
                       "broken_at_smaller_eps": e.broken_at_smaller_eps,
-                      "attacks": steps, "seconds": e.seconds})
+                      "attacks": steps, "seconds": e.seconds, **self._certified_at(e.eps)})
     return {
         "model": str(c.model), "model_kind": self.model_kind,
         "model_sha256": self.model_sha256,
@@ -121,13 +123,48 @@ class RobustnessResult:
         "attack_seconds": sum(e.seconds for e in self.epsilons),
         "total_seconds": self.clean_seconds + sum(e.seconds for e in self.epsilons),
         "wall_seconds": self.wall_seconds,
+        **self._certified_fields(),
     }
+
+  def _certified_at(self, eps: float) -> dict[str, Any]:
+    """A per_eps entry's certified fields (none when certification was not asked for)."""
+    cert = self.certified
+    if cert is None:
+      return {}
+    if not cert.available:
+      return {"certified_acc": None, "n_certified": None}
+    p = cert.per_eps[eps]
+    acc = self._acc(p["n_certified"])
+    return {"certified_acc": acc["acc"], "certified_acc_ci95": acc["ci95"],
+            "n_certified": p["n_certified"],
+            "n_certified_by_method": {m: v["n_certified"] for m, v in p["by_method"].items()},
+            "certify_seconds": p["seconds"]}
+
+  def _certified_fields(self) -> dict[str, Any]:
+    """results.json's top-level certified fields, aligned with ``eps`` like ``robust_acc``."""
+    cert = self.certified
+    if cert is None:
+      return {}
+    ok = cert.available
+    return {"certify_methods": list(cert.methods), "certified_reason": cert.reason,
+            "certified_acc": [cert.per_eps[e.eps]["certified_acc"] if ok else None
+                              for e in self.epsilons],
+            "certified_indices": [cert.per_eps[e.eps]["certified_indices"] if ok else None
+                                  for e in self.epsilons]}
 
   def summary(self) -> str:
     parts = [f"clean {100 * self.clean_acc:.2f}%"]
     if self.shard:
       parts.insert(0, f"shard {self.shard['index']} of {self.shard['count']}, images "
                       f"{self.shard['images'][0]}-{self.shard['images'][1] - 1}")
-    parts += [f"ε={e.eps:g}: robust {100 * e.robust / self.n:.2f}%" for e in self.epsilons]
+    cert = self.certified
+    for e in self.epsilons:
+      text = f"ε={e.eps:g}: robust {100 * e.robust / self.n:.2f}%"
+      if cert is not None and cert.available:
+        text = f"ε={e.eps:g}: certified {100 * cert.per_eps[e.eps]['certified_acc']:.2f}% " \
+            f"<= robust {100 * e.robust / self.n:.2f}%"
+      parts.append(text)
+    if cert is not None and not cert.available:
+      parts.append(f"certified n/a ({cert.reason})")
     return f"{self.config.model} ({THREAT_MODELS[self.config.norm]}, n={self.n}): " + \
         ", ".join(parts)

@@ -1,11 +1,12 @@
 """kd-certify's flags: the method, smoothing's σ/n0/n/α; CertifyConfig.
 
 kd-certify reuses --dataset, --data_dir, --manual_dir, --seed, --run_dir,
---batch_size and kd-evaluate's --norm, --n_examples, --signature and
---output_key. Its --model is a model *path*, its --epsilons take L2 radii
-> 1 and its --method is a certification method (kd-quantize's is a
-quantization method): certify_flags() defines those three in the kd-certify
-process only.
+--batch_size and kd-evaluate's --norm, --n_examples, --signature,
+--output_key, --allow_ops, its test data (--data, --image_size) and pixel
+convention (--input_range, --mean, --std). Its --model is a model *path*,
+its --epsilons take L2 radii > 1 and its --method is a certification method
+(kd-quantize's is a quantization method): certify_flags() defines those
+three, and kd-evaluate's --image_size, in the kd-certify process only.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def certify_flags(fv=None) -> None:
   flags.register_multi_flags_validator(
       ["epsilons", "norm"], _evaluate._check_evaluate_epsilons,  # pylint: disable=protected-access
       flag_values=fv)
+  _evaluate.test_data_flags(fv)
 
 
 def certify_config(command: str | None = None, fv=None) -> _runner.CertifyConfig:
@@ -54,8 +56,9 @@ def certify_config(command: str | None = None, fv=None) -> _runner.CertifyConfig
   label = "_".join(p for p in str(fv.model or "model").replace("\\", "/").split("/")[-2:] if p)
   return _runner.CertifyConfig(
       model=fv.model, run_dir=fv.run_dir or f"runs/certify_{label}_{fv.method}_{fv.norm}",
-      dataset=common.dataset_name(fv), norm=fv.norm,
+      dataset=_evaluate.test_dataset(fv), norm=fv.norm,
       epsilons=tuple(common.parse_epsilon(e) for e in fv.epsilons), method=fv.method,
       n_examples=fv.n_examples, batch_size=fv.batch_size, sigma=fv.sigma, n0=fv.n0, n=fv.n,
       alpha=fv.alpha, seed=fv.seed, signature=fv.signature, output_key=fv.output_key,
-      data_dir=fv.data_dir, manual_dir=fv.manual_dir, command=command)
+      data_dir=fv.data_dir, manual_dir=fv.manual_dir, command=command,
+      allow_ops=tuple(fv.allow_ops), **_evaluate.pixel_fields(fv))

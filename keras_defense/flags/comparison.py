@@ -17,7 +17,9 @@ FLAGS = flags.FLAGS
 # kd-experiment runs the defenses comparison (defense_comparison.py) instead of
 # the M0/M1/M2 reproduction when --defense is given; it reuses the attack grid
 # and --autoattack_* flags, the data flags, --seed, --deterministic, --run_dir;
-# --stages=report renders the report from the rows finished so far.
+# --stages=report renders the report from the rows finished so far; kd-evaluate's
+# --certify names the bound methods of the certified column (computed from the
+# saved models at report time, so --stages=report adds it to finished rows).
 flags.DEFINE_multi_string(
     "defense", [],
     "kd-experiment: one row of the defenses comparison, NAME|STEP[+STEP...]; repeat per "
@@ -88,4 +90,5 @@ def comparison_config(command: str | None = None):
       eval=dataclasses.replace(exp_eval, cw_attacks=()),
       dataset=common.dataset_name(), data_dir=FLAGS.data_dir, manual_dir=FLAGS.manual_dir,
       seed=FLAGS.seed, deterministic=FLAGS.deterministic, build=FLAGS.build_missing,
-      report_only=list(FLAGS.stages) == ["report"], command=command)
+      report_only=list(FLAGS.stages) == ["report"], command=command,
+      certify=tuple(FLAGS.certify or ()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from absl import flags
 
 from keras_defense import data as _data
-from keras_defense.evaluation import inputs as _inputs
+from keras_defense.data import test_images as _inputs
 from keras_defense.evaluation import robustness_config as _rob
 from keras_defense.flags import common
 from keras_defense.util.errors import UserError
@@ -44,9 +44,9 @@ flags.DEFINE_list("allow_ops", [],
                   "holding any is refused before it runs (models/scan.py, docs/RELIABILITY.md "
                   "'Running models you did not write').")
 flags.DEFINE_string("data", None,
-                    "kd-evaluate: your own test set instead of --dataset, a .npz with arrays "
-                    "x (NHWC, uint8 0-255 or float32 0-1), y (int labels) and optionally "
-                    "class_names.")
+                    "kd-evaluate, kd-certify: your own test set instead of --dataset, a .npz "
+                    "with arrays x (NHWC, uint8 0-255 or float32 0-1), y (int labels) and "
+                    "optionally class_names.")
 flags.DEFINE_enum("input_range", "0,1", ["0,1", "0,255"],
                   "kd-evaluate: the pixel range the model takes; attacks and --epsilons stay "
                   "in [0, 1] units and the scaling runs inside the attacked function.")
@@ -75,6 +75,22 @@ flags.DEFINE_string("qat_twin", None,
 common.define_count("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
                     "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).")
 
+flags.DEFINE_list("certify", ["ibp", "crown_ibp"],
+                  "kd-evaluate: bound methods (ibp, crown_ibp, crown) whose certified accuracy "
+                  "is reported beside the robust accuracy, so each ε reads certified <= robust "
+                  "<= clean; an image counts as certified when any method proves it. On by "
+                  "default: it is the only lower bound and costs a small fraction of the "
+                  "attacks (M0-IBP, 100 images, ε 0.3, 2 cores: 0.7 s for IBP and CROWN-IBP, "
+                  "71 s for APGD-CE + APGD-T); a model the bounds cannot read (a layer they do not support, a non-Keras SavedModel, "
+                  "Keras 3, .tflite, --input_range/--mean/--std) shows n/a with the reason. "
+                  "A certified image an attack broke stops the run with an error (a bug). "
+                  "--certify= (empty) turns it off. kd-experiment --defense: the certified "
+                  "column of the defenses comparison (from the saved models, at the report "
+                  "stage).")
+flags.register_validator(
+    "certify", lambda v: all(m in _rob.CERTIFY_METHODS for m in v) and len(set(v)) == len(v),
+    message=f"--certify must list distinct methods among {', '.join(_rob.CERTIFY_METHODS)}.")
+
 
 def evaluate_flags(fv=None) -> None:
   """Gives --model, --attacks and --compute_dtype kd-evaluate's meaning.
@@ -97,11 +113,21 @@ def evaluate_flags(fv=None) -> None:
                     "in (0, 1], L2 > 0.", flag_values=fv, allow_override=True)
   flags.register_multi_flags_validator(["epsilons", "norm"], _check_evaluate_epsilons,
                                        flag_values=fv)
+  test_data_flags(fv)
+
+
+def test_data_flags(fv=None) -> None:
+  """--image_size with kd-evaluate's meaning (any shape) and the --mean/--std check.
+
+  Called by kd-evaluate and kd-certify before parsing (kd-train's --image_size
+  takes the two C&W shapes only).
+  """
+  fv = FLAGS if fv is None else fv
   # Evaluation resizes to any shape; kd-train's two C&W shapes do not apply.
-  flags.DEFINE_string("image_size", None, "kd-evaluate: convert and resize every test image "
-                      "to HxWxC (any size, C 1 or 3), e.g. the model's 64x64x3 (default: the "
-                      "images must already have the model's shape).", flag_values=fv,
-                      allow_override=True)
+  flags.DEFINE_string("image_size", None, "kd-evaluate, kd-certify: convert and resize every "
+                      "test image to HxWxC (any size, C 1 or 3), e.g. the model's 64x64x3 "
+                      "(default: the images must already have the model's shape).",
+                      flag_values=fv, allow_override=True)
   flags.register_validator("image_size", _check_image_size, flag_values=fv)
   flags.register_multi_flags_validator(["mean", "std"], _check_mean_std, flag_values=fv)
 
@@ -138,16 +164,31 @@ def _check_evaluate_epsilons(values: dict) -> bool:
   return True
 
 
-def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfig:
-  """The RobustnessConfig the kd-evaluate flags describe (after evaluate_flags())."""
-  fv = FLAGS if fv is None else fv
-  label = "_".join(p for p in str(fv.model or "model").replace("\\", "/").split("/")[-2:] if p)
+def test_dataset(fv) -> str:
+  """The test set that --dataset/--data/--image_size name, as ``data.test_images`` names it.
+
+  Shared by kd-evaluate and kd-certify (both after ``test_data_flags``).
+  """
   if fv.data and fv["dataset"].present:
     raise UserError(f"pass --data (your arrays) or --dataset, not both; got "
                     f"--data={fv.data} and --dataset={fv.dataset}.")
   dataset = common.dataset_name(fv)
   if fv.data:  # the library names a .npz test set like a dataset: npz:PATH[@HxWxC]
     dataset = f"{_inputs.NPZ_PREFIX}{fv.data}" + (f"@{fv.image_size}" if fv.image_size else "")
+  return dataset
+
+
+def pixel_fields(fv) -> dict:
+  """input_range, mean and std of the model's pixel convention, from their flags."""
+  return {"input_range": tuple(float(v) for v in fv.input_range.split(",")),
+          "mean": _floats(fv.mean), "std": _floats(fv.std)}
+
+
+def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfig:
+  """The RobustnessConfig the kd-evaluate flags describe (after evaluate_flags())."""
+  fv = FLAGS if fv is None else fv
+  label = "_".join(p for p in str(fv.model or "model").replace("\\", "/").split("/")[-2:] if p)
+  dataset = test_dataset(fv)
   return _rob.RobustnessConfig(
       model=fv.model, run_dir=fv.run_dir or f"runs/evaluate_{label}_{fv.norm}",
       dataset=dataset, norm=fv.norm,
@@ -159,7 +200,6 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       batch_size=fv.batch_size if fv["batch_size"].present else None,
       slice_size=fv.slice_size, shard_index=fv.shard_index, num_shards=fv.num_shards, compute_dtype=fv.compute_dtype, data_dir=fv.data_dir,
       manual_dir=fv.manual_dir, command=command,
-      input_range=tuple(float(v) for v in fv.input_range.split(",")),
-      mean=_floats(fv.mean), std=_floats(fv.std),
-      surrogate=fv.surrogate, square_queries=fv.square_queries, qat_twin=fv.qat_twin,
-      strategy=fv.strategy, num_cpu_devices=fv.num_cpu_devices)
+      **pixel_fields(fv), surrogate=fv.surrogate, square_queries=fv.square_queries,
+      qat_twin=fv.qat_twin, strategy=fv.strategy,
+      num_cpu_devices=fv.num_cpu_devices, certify=tuple(fv.certify or ()))

@@ -121,3 +121,26 @@ class PixelConvention:
     if self.std is not None:
       text += f", std {list(self.std)}"
     return text
+
+
+def from_fields(input_range: str | Sequence[float], mean: Sequence[float] | None,
+                std: Sequence[float] | None) -> "PixelConvention":
+  """The convention of a config's ``input_range``, ``mean`` and ``std`` fields (the flags')."""
+  return PixelConvention(
+      input_range=parse_range(input_range),
+      mean=None if mean is None else tuple(float(v) for v in mean),
+      std=None if std is None else tuple(float(v) for v in std))
+
+
+class PixelFields:
+  """A config dataclass's ``pixels()``, from its ``input_range``, ``mean`` and ``std`` fields.
+
+  The configs of kd-evaluate and kd-certify (the flags' names) inherit it.
+  """
+  input_range: Any
+  mean: Any
+  std: Any
+
+  def pixels(self) -> PixelConvention:
+    """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
+    return from_fields(self.input_range, self.mean, self.std)

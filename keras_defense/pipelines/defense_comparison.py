@@ -30,7 +30,10 @@ the transfer threat model crafts on it. Every row gets the same evaluation:
 * robust accuracy per image, worst case over AutoAttack (both versions for a
   randomized row) and every grid cell at that ε, with Wilson intervals;
 * the masking warnings of ``diagnostics`` plus, for randomized rows, a warning
-  where plain gradients leave more images robust than EOT.
+  where plain gradients leave more images robust than EOT;
+* certified accuracy at every AutoAttack ε (``comparison_certification``, at
+  report time from the saved models: IBP ∪ CROWN-IBP by default), n/a with
+  the reason for randomized rows and models the bounds cannot read.
 
 Run-directory layout::
 
@@ -39,6 +42,7 @@ Run-directory layout::
   <run_dir>/attack/cells/            the grid's cells (shared: the reference's are reused)
   <run_dir>/autoattack/<key>/<tag>/  evaluate.run per row (and <key>_rand, _sanity)
   <run_dir>/rows/<key>.json          one finished row (written last, atomically)
+  <run_dir>/certified/<key>.json     its certified record (made at report time)
 
 A rerun skips finished rows and resumes an interrupted one (its build from
 the step's checkpoints, the grid from its last cell, AutoAttack from its last
@@ -152,6 +156,8 @@ class ComparisonConfig:
   deterministic: bool = True
   build: bool = True  # False: a row whose model is missing is an error, not built
   report_only: bool = False  # True: render the report from the finished rows, run nothing
+  # Bound methods of the certified column (comparison_certification); () for none.
+  certify: tuple[str, ...] = ("ibp", "crown_ibp")
   command: str | None = None
 
   def validate(self) -> "ComparisonConfig":
@@ -188,6 +194,8 @@ class ComparisonConfig:
     if self.eval.cw_attacks:
       raise UserError(f"`cw_attacks` must be empty for the defenses comparison (its grid is "
                       f"ε-bounded); got {list(self.eval.cw_attacks)}.")
+    from keras_defense.evaluation import certified  # pylint: disable=g-import-not-at-top
+    certified.check_methods(self.certify)
     if self.eval.autoattack_version == "none":
       raise UserError("`autoattack_version` must not be 'none': the comparison's verdict "
                       "is AutoAttack's.")
@@ -473,6 +481,10 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
     computed.append(row.name)
   comp.progress(len(config.rows), len(config.rows), "rows done")
   rows, missing = load_rows(config)
+  if config.certify:  # from the saved models alone: also at the report stage
+    from keras_defense.pipelines import comparison_certification as cc  # pylint: disable=g-import-not-at-top
+    comp.progress(len(config.rows), len(config.rows), "certifying")
+    rows = cc.certify_rows(config, rows)
   from keras_defense.reports import defense_comparison_report  # pylint: disable=g-import-not-at-top
   artifacts = defense_comparison_report.write(config, rows, missing)
   return ComparisonResult(rows=rows, missing=missing, computed=computed, artifacts=artifacts)

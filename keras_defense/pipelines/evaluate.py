@@ -20,6 +20,7 @@ import dataclasses
 from typing import Callable, Sequence
 
 from keras_defense.evaluation import black_box
+from keras_defense.evaluation import certified
 from keras_defense.evaluation import robustness
 from keras_defense.evaluation import robustness_state
 from keras_defense.evaluation.robustness_config import RobustnessConfig
@@ -41,13 +42,16 @@ def run(config: RobustnessConfig, *, progress: robustness.Progress | None = None
       gradients) the black-box ensemble (``evaluation.black_box``).
 
   Returns:
-    The ``RobustnessResult``; ``config.run_dir`` then holds results.json,
+    The ``RobustnessResult`` (with ``certified`` when ``config.certify``
+    names bound methods); ``config.run_dir`` then holds results.json,
     report.md, tensorboard/ and, when an image was broken,
     worst_case_adversarials.png.
 
   Raises:
     UserError: as ``robustness.run``, before any attack runs or anything is
       written.
+    certified.CertificationBug: an image certified at ε that an attack broke
+      (a bug in the bounds or the attacks).
 
   A shard (``config.num_shards > 1``) writes only its state; ``merge`` reports.
   """
@@ -55,6 +59,8 @@ def run(config: RobustnessConfig, *, progress: robustness.Progress | None = None
     attack_plan = black_box.plan_factory(config)
   result = robustness.run(config, progress=progress, attack_plan=attack_plan)
   if config.num_shards == 1:  # a shard's numbers are reported by the merge
+    if config.certify:
+      result.certified = certified.for_evaluation(config, result)
     robustness_report.write(config.run_dir, result)
   return result
 

@@ -6,15 +6,18 @@ Written to ``config.report_path`` (``--report_dir``, default the run directory):
 
 * ``defenses.md``: one table (clean accuracy, compression, build time,
   grey-box / transfer / adaptive FGSM and BIM success at the largest grid ε,
+  certified accuracy (``row["certified"]``, n/a with the reason) and
   AutoAttack robust accuracy with 95% Wilson intervals at every AutoAttack ε,
-  the per-image worst case), the AutoAttack breakdown per row (robust
-  accuracy after each attack), the warnings, the settings and the times.
+  the per-image worst case and its gap to the certified), the AutoAttack
+  breakdown per row (robust accuracy after each attack), the warnings, the
+  settings and the times.
 * ``defenses.json``: per row RobustBench's fields (``clean_acc``,
   ``robust_acc``, ``eps``, ``threat_model``, ``n_examples``) per ε, plus the
   whole row record.
 * ``defenses.csv``: one line per (row, ε), no timing columns.
 * ``defenses/plots/robust_vs_eps.png`` (AutoAttack robust accuracy against ε, one
-  curve per row) and ``plots/clean_vs_robust.png``.
+  curve per row, each row its own colour, marker and line style: ``row_style``)
+  and ``plots/clean_vs_robust.png``.
 * ``defenses/tensorboard/``: ``defenses/<key>/...`` scalars at step round(100 ε) and
   the report as text.
 """
@@ -36,7 +39,38 @@ from keras_defense.evaluation import threat_models as tm
 CSV_COLUMNS = ("key", "name", "eps", "threat_model", "n_examples", "clean_acc",
                "autoattack_robust_acc", "autoattack_ci_low", "autoattack_ci_high",
                "robust_acc", "robust_ci_low", "robust_ci_high", "eot_robust_acc",
-               "compression_ratio", "zero_gradient_fraction")
+               "compression_ratio", "zero_gradient_fraction", "certified_acc",
+               "certified_n")
+CERTIFY_LABELS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
+
+
+def certified_at(row: dict, eps: float) -> dict | None:
+  """The row's certified entry at ``eps``; None when n/a or not computed."""
+  cert = row.get("certified")
+  if not cert or cert.get("reason"):
+    return None
+  for p in cert["per_eps"]:
+    if abs(p["eps"] - eps) < 1e-9:
+      return p
+  return None
+
+
+def _certified_cell(row: dict, eps: float) -> str:
+  cert = row.get("certified")
+  if not cert:
+    return "—"
+  if cert.get("reason"):
+    return "n/a"
+  p = certified_at(row, eps)
+  n = cert["n_examples"]
+  return "—" if p is None else f"{_pct(p['certified_acc'])} ({p['n_certified']}/{n})"
+
+
+def _methods(rows: Sequence[dict]) -> str | None:
+  for row in rows:
+    if row.get("certified"):
+      return " ∪ ".join(CERTIFY_LABELS.get(m, m) for m in row["certified"]["methods"])
+  return None
 
 
 def _pct(v, digits: int = 1) -> str:
@@ -65,10 +99,12 @@ def robustbench(row: dict) -> list[dict[str, Any]]:
   """The row in RobustBench's fields, one entry per AutoAttack ε."""
   out = []
   for e in row["per_eps"].values():
+    cert = certified_at(row, e["eps"])
     out.append({"clean_acc": row["clean_acc"], "robust_acc": e["worst_case_robust_acc"],
                 "autoattack_robust_acc": e["autoattack_robust_acc"], "eps": e["eps"],
                 "threat_model": row["threat_model"], "n_examples": e["worst_case_n"],
-                "autoattack_n_examples": e["n_examples"]})
+                "autoattack_n_examples": e["n_examples"],
+                "certified_acc": None if cert is None else cert["certified_acc"]})
   return out
 
 
@@ -79,6 +115,7 @@ def csv_text(rows: Sequence[dict]) -> str:
   for row in rows:
     for e in row["per_eps"].values():
       eot = e.get("eot_n_robust")
+      cert = certified_at(row, e["eps"])
       writer.writerow({
           "key": row["key"], "name": row["name"], "eps": repr(e["eps"]),
           "threat_model": row["threat_model"], "n_examples": e["n_examples"],
@@ -91,8 +128,26 @@ def csv_text(rows: Sequence[dict]) -> str:
           "robust_ci_high": repr(e["worst_case_ci95"][1]),
           "eot_robust_acc": "" if eot is None else repr(eot / e["n_examples"]),
           "compression_ratio": repr(row["facts"]["compression"]),
-          "zero_gradient_fraction": repr(row["facts"]["zero_gradient_fraction"])})
+          "zero_gradient_fraction": repr(row["facts"]["zero_gradient_fraction"]),
+          "certified_acc": "" if cert is None else repr(cert["certified_acc"]),
+          "certified_n": "" if cert is None else cert["n_certified"]})
   return buf.getvalue()
+
+
+# Every row its own look, by row order: 18 colours (tab10, then Dark2's first 8), 7
+# markers and 4 line styles; (colour, marker) alone is distinct for the first
+# lcm(18, 7) = 126 rows.
+COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#1b9e77", "#d95f02", "#7570b3", "#e7298a",
+           "#66a61e", "#e6ab02", "#a6761d", "#000000")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def row_style(i: int) -> dict[str, str]:
+  """Matplotlib colour, marker and line style of row ``i`` (0-based, in table order)."""
+  return {"color": COLOURS[i % len(COLOURS)], "marker": MARKERS[i % len(MARKERS)],
+          "linestyle": LINESTYLES[i % len(LINESTYLES)]}
 
 
 def _save(fig: Figure, path: pathlib.Path) -> None:
@@ -101,16 +156,17 @@ def _save(fig: Figure, path: pathlib.Path) -> None:
     fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
 
 
-def plot_robust_vs_eps(rows: Sequence[dict], path: pathlib.Path) -> None:
+def plot_robust_vs_eps(rows: Sequence[dict], path: pathlib.Path) -> Figure:
+  """Draws (and saves to ``path``) robust accuracy against ε; returns the figure."""
   fig = Figure(figsize=(7.0, 4.6))
   ax = fig.add_subplot(1, 1, 1)
-  for row in rows:
+  for i, row in enumerate(rows):
     es = sorted(row["per_eps"].values(), key=lambda e: e["eps"])
     xs = [e["eps"] for e in es]
     ys = [100 * e["worst_case_robust_acc"] for e in es]
     lo = [100 * e["worst_case_ci95"][0] for e in es]
     hi = [100 * e["worst_case_ci95"][1] for e in es]
-    (line,) = ax.plot(xs, ys, marker="o", label=row["name"])
+    (line,) = ax.plot(xs, ys, label=row["name"], **row_style(i))
     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12)
   ax.set_xlabel("L∞ ε")
   ax.set_ylabel("robust accuracy, per-image worst case (%)")
@@ -119,14 +175,17 @@ def plot_robust_vs_eps(rows: Sequence[dict], path: pathlib.Path) -> None:
   ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   ax.set_title("AutoAttack + FGSM/BIM grid, 95% Wilson bands")
   _save(fig, path)
+  return fig
 
 
 def plot_clean_vs_robust(rows: Sequence[dict], path: pathlib.Path) -> None:
   fig = Figure(figsize=(6.4, 4.6))
   ax = fig.add_subplot(1, 1, 1)
-  for row in rows:
+  for i, row in enumerate(rows):
     e = max(row["per_eps"].values(), key=lambda e: e["eps"])
-    ax.scatter([100 * e["worst_case_robust_acc"]], [100 * row["clean_acc"]])
+    style = row_style(i)
+    ax.scatter([100 * e["worst_case_robust_acc"]], [100 * row["clean_acc"]],
+               color=style["color"], marker=style["marker"])
     ax.annotate(row["name"], (100 * e["worst_case_robust_acc"], 100 * row["clean_acc"]),
                 fontsize=7, xytext=(4, 2), textcoords="offset points")
   eps = max((max(r["per_eps"].values(), key=lambda e: e["eps"])["eps"] for r in rows),
@@ -158,14 +217,27 @@ def markdown(rows: Sequence[dict], missing: Sequence[str], config, plots: Sequen
       f"**Robust** = correct and not fooled by any attack run on that image (AutoAttack, "
       f"its EOT version for randomized rows, every FGSM/BIM cell at that ε), with 95% "
       f"Wilson intervals. Compression is relative to the first row.", ""]
+  methods = _methods(rows)
+  if methods:
+    lines += [
+        f"**Certified** = proven by {methods} bounds (keras_defense/certify; an image counts "
+        f"when any method proves that no L∞ perturbation of that ε changes its prediction) "
+        f"on the same first {n_aa} images: a lower bound, so each row reads certified ≤ "
+        f"robust ≤ clean; the gap is the images neither proven nor broken. n/a: a randomized "
+        f"row, or a model the bounds cannot read (the reasons below the table). A certified "
+        f"image an attack broke stops the report with an error.", ""]
   head = ["defense", "clean", "compression", "build time"]
   if grid_eps is not None:
     for threat in e.threat_models:
       for attack in e.attacks:
         head.append(f"{attack.upper()} {threat.replace('_', '-')} success, ε {grid_eps:g}")
   for eps in aa_eps:
+    if methods:
+      head.append(f"certified ({methods}), ε {eps:g}")
     head.append(f"AutoAttack robust, ε {eps:g}")
   head.append(f"worst case, ε {aa_eps[-1]:g}")
+  if methods:
+    head.append(f"gap (worst case − certified), ε {aa_eps[-1]:g}")
   lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in rows:
     cells = [row["name"], _pct(row["clean_acc"], 2), f"{row['facts']['compression']:.2f}×",
@@ -178,14 +250,24 @@ def markdown(rows: Sequence[dict], missing: Sequence[str], config, plots: Sequen
                        row["key"] == rows[0]["key"] else _pct(rate))
     for eps in aa_eps:
       p = row["per_eps"][f"{eps:g}"]
+      if methods:
+        cells.append(_certified_cell(row, eps))
       text = f"{_pct(p['autoattack_robust_acc'])} {_ci(p['autoattack_ci95'])}"
       if p.get("eot_n_robust") is not None:
         text += f" (EOT: {_pct(p['eot_n_robust'] / p['n_examples'])})"
       cells.append(text)
     p = row["per_eps"][f"{aa_eps[-1]:g}"]
     cells.append(f"**{_pct(p['worst_case_robust_acc'])}** {_ci(p['worst_case_ci95'])}")
+    if methods:
+      cert = certified_at(row, aa_eps[-1])
+      cells.append("—" if cert is None else
+                   f"{100 * (p['worst_case_robust_acc'] - cert['certified_acc']):.1f} points")
     lines.append("| " + " | ".join(cells) + " |")
   lines.append("")
+  not_bounded = [f"{r['name']}: {r['certified']['reason']}" for r in rows
+                 if r.get("certified") and r["certified"].get("reason")]
+  if not_bounded:
+    lines += ["Certified n/a — " + "; ".join(not_bounded) + ".", ""]
   if missing:
     lines += [f"Not finished yet: {', '.join(missing)} (rerun the command to resume).", ""]
   lines += ["## How each row was made", ""]
@@ -252,6 +334,9 @@ def write(config, rows: list[dict], missing: list[str]) -> dict[str, str]:
                    e["autoattack_robust_acc"]),
                   (f"defenses/{row['key']}/worst_case_robust_acc", step,
                    e["worst_case_robust_acc"])]
+      cert = certified_at(row, e["eps"])
+      if cert is not None:
+        scalars.append((f"defenses/{row['key']}/certified_acc", step, cert["certified_acc"]))
     scalars.append((f"defenses/{row['key']}/clean_acc", 0, row["clean_acc"]))
   tensorboard_writer.write_summaries(
       out_dir / "tensorboard", scalars=scalars,

@@ -27,6 +27,7 @@ from keras_defense.reports import tensorboard_writer
 from keras_defense.evaluation.robustness_result import RobustnessResult
 
 GRID = "worst_case_adversarials.png"
+CERTIFY_LABELS = {"ibp": "IBP", "crown_ibp": "CROWN-IBP", "crown": "CROWN"}
 
 
 def _pct(x: float) -> str:
@@ -68,15 +69,27 @@ def render_markdown(results: dict) -> str:
            f"attacks {r['attack_seconds']:.1f} s)"
            + (f"; every attack batch split across the replicas of --strategy="
               f"{r['strategy']}" if r.get("strategy") else ""),
+           *_certified_lines(r),
            "", "Robust accuracy counts an image only if it is classified correctly and "
            "every attack so far failed on it (cumulative, per image); intervals are 95% "
            "Wilson intervals.", ""]
+  head = ["ε", "clean", "robust (worst case)", "95% CI", "robust images"]
   summary = [[tables.format_epsilon(p["eps"]), _pct(r["clean_acc"]),
               _pct(p["robust_acc"]), _ci(p["robust_acc_ci95"]),
               f"{p['n_robust']}/{r['n_examples']}"] for p in r["per_eps"]]
+  if "certify_methods" in r:
+    head += [f"certified ({' ∪ '.join(CERTIFY_LABELS.get(m, m) for m in r['certify_methods'])})",
+             "gap (robust − certified)"]
+    for row, p in zip(summary, r["per_eps"]):
+      if p.get("n_certified") is None:
+        row += ["n/a", "—"]
+      else:
+        row += [f"{_pct(p['certified_acc'])} ({p['n_certified']}/{r['n_examples']})",
+                f"{100 * (p['robust_acc'] - p['certified_acc']):.2f} points "
+                f"({p['n_robust'] - p['n_certified']} "
+                f"image{'' if p['n_robust'] - p['n_certified'] == 1 else 's'})"]
   lines += ["## Summary", ""]
-  lines += tables.md_table(["ε", "clean", "robust (worst case)", "95% CI", "robust images"],
-                           summary)
+  lines += tables.md_table(head, summary)
   for p in r["per_eps"]:
     rows = [["clean", _pct(r["clean_acc"]), _ci(r["clean_acc_ci95"]),
              str(r["n_clean_correct"]), "—", "—"]]
@@ -101,6 +114,21 @@ def render_markdown(results: dict) -> str:
             "## Versions", ""]
   lines += [f"- {k}: {v}" for k, v in r["versions"].items()]
   return "\n".join(lines) + "\n"
+
+
+def _certified_lines(r: dict) -> list[str]:
+  """The report's line on the proven side (certify/), when it was asked for."""
+  if "certify_methods" not in r:
+    return []
+  methods = " and ".join(CERTIFY_LABELS.get(m, m) for m in r["certify_methods"])
+  if r.get("certified_reason"):
+    return [f"- Certified: n/a — {r['certified_reason']} (randomized smoothing, "
+            f"`kd-certify --method=smoothing`, takes any model)"]
+  return [f"- Certified: {methods} bounds (keras_defense/certify); an image is certified when "
+          f"any proves that no perturbation in the ball changes its prediction, a lower bound "
+          f"on robust accuracy. Each row reads certified ≤ robust (the attacks' upper bound) "
+          f"≤ clean; the gap is the images neither proven nor broken. A certified image an "
+          f"attack broke would have stopped the run (evaluation/certified.py)."]
 
 
 def _black_box_lines(r: dict) -> list[str]:
@@ -172,6 +200,8 @@ def write(run_dir: str | os.PathLike, result: RobustnessResult) -> dict[str, str
     scalars.append((tag, 0, results["clean_acc"]))
     scalars += [(tag, k + 1, s["robust_acc"]) for k, s in enumerate(p["attacks"])]
     scalars.append(("robust_accuracy/final", round(p["eps"] * 1000), p["robust_acc"]))
+    if p.get("certified_acc") is not None:
+      scalars.append(("certified_accuracy/final", round(p["eps"] * 1000), p["certified_acc"]))
   markdown = render_markdown(results)
   if not examples:
     markdown = markdown.replace(f"![worst-case adversarials]({GRID})",

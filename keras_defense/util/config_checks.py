@@ -27,8 +27,8 @@ def checker(error: type[Exception] = UserError) -> Callable[[Any, str], None]:
   return need
 
 
-def check_model_and_run_dir(model: Any, run_dir: Any) -> None:
-  """A run's model and run directory are both given.
+def run_checker(model: Any, run_dir: Any) -> Callable[[Any, str], None]:
+  """``checker(UserError)`` for a run's config, after checking its model and run directory.
 
   Raises:
     UserError: ``model`` or ``run_dir`` empty, naming it.
@@ -36,6 +36,7 @@ def check_model_and_run_dir(model: Any, run_dir: Any) -> None:
   need = checker(UserError)
   need(bool(model), "`model` must name a SavedModel directory or a .keras/.h5 file.")
   need(bool(run_dir), "`run_dir` must name a directory for the results.")
+  return need
 
 
 def check_epsilons(norm: str, epsilons: Sequence[Any]) -> None:

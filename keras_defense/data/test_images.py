@@ -1,6 +1,6 @@
-"""The images an evaluation attacks: a tfds dataset, ``folder:PATH`` or ``npz:PATH``.
+"""Test images for kd-evaluate and kd-certify: a tfds dataset, ``folder:PATH`` or ``npz:PATH``.
 
-``kd-evaluate`` takes its test images from ``--dataset`` (any tfds
+``kd-evaluate`` and ``kd-certify`` take their test images from ``--dataset`` (any tfds
 image-classification dataset or ``folder:PATH``, their test split) or from
 ``--data=PATH.npz`` (``data.arrays``: the user's own arrays), which reaches
 the library as the dataset name ``npz:PATH``. Either may end in ``@HxWxC``
@@ -24,7 +24,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from keras_defense import data
+from keras_defense.data import datasets
+from keras_defense.data import names
 from keras_defense.data import arrays
 from keras_defense.util.errors import UserError
 
@@ -93,7 +94,7 @@ def load_test_images(name: str, *, n_examples: int, model_shape: Sequence[Any] |
       not match the model's shape and no ``@HxWxC`` was asked for, or
       ``n_examples`` exceeds the test split.
   """
-  base, size = data.split_name(name)
+  base, size = names.split_name(name)
   want = _model_image_shape(model_shape)
   if base.startswith(NPZ_PREFIX):
     loaded = arrays.load_npz(base[len(NPZ_PREFIX):], limit=n_examples, image_size=size)
@@ -104,18 +105,18 @@ def load_test_images(name: str, *, n_examples: int, model_shape: Sequence[Any] |
                       image_shape=loaded.image_shape,
                       identity={"data_sha256": loaded.sha256})
   opened = name
-  if size is None and want is not None and want not in data.SUPPORTED_SHAPES:
+  if size is None and want is not None and want not in names.SUPPORTED_SHAPES:
     # Opened at the model's shape (data refuses other shapes than the C&W
     # ones without one), then held to it: the images as stored must match.
     opened = f"{base}@{_text(want)}"
-    found = data.source_image_shapes(opened, data_dir=data_dir, manual_dir=manual_dir)
+    found = datasets.source_image_shapes(opened, data_dir=data_dir, manual_dir=manual_dir)
     if list(found) != [want]:
       raise _mismatch(name, found, want)
-  facts = data.info(opened, data_dir=data_dir, manual_dir=manual_dir)
+  facts = datasets.info(opened, data_dir=data_dir, manual_dir=manual_dir)
   if n_examples > facts.num_test:
     raise UserError(f"`n_examples` must be at most the {facts.num_test} test images of "
                     f"{name}; got {n_examples}.")
-  x, y = data.load_arrays(opened, "test", limit=n_examples, data_dir=data_dir,
+  x, y = datasets.load_arrays(opened, "test", limit=n_examples, data_dir=data_dir,
                           manual_dir=manual_dir)
   return TestImages(name=name, x=x, y=y, num_classes=facts.num_classes,
                     image_shape=tuple(facts.image_shape), identity={})
