@@ -94,9 +94,6 @@ class CertifyConfig(pixels_lib.PixelFields):
   data_dir: str | None = None
   manual_dir: str | None = None
   command: str | None = None
-  input_range: tuple[float, float] = (0.0, 1.0)
-  mean: tuple[float, ...] | None = None
-  std: tuple[float, ...] | None = None
   allow_ops: tuple[str, ...] = ()
 
   def validate(self) -> "CertifyConfig":

@@ -111,9 +111,6 @@ class RobustnessConfig(pixels_lib.PixelFields):
   data_dir: str | None = None
   manual_dir: str | None = None
   command: str | None = None
-  input_range: tuple[float, float] = (0.0, 1.0)
-  mean: tuple[float, ...] | None = None
-  std: tuple[float, ...] | None = None
   surrogate: str | None = None
   square_queries: int = DEFAULT_SQUARE_QUERIES
   qat_twin: str | None = None

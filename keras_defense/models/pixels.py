@@ -132,14 +132,20 @@ def from_fields(input_range: str | Sequence[float], mean: Sequence[float] | None
       std=None if std is None else tuple(float(v) for v in std))
 
 
+@dataclasses.dataclass(kw_only=True)
 class PixelFields:
-  """A config dataclass's ``pixels()``, from its ``input_range``, ``mean`` and ``std`` fields.
+  """A config's pixel-convention fields (the flags' names) and its ``pixels()``.
 
-  The configs of kd-evaluate and kd-certify (the flags' names) inherit it.
+  The configs of kd-evaluate and kd-certify inherit it; keyword-only, so
+  their own positional fields keep their order.
+
+  Attributes:
+    input_range: the range the model's input takes, e.g. (0, 255).
+    mean, std: per-channel normalization after the range, or None.
   """
-  input_range: Any
-  mean: Any
-  std: Any
+  input_range: tuple[float, float] = (0.0, 1.0)
+  mean: tuple[float, ...] | None = None
+  std: tuple[float, ...] | None = None
 
   def pixels(self) -> PixelConvention:
     """The model's pixel convention from ``input_range``, ``mean`` and ``std``."""
