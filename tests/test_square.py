@@ -218,6 +218,39 @@ def test_never_builds_a_gradient(tiny):
   assert model.gradient_calls
 
 
+class CountingNumpyModel:
+  """A NumPy model (``util.numpy_model``) that is never fooled: class 0 by a margin of 5.
+
+  Records the batch size of every call, as an interpreter would cost them.
+  """
+
+  runs_on_numpy = True
+  num_classes = 10
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, x):
+    self.calls.append(len(x))
+    logits = np.zeros((len(x), self.num_classes), np.float32)
+    logits[:, 0] = 5.0
+    return logits
+
+
+@pytest.mark.parametrize("queries", [9, 10, 2 * square_lib.UNROLL + 3])
+def test_calls_the_model_no_more_than_the_budget(tiny, queries):
+  """Nothing fooled: the probe, the clean check, the start, queries - 1 candidates, the
+  final check; the last unrolled chunk makes no call past the budget."""
+  _, x, _ = tiny
+  model = CountingNumpyModel()
+  y = np.zeros(len(x), np.int64)
+  x_adv, counts = attacks.square(model, x, y, 0.1, queries=queries, seed=0,
+                                 return_queries=True)
+  np.testing.assert_array_equal(counts, queries)
+  np.testing.assert_array_equal(x_adv, x)
+  assert model.calls == [1] + [len(x)] * (queries + 2)
+
+
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.5)])
 def test_stays_in_ball_and_box_and_is_reproducible(tiny, norm, eps):
   model, x, y = tiny

@@ -20,7 +20,11 @@ Score-based: the model is only ever called forward, never differentiated.
 The query loop runs inside one ``tf.function``: a ``tf.while_loop`` whose body
 runs ``UNROLL`` queries, and at every such chunk boundary the images already
 fooled leave the batch (gather, run, scatter back), so they stop costing
-forward passes; within a chunk they are masked and not counted.
+forward passes; within a chunk they are masked and not counted. Steps past
+the budget (when ``queries - 1`` is not a multiple of ``UNROLL``) are skipped,
+so a batch costs exactly ``queries + 2`` model calls while nothing is fooled
+(the clean prediction, the start, ``queries - 1`` candidates, the final
+check; ``runtime.prepare`` adds one single-image call per attack).
 
 Query counts are exact per image and include the initial (stripes) query:
 an image fooled by its k-th model call reports k; one never fooled reports
@@ -285,7 +289,10 @@ class SquareAttack:
     def chunk(i0, c):
       def run(sub):
         for u in range(UNROLL):
-          sub = step(i0 + u, sub)
+          # The last chunk may reach past the budget: such a step would
+          # change nothing (no image is active) but still call the model.
+          sub = tf.cond(i0 + u < iterations, lambda i=i0 + u, s=sub: step(i, s),
+                        lambda s=sub: s)
         return sub
       return i0 + UNROLL, runtime.on_subset(c["live"], c, run)
 
