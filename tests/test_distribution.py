@@ -67,7 +67,7 @@ if name == "mirrored":
   for s in ("default", "mirrored"):
     cfg = robustness_config.RobustnessConfig(
         model=run + "/sm/1", output_key="logits", run_dir=run + "/eval_" + s,
-        epsilons=(0.1,), n_examples=41, version="custom", attacks=("apgd-ce",),
+        epsilons=(0.1,), n_examples=25, version="custom", attacks=("apgd-ce",),
         batch_size=20, strategy=s, num_cpu_devices=2 if s == "mirrored" else None)
     res = evaluate_pipeline.run(cfg)
     state = np.load(run + "/eval_" + s + "/state/eps_0.1/00_apgd-ce.npz")
