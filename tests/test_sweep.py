@@ -236,7 +236,7 @@ def test_autoattack_enters_the_worst_case(whole, tmp_path):
 
 def test_quantized_point_is_the_tflite_attacked_black_box(whole, tmp_path):
   """One pruned point as qat_int8 (prune-preserving QAT, 1 epoch), the parents reused from
-  the reference; the .tflite is attacked by the black-box ensemble on 20 images."""
+  the reference; the .tflite is attacked by the black-box ensemble on 10 images."""
   from keras_defense.compression import measurement  # pylint: disable=g-import-not-at-top
   from keras_defense.evaluation import black_box  # pylint: disable=g-import-not-at-top
   from keras_defense.evaluation import robustness  # pylint: disable=g-import-not-at-top
@@ -244,8 +244,8 @@ def test_quantized_point_is_the_tflite_attacked_black_box(whole, tmp_path):
   from keras_defense import data  # pylint: disable=g-import-not-at-top
   run_dir, _ = whole
   config = _config(tmp_path / "q", sparsities=((0.5, 0.5),), logits_epsilons=(0.0,),
-                   quantization=("qat_int8",), square_queries=20)
-  config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, eval_size=20))
+                   quantization=("qat_int8",), square_queries=10)
+  config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, eval_size=10))
   shutil.copytree(run_dir / "parents", tmp_path / "q" / "parents")
   (point,) = sweep.run(config).points
   assert point["key"] == KEYS[2] + "__qat_int8" and point["quantization"] == "qat_int8"
@@ -253,11 +253,11 @@ def test_quantized_point_is_the_tflite_attacked_black_box(whole, tmp_path):
   assert (parent / "model.tflite").is_file() and black_box.is_qat_model(parent / "twin" / "1")
   bb = point["black_box"]
   assert bb["attacks"] == list(black_box.ATTACKS)  # transfer from the float point, BPDA, Square
-  assert point["n_examples"] == 20 and point["zero_gradient_fraction"] is None
+  assert point["n_examples"] == 10 and point["zero_gradient_fraction"] is None
   assert point["robust_ci95"][0] <= point["robust_acc"] <= point["robust_ci95"][1]
   # Robust means: the interpreter classifies it correctly and no member fooled it there.
   mask = robustness.robust_masks(tmp_path / "q" / bb["dir"])[0.2]
-  x, y = data.load_arrays("mnist", "test", limit=20)
+  x, y = data.load_arrays("mnist", "test", limit=10)
   pred = tflite.TFLiteModel(parent / "model.tflite").predict_classes(x)
   assert int(mask.sum()) == point["n_robust"] and np.all(pred[mask] == y[mask])
   assert point["n_robust"] + sum(bb["broken"].values()) == int(np.sum(pred == y))
