@@ -58,6 +58,15 @@ from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
 
 METHODS = ("ibp", "crown_ibp", "crown")
+
+
+def check_methods(methods: Any, what: str = "methods") -> tuple[str, ...]:
+  """``methods`` as a tuple; UserError naming ``what`` unless each is in METHODS, none twice."""
+  methods = tuple(methods)
+  if not all(m in METHODS for m in methods) or len(set(methods)) != len(methods):
+    raise UserError(f"`{what}` must list distinct methods among {', '.join(METHODS)}; got "
+                    f"{list(methods)}.")
+  return methods
 NORMS = ("linf", "l2")
 LOWER_SLOPES = ("adaptive", "zero")
 # Full CROWN refuses a network whose intermediate bounds would need a backward

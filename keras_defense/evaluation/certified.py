@@ -77,18 +77,6 @@ class Certified:
             "per_eps": [self.per_eps[e] for e in sorted(self.per_eps)]}
 
 
-def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
-  """The methods as a tuple; raises UserError for an unknown or repeated one."""
-  methods = tuple(methods)
-  for m in methods:
-    if m not in bounds.METHODS:
-      raise UserError(f"certification methods must be among {', '.join(bounds.METHODS)}; "
-                      f"got {m!r}.")
-  if len(set(methods)) != len(methods):
-    raise UserError(f"certification methods must not repeat; got {list(methods)}.")
-  return methods
-
-
 def bounded_model(path: str, *, allow_ops: Sequence[str] = ()) -> tuple[Any, str | None]:
   """The tf_keras model the bounds read from ``path``, or None and the reason why not.
 
@@ -153,7 +141,7 @@ def certify_model(model: Any, x: np.ndarray, y: np.ndarray, epsilons: Iterable[f
     A ``Certified``; ``reason`` set (and no numbers) if the model is None or
     the bounds refuse it (e.g. "crown" on a network too large).
   """
-  methods = check_methods(methods)
+  methods = bounds.check_methods(methods)
   out = Certified(methods=methods, norm=norm, n=len(y))
   if model is None or reason is not None:
     out.reason = reason or "no tf_keras model"
@@ -276,7 +264,7 @@ def for_evaluation(config: RobustnessConfig, result: RobustnessResult) -> Certif
   Raises:
     CertificationBug: as ``check_sound``, against the run's per-image state.
   """
-  methods = check_methods(config.certify)
+  methods = tuple(config.certify)  # validated with the config
   cert = Certified(methods=methods, norm=config.norm, n=result.n)
   if not config.pixels().is_identity:
     cert.reason = (f"the model takes {config.pixels().describe()}; the bounds take [0, 1] "

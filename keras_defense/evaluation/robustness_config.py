@@ -31,7 +31,6 @@ DEFAULT_SLICE_SIZE = 1000
 # tf.distribute strategies kd-evaluate runs under (``replicas``); across
 # machines it runs shards, not MultiWorkerMirroredStrategy.
 STRATEGIES = ("default", "mirrored")
-CERTIFY_METHODS = _bounds.METHODS
 
 
 @dataclasses.dataclass
@@ -180,10 +179,7 @@ class RobustnessConfig(pixels_lib.PixelFields):
     need(self.qat_twin is None or str(self.model).endswith(".tflite"),
          f"`qat_twin` is for a .tflite model (no gradients); {self.model!r} is attacked "
          f"white-box. Fix: drop --qat_twin, or evaluate the .tflite.")
-    need(all(m in CERTIFY_METHODS for m in self.certify)
-         and len(set(self.certify)) == len(self.certify),
-         f"`certify` must list distinct methods among {', '.join(CERTIFY_METHODS)}; got "
-         f"{list(self.certify)}.")
+    _bounds.check_methods(self.certify, "certify")
     self.pixels().validate()
     return self
 

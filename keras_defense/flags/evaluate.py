@@ -5,6 +5,7 @@ from __future__ import annotations
 from absl import flags
 
 from keras_defense import data as _data
+from keras_defense.certify import bounds as _bounds
 from keras_defense.data import test_images as _inputs
 from keras_defense.evaluation import robustness_config as _rob
 from keras_defense.flags import common
@@ -87,9 +88,6 @@ flags.DEFINE_list("certify", ["ibp", "crown_ibp"],
                   "--certify= (empty) turns it off. kd-experiment --defense: the certified "
                   "column of the defenses comparison (from the saved models, at the report "
                   "stage).")
-flags.register_validator(
-    "certify", lambda v: all(m in _rob.CERTIFY_METHODS for m in v) and len(set(v)) == len(v),
-    message=f"--certify must list distinct methods among {', '.join(_rob.CERTIFY_METHODS)}.")
 
 
 def evaluate_flags(fv=None) -> None:
@@ -138,6 +136,17 @@ def _check_image_size(value) -> bool:
   except ValueError as e:
     raise flags.ValidationError(f"--image_size: {e}") from None
   return True
+
+
+def _check_certify(value) -> bool:
+  try:
+    _bounds.check_methods(value or (), "--certify")
+  except UserError as e:
+    raise flags.ValidationError(str(e).replace("`--certify`", "--certify")) from None
+  return True
+
+
+flags.register_validator("certify", _check_certify)
 
 
 def _floats(values) -> tuple[float, ...] | None:

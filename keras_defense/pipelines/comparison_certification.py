@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 
 from keras_defense import data
+from keras_defense.certify import bounds
 from keras_defense.evaluation import certified as cert_lib
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.models import classifier as clf_lib
@@ -69,7 +70,7 @@ def _outcomes(config, row: dict, keys: Sequence[str], n: int, epsilons: Sequence
 
 def certify_row(config, row: dict, keys: Sequence[str]) -> dict[str, Any]:
   """The row's ``certified`` record (cached in ``<run_dir>/certified/<key>.json``)."""
-  methods = cert_lib.check_methods(config.certify)
+  methods = bounds.check_methods(config.certify, "certify")
   epsilons = sorted(float(e) for e in config.eval.autoattack_eps)
   n = row["per_eps"][f"{epsilons[0]:g}"]["n_examples"]
   if row["randomized"]:

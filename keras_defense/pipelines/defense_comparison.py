@@ -73,6 +73,7 @@ import numpy as np
 
 from keras_defense import data
 from keras_defense import defenses
+from keras_defense.certify import bounds
 from keras_defense.evaluation import diagnostics
 from keras_defense.pipelines import bound_run
 from keras_defense.evaluation import grid as evaluation
@@ -194,8 +195,7 @@ class ComparisonConfig:
     if self.eval.cw_attacks:
       raise UserError(f"`cw_attacks` must be empty for the defenses comparison (its grid is "
                       f"ε-bounded); got {list(self.eval.cw_attacks)}.")
-    from keras_defense.evaluation import certified  # pylint: disable=g-import-not-at-top
-    certified.check_methods(self.certify)
+    bounds.check_methods(self.certify, "certify")
     if self.eval.autoattack_version == "none":
       raise UserError("`autoattack_version` must not be 'none': the comparison's verdict "
                       "is AutoAttack's.")
