@@ -130,6 +130,40 @@ def test_sampled_points_stay_inside_the_bounds(net, norm, eps):
       assert np.all(np.isfinite(lo[b])) and np.all(lo[b] <= hi[b])
 
 
+def test_a_pixel_convention_is_bounded_as_the_first_layer():
+  """The dense net starts with Rescaling(2, offset=-1): the convention mean 0.5, std 0.5."""
+  from keras_defense.models import pixels as pixels_lib  # pylint: disable=g-import-not-at-top
+  with_layer = _dense_net()
+  _randomize_batch_norm(with_layer, np.random.default_rng(0))
+  without = keras.Sequential([keras.layers.Input((6,))] + [
+      keras.layers.deserialize({"class_name": type(l).__name__, "config": l.get_config()})
+      for l in with_layer.layers[1:]])
+  without.set_weights(with_layer.get_weights())
+  convention = pixels_lib.PixelConvention(mean=(0.5,), std=(0.5,))
+  x = np.random.default_rng(4).uniform(0, 1, (6, 6)).astype(np.float32)
+  y = np.argmax(with_layer(x).numpy(), 1)
+  for method in bounds.METHODS:
+    want = bounds.margin_bounds(with_layer, x, y, 0.05, method=method)
+    got = bounds.margin_bounds(without, x, y, 0.05, method=method, pixels=convention)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert not np.allclose(bounds.margin_bounds(without, x, y, 0.05, method=method), want,
+                           atol=1e-3)  # without the convention: another function
+  # Per channel, 0..255: sampled points of the [0, 1] ball, mapped, stay inside.
+  conv = _conv_net()
+  convention = pixels_lib.PixelConvention(input_range=(0.0, 255.0), mean=(100.0, 20.0),
+                                          std=(50.0, 80.0))
+  x = np.random.default_rng(5).uniform(0, 1, (3, 8, 8, 2)).astype(np.float32)
+  z = [conv(convention.to_model(_samples(x[b], 0.02, "linf", 1000,
+                                          np.random.default_rng(b)))).numpy()
+       for b in range(len(x))]
+  for method in bounds.METHODS:
+    lo, hi = bounds.logit_bounds(conv, x, 0.02, method=method, pixels=convention)
+    for b in range(len(x)):
+      assert np.all(z[b] >= lo[b] - TOL) and np.all(z[b] <= hi[b] + TOL), (method, b)
+  with pytest.raises(UserError, match="`mean` has 3 values; the images have 2 channel"):
+    bounds.bounded(conv, pixels_lib.PixelConvention(mean=(0.1, 0.2, 0.3)))
+
+
 def test_crown_ibp_with_zero_lower_slope_is_at_least_as_tight_as_ibp(net):
   _, model, x, y = net
   for eps in (0.01, 0.05, 0.2):
@@ -349,11 +383,21 @@ def test_kd_certify_takes_arrays_and_pixel_flags_like_kd_evaluate(mnist_model, t
   assert scalars[("certified_accuracy/ibp", 10)] == pytest.approx(
       results["certified_acc"]["0.01"])
   assert ("certified_accuracy/ibp", 20) in scalars and ("clean_accuracy", 0) in scalars
-  # A pixel convention: smoothing takes it, the bound methods refuse it by name.
-  odd = parse("--input_range=0,255", "--mean=0.5", "--std=0.5")
-  assert odd.input_range == (0.0, 255.0) and odd.mean == (0.5,) and odd.std == (0.5,)
-  with pytest.raises(UserError, match="`method` 'ibp' bounds a model taking \\[0, 1\\] pixels"):
-    odd.validate()
+  # A pixel convention: the same model taking 0..255 pixels (Rescaling(1/255) in front)
+  # is certified on the same images through --input_range, as kd-evaluate attacks it.
+  cfg = model.get_config()
+  cfg["layers"].insert(1, {"class_name": "Rescaling",
+                           "config": {"name": "from_255", "scale": 1 / 255, "offset": 0.0}})
+  m255 = keras.Sequential.from_config(cfg)
+  m255.set_weights(model.get_weights())
+  path = export.export_saved_model(m255, tmp_path / "tiny255", version=1)
+  config = parse("--input_range=0,255", f"--run_dir={tmp_path / 'run255'}")
+  assert config.input_range == (0.0, 255.0)
+  odd = certification.run(config)
+  assert odd["clean_acc"] == results["clean_acc"]
+  assert odd["certified_indices"] == results["certified_indices"]
+  assert certification.run(parse(f"--run_dir={tmp_path / 'run255_as_01'}"))[
+      "clean_acc"] < results["clean_acc"]  # read as [0, 1] pixels: near-black images
 
 
 # --- certified training loss ---------------------------------------------------------

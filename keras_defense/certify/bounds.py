@@ -53,6 +53,7 @@ import numpy as np
 
 from keras_defense.attacks import runtime
 from keras_defense.certify import network as net_lib
+from keras_defense.models import pixels as pixels_lib
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
@@ -290,8 +291,8 @@ def _ibp_margins(network: net_lib.Network, bounds: dict, spec: tf.Tensor) -> tf.
 class BoundedNetwork:
   """A parsed model with its bound computations (uncompiled; see ``bounded``)."""
 
-  def __init__(self, model: keras.Model):
-    self.network = net_lib.parse(model)
+  def __init__(self, model: keras.Model, pixels: pixels_lib.PixelConvention | None = None):
+    self.network = net_lib.parse(model, pixels)
     shape = self.network.output_shape
     if len(shape) != 1:
       raise UserError(f"bounds need a model with logits of shape (N, K); got {shape}.")
@@ -352,15 +353,23 @@ class BoundedNetwork:
     return out
 
 
-def bounded(model: keras.Model) -> BoundedNetwork:
-  """The model's ``BoundedNetwork``, parsed once per model (cached)."""
-  return runtime.cached(model, ("certify", "bounded"), lambda: BoundedNetwork(model))
+def bounded(model: keras.Model,
+            pixels: pixels_lib.PixelConvention | None = None) -> BoundedNetwork:
+  """The model's ``BoundedNetwork`` for its pixel convention, parsed once (cached).
+
+  ``pixels``: the model's input convention (``models.pixels``); None or the
+  identity: [0, 1] pixels. The network's input is [0, 1] pixels either way.
+  """
+  pixels = None if pixels is None or pixels.is_identity else pixels
+  return runtime.cached(model, ("certify", "bounded", pixels),
+                        lambda: BoundedNetwork(model, pixels))
 
 
-def _compiled(model: keras.Model, key: tuple, fn) -> Any:
-  net = bounded(model)
+def _compiled(model: keras.Model, pixels, key: tuple, fn) -> Any:
+  net = bounded(model, pixels)
+  pixels = None if pixels is None or pixels.is_identity else pixels
   shape = (None,) + net.network.input_shape
-  return runtime.cached(model, ("certify",) + key, lambda: tf.function(
+  return runtime.cached(model, ("certify", pixels) + key, lambda: tf.function(
       lambda x, y, eps: fn(net, x, y, eps), input_signature=[
           tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int32),
           tf.TensorSpec((None,), tf.float32)], reduce_retracing=True))
@@ -385,6 +394,7 @@ def _prepare(model, x, y, epsilon, batch_size):
 def margin_bounds(model: keras.Model, x: Any, y: Any, epsilon: Any, *, method: str = "ibp",
                   norm: str = "linf", lower_slope: str = "adaptive", with_ibp: bool = False,
                   clip_min: float = 0.0, clip_max: float = 1.0,
+                  pixels: pixels_lib.PixelConvention | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
   """Certified lower bounds of ``z_y - z_j`` over the ε-ball ∩ [clip_min, clip_max].
 
@@ -401,6 +411,9 @@ def margin_bounds(model: keras.Model, x: Any, y: Any, epsilon: Any, *, method: s
       (slope 1 if u > -l, else 0; CROWN's choice) or "zero".
     with_ibp: CROWN methods: the better of the CROWN and IBP bound per class.
     clip_min, clip_max: the pixel range.
+    pixels: the model's input convention (``models.pixels``): ``x``, ε and
+      the clip range stay in [0, 1] pixel units, the model reads
+      ``pixels.to_model(x)``. None: the model takes [0, 1] pixels.
     batch_size: images per compiled call.
 
   Returns:
@@ -412,27 +425,28 @@ def margin_bounds(model: keras.Model, x: Any, y: Any, epsilon: Any, *, method: s
     UserError: an unsupported layer (named), or "crown" on a network too large.
   """
   x, y, eps = _prepare(model, x, y, epsilon, batch_size)
-  bounded(model).check(method, norm, lower_slope)
-  fn = _compiled(model, ("margins", method, norm, lower_slope, with_ibp, clip_min, clip_max),
+  bounded(model, pixels).check(method, norm, lower_slope)
+  fn = _compiled(model, pixels, ("margins", method, norm, lower_slope, with_ibp, clip_min, clip_max),
                  lambda net, xb, yb, eb: net.margins(
                      xb, yb, eb, method=method, norm=norm, lower_slope=lower_slope,
                      with_ibp=with_ibp, clip_min=clip_min, clip_max=clip_max))
   out = [fn(x[i:i + batch_size], y[i:i + batch_size], eps[i:i + batch_size]).numpy()
          for i in range(0, len(x), batch_size)]
-  return np.concatenate(out) if out else np.zeros((0, bounded(model).num_classes), np.float32)
+  return np.concatenate(out) if out else np.zeros((0, bounded(model, pixels).num_classes),
+                                                  np.float32)
 
 
 def logit_bounds(model: keras.Model, x: Any, epsilon: Any, *, method: str = "ibp",
                  norm: str = "linf", lower_slope: str = "adaptive", clip_min: float = 0.0,
-                 clip_max: float = 1.0, batch_size: int = DEFAULT_BATCH_SIZE
-                 ) -> tuple[np.ndarray, np.ndarray]:
+                 clip_max: float = 1.0, pixels: pixels_lib.PixelConvention | None = None,
+                 batch_size: int = DEFAULT_BATCH_SIZE) -> tuple[np.ndarray, np.ndarray]:
   """Certified lower and upper bounds of every logit, float32 (N, K) each.
 
   Arguments as ``margin_bounds`` (without labels).
   """
   x, y, eps = _prepare(model, x, None, epsilon, batch_size)
-  bounded(model).check(method, norm, lower_slope)
-  fn = _compiled(model, ("logits", method, norm, lower_slope, clip_min, clip_max),
+  bounded(model, pixels).check(method, norm, lower_slope)
+  fn = _compiled(model, pixels, ("logits", method, norm, lower_slope, clip_min, clip_max),
                  lambda net, xb, yb, eb: tf.stack(net.logit_bounds(
                      xb, eb, method=method, norm=norm, lower_slope=lower_slope,
                      clip_min=clip_min, clip_max=clip_max)))
@@ -444,6 +458,7 @@ def logit_bounds(model: keras.Model, x: Any, epsilon: Any, *, method: str = "ibp
 
 def certify(model: keras.Model, x: Any, y: Any, epsilon: Any, *, method: str = "ibp",
             norm: str = "linf", clip_min: float = 0.0, clip_max: float = 1.0,
+            pixels: pixels_lib.PixelConvention | None = None,
             batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
   """Which images are provably classified as ``y`` everywhere in the input set.
 
@@ -456,7 +471,7 @@ def certify(model: keras.Model, x: Any, y: Any, epsilon: Any, *, method: str = "
   """
   margins = margin_bounds(model, x, y, epsilon, method=method, norm=norm,
                           with_ibp=method != "ibp", clip_min=clip_min, clip_max=clip_max,
-                          batch_size=batch_size)
+                          pixels=pixels, batch_size=batch_size)
   y = np.asarray(y).astype(np.int64)
   others = np.ones_like(margins, bool)
   others[np.arange(len(y)), y] = False

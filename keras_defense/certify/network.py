@@ -12,7 +12,10 @@
 * ``maxpool``: MaxPooling2D.
 * ``add``: Add (residual connections).
 
-InputLayer and Dropout are the identity at inference and disappear. tfmot's
+InputLayer and Dropout are the identity at inference and disappear. A model
+that takes another pixel convention than [0, 1] (``models.pixels``) gets that
+map as a first linear node, ``x -> x * scale + shift`` per channel, so the
+input set stays the ε-ball of [0, 1] pixels the attacks use. tfmot's
 ``PruneLowMagnitude`` wrapper is read as the Dense/Conv2D it wraps (its kernel
 variable, which the wrapper's call masks in place), so a model being pruned
 can be bounded and certifiably trained. Any other
@@ -29,6 +32,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from keras_defense.models import pixels as pixels_lib
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
@@ -254,12 +258,26 @@ def _inbound_names(layer_config: dict) -> list[str]:
   return names
 
 
-def parse(model: keras.Model) -> Network:
+def _pixel_node(pixels: pixels_lib.PixelConvention, shape: tuple[int, ...]) -> Node:
+  """The map from [0, 1] pixels to the model's input convention, as a linear node."""
+  scale, shift = (tf.constant(v, tf.float32) for v in pixels.scale_shift())
+
+  def apply(x):
+    return x * scale
+  return Node("pixels", "linear", [INPUT], shape, shape, apply=apply,
+              apply_abs=lambda r: r * tf.abs(scale), transpose=apply, bias=lambda: shift)
+
+
+def parse(model: keras.Model,
+          pixels: pixels_lib.PixelConvention | None = None) -> Network:
   """Reads ``model`` into a ``Network``.
 
   Args:
     model: a built tf_keras Sequential or Functional model with one image
       input and one output (logits), made of the supported layers.
+    pixels: the model's input convention; None or identity: [0, 1] pixels.
+      Otherwise the network starts with its map (checked against the
+      image's channels), and its input is [0, 1] pixels.
 
   Returns:
     The model's ``Network``.
@@ -279,8 +297,14 @@ def parse(model: keras.Model) -> Network:
   sequential = isinstance(model, keras.Sequential)
   configs = {} if sequential else {c["name"]: c for c in model.get_config()["layers"]}
   nodes: list[Node] = []
+  entry = INPUT  # the node the model's input layer reads
+  if pixels is not None and not pixels.is_identity:
+    shape = _shape(model.input_shape)
+    pixels.validate(channels=shape[-1])
+    nodes.append(_pixel_node(pixels, shape))
+    entry = 0
   out_id: dict[str, int] = {}   # layer name -> id of the node holding its output
-  previous = INPUT
+  previous = entry
   for layer in model.layers:
     if isinstance(layer, keras.Model):
       raise UserError(f"layer {layer.name!r} is a nested model ({type(layer).__name__}); "
@@ -291,7 +315,7 @@ def parse(model: keras.Model) -> Network:
       inner = layer.layer
       cls = type(inner).__name__
     if cls == "InputLayer":
-      out_id[layer.name] = INPUT
+      out_id[layer.name] = entry
       continue
     if cls not in SUPPORTED_LAYERS:
       raise _unsupported(inner)
@@ -321,7 +345,7 @@ def parse(model: keras.Model) -> Network:
         out_id[layer.name] = previous = inputs[0]
         continue
     out_id[layer.name] = previous = len(nodes) - 1
-  if not nodes:
+  if len(nodes) == (entry != INPUT):
     raise UserError(f"model {model.name!r} has no layer to bound.")
   if not sequential:
     last = model.get_config()["output_layers"][0][0]

@@ -72,7 +72,8 @@ class CertifyConfig(pixels_lib.PixelFields):
     command: the command line, recorded in the report.
     input_range, mean, std: the model's pixel convention
       (``pixels.PixelConvention``, as kd-evaluate); ε stay in [0, 1] units.
-      Smoothing takes any; the bound methods need [0, 1] pixels.
+      The bounds read the map as the network's first layer (exact: it is
+      elementwise and increasing); smoothing adds noise in [0, 1] units.
     allow_ops: ops a SavedModel may hold although they touch the outside
       world (``models.scan``), as kd-evaluate.
   """
@@ -116,9 +117,6 @@ class CertifyConfig(pixels_lib.PixelFields):
     need(np.isfinite(self.sigma) and self.sigma > 0, f"`sigma` must be > 0; got {self.sigma!r}.")
     need(0 < self.alpha < 1, f"`alpha` must be in (0, 1); got {self.alpha!r}.")
     self.pixels().validate()
-    need(self.method == "smoothing" or self.pixels().is_identity,
-         f"`method` {self.method!r} bounds a model taking [0, 1] pixels; this one takes "
-         f"{self.pixels().describe()}. Fix: use method 'smoothing', which takes any model.")
     return self
 
   def identity(self) -> dict[str, Any]:
@@ -149,7 +147,7 @@ def _load_keras(config: CertifyConfig):
     raise UserError(f"{e} The bound methods need a tf_keras model (a SavedModel exported "
                     f"by Keras, or a .keras/.h5 file); method 'smoothing' takes any model.") \
         from e
-  bounds.bounded(model).check(config.method, config.norm, "adaptive")
+  bounds.bounded(model, config.pixels()).check(config.method, config.norm, "adaptive")
   return model
 
 
@@ -165,7 +163,7 @@ def _certify_bounds(config: CertifyConfig, model, x, y, state: pathlib.Path,
     progress(k, len(epsilons), f"ε={eps:g} {config.method}")
     start = time.perf_counter()
     ok = bounds.certify(model, x, y, eps, method=config.method, norm=config.norm,
-                        batch_size=config.batch_size)
+                        pixels=config.pixels(), batch_size=config.batch_size)
     entry = {"epsilon": eps, "certified": int(ok.sum()),
              "certified_acc": float(ok.mean()),
              "certified_indices": [int(i) for i in np.flatnonzero(ok)],
@@ -274,7 +272,7 @@ def run(config: CertifyConfig, *, progress: Progress | None = None) -> dict[str,
     num_classes = test_images.resolve_num_classes(images, clf.scores)
     clf.use_output(clf_lib.detect_output(clf, x[:min(len(x), 256)], num_classes=num_classes))
   else:
-    num_classes = bounds.bounded(model).num_classes
+    num_classes = bounds.bounded(model, config.pixels()).num_classes
     if images.num_classes is not None and images.num_classes != num_classes:
       raise UserError(f"model {config.model!r} outputs {num_classes} class scores but "
                       f"dataset {config.dataset!r} has {images.num_classes} classes.")
@@ -288,7 +286,9 @@ def run(config: CertifyConfig, *, progress: Progress | None = None) -> dict[str,
   state = run_dir / "state"
   state.mkdir(parents=True, exist_ok=True)
   start = time.perf_counter()
-  clean = _clean_predictions(model, x, config.batch_size) == y
+  predict = model if config.method == "smoothing" else (  # the classifier maps pixels itself
+      lambda xb: model(config.pixels().to_model(xb), training=False))
+  clean = _clean_predictions(predict, x, config.batch_size) == y
   clean_seconds = time.perf_counter() - start
   results: dict[str, Any] = {
       "model": str(config.model), "model_sha256": sha256, "dataset": config.dataset,

@@ -7,8 +7,10 @@ or the defenses comparison attacks, with several bound methods (default IBP and
 CROWN-IBP); an image counts as certified when *any* method proves it (each is
 a sound lower bound, so their union is one too). A model the bounds cannot
 read (a layer they do not support, a SavedModel not exported by tf_keras, a
-Keras 3 or .tflite model, another pixel convention, a randomized model) gets
-a ``Certified`` with ``reason`` set and no numbers: "n/a", never a crash.
+Keras 3 or .tflite model, a randomized model) gets a ``Certified`` with
+``reason`` set and no numbers: "n/a", never a crash. A model taking another
+pixel convention (``models.pixels``) is bounded through the convention's map,
+the ε-ball staying in [0, 1] pixel units as for the attacks.
 
 ``check_sound`` holds the two sides against each other: an image certified at
 ε that an attack broke at ε (or at a smaller ε, whose ball lies inside) is a
@@ -35,6 +37,7 @@ from keras_defense.data import test_images as inputs
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.evaluation.robustness_result import RobustnessResult
 from keras_defense.models import export
+from keras_defense.models import pixels as pixels_lib
 from keras_defense.util import io_utils
 from keras_defense.util.compat import keras
 from keras_defense.util.errors import UserError
@@ -100,14 +103,18 @@ def bounded_model(path: str, *, allow_ops: Sequence[str] = ()) -> tuple[Any, str
 
 
 def predicts_like(model: Any, x: np.ndarray, predictions: np.ndarray, *,
+                  pixels: pixels_lib.PixelConvention | None = None,
                   batch_size: int = bounds.DEFAULT_BATCH_SIZE) -> str | None:
   """None if ``model`` predicts ``predictions`` (N,) on ``x``, else the reason to refuse it.
 
   The bounds speak for the tf_keras model; the attacks ran on the evaluated
   model (e.g. a SavedModel signature): they must be the same function.
+  ``x`` in [0, 1] pixels; ``pixels``: the model's convention (None: [0, 1]).
   """
-  mine = np.concatenate([np.argmax(np.asarray(model(x[i:i + batch_size], training=False)),
-                                   axis=-1) for i in range(0, len(x), batch_size)])
+  pixels = pixels or pixels_lib.PixelConvention()
+  mine = np.concatenate([np.argmax(np.asarray(model(pixels.to_model(x[i:i + batch_size]),
+                                                    training=False)), axis=-1)
+                         for i in range(0, len(x), batch_size)])
   differ = int(np.sum(mine != np.asarray(predictions)))
   if differ:
     return (f"the tf_keras model predicts differently from the evaluated model on {differ} "
@@ -123,7 +130,8 @@ def certify_model(model: Any, x: np.ndarray, y: np.ndarray, epsilons: Iterable[f
                   norm: str = "linf", methods: Sequence[str] = DEFAULT_METHODS,
                   batch_size: int = bounds.DEFAULT_BATCH_SIZE,
                   state_dir: str | pathlib.Path | None = None,
-                  reason: str | None = None) -> Certified:
+                  reason: str | None = None,
+                  pixels: pixels_lib.PixelConvention | None = None) -> Certified:
   """Certified accuracy at every ε, the union over ``methods``.
 
   Args:
@@ -136,6 +144,7 @@ def certify_model(model: Any, x: np.ndarray, y: np.ndarray, epsilons: Iterable[f
     state_dir: if given, each (method, ε) is saved there as JSON and a rerun
       loads it instead of recomputing.
     reason: why the model cannot be bounded (then nothing is computed).
+    pixels: the model's input convention (``models.pixels``); None: [0, 1].
 
   Returns:
     A ``Certified``; ``reason`` set (and no numbers) if the model is None or
@@ -148,7 +157,7 @@ def certify_model(model: Any, x: np.ndarray, y: np.ndarray, epsilons: Iterable[f
     return out
   try:
     for m in methods:
-      bounds.bounded(model).check(m, norm, "adaptive")
+      bounds.bounded(model, pixels).check(m, norm, "adaptive")
   except UserError as e:
     out.reason = str(e).split(" Fix:")[0]
     return out
@@ -165,7 +174,7 @@ def certify_model(model: Any, x: np.ndarray, y: np.ndarray, epsilons: Iterable[f
       else:
         start = time.perf_counter()
         idx = np.flatnonzero(bounds.certify(model, x, y, eps, method=m, norm=norm,
-                                            batch_size=batch_size))
+                                            pixels=pixels, batch_size=batch_size))
         took = time.perf_counter() - start
         seconds += took
         if path is not None:
@@ -257,8 +266,9 @@ def for_evaluation(config: RobustnessConfig, result: RobustnessResult) -> Certif
   """Certifies the images a finished kd-evaluate run attacked, and checks it against them.
 
   The bounds run on the tf_keras model inside ``config.model`` (n/a, with
-  the reason, when there is none, the pixels are not [0, 1], or it predicts
-  differently from the evaluated model); per (method, ε) results are kept in
+  the reason, when there is none or it predicts differently from the
+  evaluated model; a model taking other pixels than [0, 1] is bounded through
+  its convention's map); per (method, ε) results are kept in
   ``<run_dir>/state/certified/`` so a rerun reuses them.
 
   Raises:
@@ -266,10 +276,6 @@ def for_evaluation(config: RobustnessConfig, result: RobustnessResult) -> Certif
   """
   methods = tuple(config.certify)  # validated with the config
   cert = Certified(methods=methods, norm=config.norm, n=result.n)
-  if not config.pixels().is_identity:
-    cert.reason = (f"the model takes {config.pixels().describe()}; the bounds take [0, 1] "
-                   f"pixels")
-    return cert
   run_dir = pathlib.Path(config.run_dir)
   clean = run_dir / "state" / "clean.npz"
   model, reason = bounded_model(config.model, allow_ops=config.allow_ops)
@@ -281,8 +287,9 @@ def for_evaluation(config: RobustnessConfig, result: RobustnessResult) -> Certif
                                    manual_dir=config.manual_dir)
   with np.load(clean) as st:
     pred = st["pred"]
-  reason = predicts_like(model, images.x, pred)
+  reason = predicts_like(model, images.x, pred, pixels=config.pixels())
   cert = certify_model(model, images.x, images.y, config.epsilons, norm=config.norm,
+                       pixels=config.pixels(),
                        methods=methods, batch_size=config.batch_size or
                        bounds.DEFAULT_BATCH_SIZE, reason=reason,
                        state_dir=run_dir / "state" / "certified")

@@ -105,6 +105,22 @@ class PixelConvention:
       x = x / tf.constant(self.std, tf.float32)
     return x
 
+  def scale_shift(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(scale, shift), one value or one per channel: ``to_model(x) == x * scale + shift``.
+
+    The map is elementwise and increasing (std > 0), so it takes the box
+    [lo, hi] of [0, 1] pixels exactly onto [to_model(lo), to_model(hi)]:
+    the certification bounds read it as the network's first layer.
+    """
+    top = self.input_range[1]
+    mean = self.mean if self.mean is not None else (0.0,)
+    std = self.std if self.std is not None else (1.0,)
+    if len(mean) == 1 and len(std) > 1:
+      mean = mean * len(std)
+    if len(std) == 1 and len(mean) > 1:
+      std = std * len(mean)
+    return (tuple(top / s for s in std), tuple(-m / s for m, s in zip(mean, std)))
+
   def to_dict(self) -> dict[str, Any]:
     """JSON form: {"input_range": [0, 255], "mean": [...] or None, "std": ...}."""
     return {"input_range": list(self.input_range),
