@@ -92,9 +92,11 @@ the case's pid once it started and its exit status once it ended.
 """
 import json, logging, os, runpy, sys, traceback
 replies = os.fdopen(os.dup(1), "w")
-for module in json.loads(sys.argv[1]):
+for name in json.loads(sys.argv[1]):
+  module = name.partition(":")[0]
   __import__(module)  # TensorFlow and the package: the cost every binary pays, paid once
-  del sys.modules[module]  # python -m runs it as __main__, never imported by its name
+  if ":" not in name:
+    del sys.modules[module]  # python -m runs it as __main__, never imported by its name
 for line in sys.stdin:
   c = json.loads(line)
   sys.stdout.flush()
@@ -109,9 +111,12 @@ for line in sys.stdin:
         f = os.open(path, flags, 0o644)
         os.dup2(f, fd)
         os.close(f)
-      sys.argv = [c["module"], *c["args"]]
+      module, _, function = c["module"].partition(":")
+      sys.argv = [module.rpartition(".")[2] if function else module, *c["args"]]
       try:
-        runpy.run_module(c["module"], run_name="__main__", alter_sys=True)
+        if function:  # a console script: sys.exit(module.function())
+          sys.exit(getattr(sys.modules[module], function)())
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
       except SystemExit as e:  # as the interpreter turns it into an exit status
         if e.code is None or isinstance(e.code, int):
@@ -131,6 +136,10 @@ for line in sys.stdin:
 '''
 
 
+def _module(name: str) -> str:
+  return name if ":" in name else f"keras_defense.bin.{name}"
+
+
 class BinaryServer:
   """``python -m keras_defense.bin.<name> *args``, each a fork of one child that imported them.
 
@@ -139,21 +148,25 @@ class BinaryServer:
   would (nothing parsed, no TensorFlow op run yet), with its own stdin
   (/dev/null), stdout and stderr: what separate interpreters would do, for one
   TensorFlow import instead of one per case (~3-4 s each on the test machine).
-  One case runs at a time. Use as a context manager.
+  One case runs at a time. Use as a context manager. A name ``module:function``
+  is a console script instead (``sys.exit(module.function())``, as the script
+  pip writes runs it; e.g. ``tensorflow.python.tools.saved_model_cli:main``).
+  The child gets ``env`` (default ``ENV``) and runs in ``cwd`` (default the repository).
   """
 
-  def __init__(self, names: Sequence[str], tmp_dir, *, timeout: float = 300):
+  def __init__(self, names: Sequence[str], tmp_dir, *, timeout: float = 300,
+               env: dict | None = None, cwd=REPO):
     self._dir = pathlib.Path(tmp_dir)
     self._dir.mkdir(parents=True, exist_ok=True)
     self._timeout = timeout
     self._n = 0
     self._buf = b""
     self._case = None
-    modules = [f"keras_defense.bin.{name}" for name in names]
     with open(self._dir / "server.err", "wb") as err:
-      self._proc = subprocess.Popen([sys.executable, "-c", _SERVER, json.dumps(modules)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=err, env=ENV, cwd=REPO)
+      self._proc = subprocess.Popen(
+          [sys.executable, "-c", _SERVER, json.dumps([_module(name) for name in names])],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+          env=ENV if env is None else env, cwd=cwd)
 
   def __enter__(self):
     return self
@@ -161,12 +174,11 @@ class BinaryServer:
   def __exit__(self, *exc):
     if self._case is not None and not self.ended():
       os.kill(self._case["pid"], signal.SIGKILL)
+    # Nothing of the child's own is left to keep: no need to wait for its interpreter's exit.
+    self._proc.kill()
+    self._proc.wait()
     self._proc.stdin.close()
-    try:
-      self._proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-      self._proc.kill()
-      self._proc.wait()
+    self._proc.stdout.close()
 
   def _line(self, timeout: float | None) -> dict | None:
     """The next reply, or None if none arrives within ``timeout`` seconds."""
@@ -186,7 +198,7 @@ class BinaryServer:
     """Starts one case; returns its pid."""
     assert self._case is None, "one case at a time: wait() for the running one first"
     self._n += 1
-    self._case = {"module": f"keras_defense.bin.{name}", "args": [str(a) for a in args],
+    self._case = {"module": _module(name), "args": [str(a) for a in args],
                   "stdout": str(self._dir / f"{self._n}.out"),
                   "stderr": str(self._dir / f"{self._n}.err")}
     self._proc.stdin.write((json.dumps(self._case) + "\n").encode())
