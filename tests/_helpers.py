@@ -92,7 +92,12 @@ the case's pid once it started and its exit status once it ended.
 """
 import json, logging, os, runpy, sys, traceback
 replies = os.fdopen(os.dup(1), "w")
-for name in json.loads(sys.argv[1]):
+names, preload = json.loads(sys.argv[1])
+for module in preload:
+  __import__(module)  # what the scripts import: TensorFlow and the package
+for name in names:
+  if name.endswith(".py"):
+    continue
   module = name.partition(":")[0]
   __import__(module)  # TensorFlow and the package: the cost every binary pays, paid once
   if ":" not in name:
@@ -102,7 +107,7 @@ for line in sys.stdin:
   sys.stdout.flush()
   sys.stderr.flush()
   pid = os.fork()
-  if pid == 0:  # the case: ``python -m module *args`` from here on
+  if pid == 0:  # the case: ``python -m module *args`` (or ``python script.py *args``)
     code = 1
     try:
       for fd, path, flags in ((0, os.devnull, os.O_RDONLY),
@@ -116,7 +121,11 @@ for line in sys.stdin:
       try:
         if function:  # a console script: sys.exit(module.function())
           sys.exit(getattr(sys.modules[module], function)())
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        if module.endswith(".py"):  # python script.py: its folder first on sys.path
+          sys.path[0] = os.path.dirname(os.path.abspath(module))
+          runpy.run_path(module, run_name="__main__")
+        else:
+          runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
       except SystemExit as e:  # as the interpreter turns it into an exit status
         if e.code is None or isinstance(e.code, int):
@@ -137,7 +146,7 @@ for line in sys.stdin:
 
 
 def _module(name: str) -> str:
-  return name if ":" in name else f"keras_defense.bin.{name}"
+  return name if ":" in name or name.endswith(".py") else f"keras_defense.bin.{name}"
 
 
 class BinaryServer:
@@ -150,12 +159,14 @@ class BinaryServer:
   TensorFlow import instead of one per case (~3-4 s each on the test machine).
   One case runs at a time. Use as a context manager. A name ``module:function``
   is a console script instead (``sys.exit(module.function())``, as the script
-  pip writes runs it; e.g. ``tensorflow.python.tools.saved_model_cli:main``).
-  The child gets ``env`` (default ``ENV``) and runs in ``cwd`` (default the repository).
+  pip writes runs it; e.g. ``tensorflow.python.tools.saved_model_cli:main``); a
+  name ending in ``.py`` is a script (``python script.py``), whose imports the
+  child takes from ``preload`` (module names it imports first). The child gets
+  ``env`` (default ``ENV``) and runs in ``cwd`` (default the repository).
   """
 
   def __init__(self, names: Sequence[str], tmp_dir, *, timeout: float = 300,
-               env: dict | None = None, cwd=REPO):
+               env: dict | None = None, cwd=REPO, preload: Sequence[str] = ()):
     self._dir = pathlib.Path(tmp_dir)
     self._dir.mkdir(parents=True, exist_ok=True)
     self._timeout = timeout
@@ -164,7 +175,8 @@ class BinaryServer:
     self._case = None
     with open(self._dir / "server.err", "wb") as err:
       self._proc = subprocess.Popen(
-          [sys.executable, "-c", _SERVER, json.dumps([_module(name) for name in names])],
+          [sys.executable, "-c", _SERVER,
+           json.dumps([[_module(name) for name in names], list(preload)])],
           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
           env=ENV if env is None else env, cwd=cwd)
 
@@ -172,8 +184,8 @@ class BinaryServer:
     return self
 
   def __exit__(self, *exc):
-    if self._case is not None and not self.ended():
-      os.kill(self._case["pid"], signal.SIGKILL)
+    if self._case is not None:
+      self.kill()
     # Nothing of the child's own is left to keep: no need to wait for its interpreter's exit.
     self._proc.kill()
     self._proc.wait()
@@ -234,7 +246,7 @@ class BinaryServer:
   def kill_9_when(self, name: str, args: Sequence, ready: Callable[[], object], *,
                   timeout: float, what: str) -> None:
     """Starts one case and SIGKILLs it as soon as ``ready()``; fails if it ends first."""
-    pid = self.start(name, args)
+    self.start(name, args)
     deadline = time.time() + timeout
     try:
       while not ready():
@@ -243,9 +255,13 @@ class BinaryServer:
         assert time.time() < deadline, f"no {what} within {timeout} s"
         time.sleep(0.05)
     finally:
-      if not self.ended():
-        os.kill(pid, signal.SIGKILL)
+      self.kill()
       self.wait()
+
+  def kill(self) -> None:
+    """SIGKILLs the running case unless it has ended."""
+    if not self.ended():
+      os.kill(self._case["pid"], signal.SIGKILL)
 
 
 def run_binaries(cases: Sequence[tuple[str, Sequence]], tmp_dir, *, timeout: float = 300):

@@ -5,7 +5,8 @@ seed, deterministic, so that every way of running it (whole, resumed after
 kill -9, two concurrent shards) gives the same sweep.csv byte for byte.
 
 Run as a script (``python tests/test_sweep.py RUN_DIR '{"num_shards": 2, ...}'``)
-it runs the same sweep in a separate process: the kill -9 and shard tests use it.
+it runs the same sweep in a separate process: the kill -9 and shard tests use it
+(through ``_helpers.BinaryServer``: forks of one child that imported the package once).
 """
 
 import dataclasses
@@ -14,7 +15,6 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,6 +23,7 @@ import urllib.request
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.util import file_lock
 from keras_defense.defenses import logits_augmentation
@@ -52,9 +53,17 @@ def _config(run_dir, **overrides) -> sweep_grid.SweepConfig:
   return dataclasses.replace(config, **overrides)
 
 
-def _in_subprocess(run_dir, **overrides) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, __file__, str(run_dir), json.dumps(overrides)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+@pytest.fixture(scope="module")
+def script(tmp_path_factory):
+  """Runs this file as a script (``python tests/test_sweep.py RUN_DIR OVERRIDES``) in a
+  process of its own: a fork of one child that imported the package once."""
+  with _helpers.BinaryServer([__file__], tmp_path_factory.mktemp("script"), timeout=300,
+                             preload=["pytest", "keras_defense.pipelines.sweep"]) as server:
+    yield server
+
+
+def _script_args(run_dir, **overrides) -> list:
+  return [run_dir, json.dumps(overrides)]
 
 
 @pytest.fixture(scope="module")
@@ -169,21 +178,14 @@ def test_report_stage_names_missing_points_and_never_double_counts(whole, tmp_pa
   assert [r.split(",")[0] for r in rows] == [KEYS[0], KEYS[2], KEYS[3]]
 
 
-def test_kill_9_mid_sweep_then_rerun_gives_the_identical_csv(whole, tmp_path):
+def test_kill_9_mid_sweep_then_rerun_gives_the_identical_csv(whole, tmp_path, script):
   run_dir, _ = whole
   killed = tmp_path / "killed"
   # The reference's parents (M0, pruned, augmented) are reused: the points are killed.
   shutil.copytree(run_dir / "parents", killed / "parents")
-  proc = _in_subprocess(killed)
-  deadline = time.time() + 240
-  try:
-    while not list((killed / "points").glob("*.json")):
-      assert proc.poll() is None, proc.stderr.read()[-3000:]
-      assert time.time() < deadline, "no point finished in time"
-      time.sleep(0.05)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+  script.kill_9_when(__file__, _script_args(killed),
+                     lambda: list((killed / "points").glob("*.json")), timeout=240,
+                     what="a finished point")
   done = list((killed / "points").glob("*.json"))
   assert 1 <= len(done) < 4, "killed after the last point: nothing left to resume"
   result = sweep.run(_config(killed))
@@ -191,19 +193,20 @@ def test_kill_9_mid_sweep_then_rerun_gives_the_identical_csv(whole, tmp_path):
   assert (killed / "sweep.csv").read_text() == (run_dir / "sweep.csv").read_text()
 
 
-def test_two_concurrent_shards_merge_into_the_unsharded_csv(whole, tmp_path):
+def test_two_concurrent_shards_merge_into_the_unsharded_csv(whole, tmp_path, script):
   run_dir, _ = whole
   shared = tmp_path / "shared"
-  other = _in_subprocess(shared, shard_index=1, num_shards=2, stages=[
-      "train", "prune", "augment", "attack"])
+  script.start(__file__, _script_args(shared, shard_index=1, num_shards=2, stages=[
+      "train", "prune", "augment", "attack"]))
   try:
     mine = sweep.run(_config(shared, shard_index=0, num_shards=2, stages=(
         "train", "prune", "augment", "attack")))
-    assert other.wait(timeout=300) == 0, other.stderr.read()[-3000:]
+  except BaseException:
+    script.kill()
+    raise
   finally:
-    if other.poll() is None:
-      other.kill()
-      other.wait()
+    _, stderr, code = script.wait()
+  assert code == 0, stderr[-3000:]
   assert sorted(mine.computed) == KEYS[:2]
   assert set(mine.missing) <= set(KEYS[2:])  # the other shard may not have finished yet
   # M0, needed by both shards, was trained once: one run folder, one done record.
