@@ -83,7 +83,6 @@ def small_cnn(keras, x, y, *, batch_size: int):
   return model
 
 
-
 _SERVER = r'''
 """Imports the binaries once; then runs each requested case in a fork of itself.
 
