@@ -10,11 +10,8 @@ the test that covers them, not repeated here.
 """
 
 import hashlib
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 from absl import flags
 import numpy as np
@@ -316,13 +313,6 @@ def test_bad_tensor_or_argument(m0, case, call, error, match):
 
 
 # --- the binaries -------------------------------------------------------------
-def _binary(name, *args):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-  return subprocess.Popen([sys.executable, "-m", f"keras_defense.bin.{name}", *args],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
-
-
 def test_binaries_refuse_bad_input_without_traceback(tmp_path, a_file, trained_run):
   corrupt = tmp_path / "corrupt"
   corrupt.mkdir()
@@ -344,15 +334,9 @@ def test_binaries_refuse_bad_input_without_traceback(tmp_path, a_file, trained_r
       "B8": ("train", [f"--data_dir={a_file}", f"--run_dir={tmp_path / 'r8'}"], 2,
              "error: could not prepare dataset 'mnist'"),
   }
-  procs = {}
-  # Two at a time: each pays a TensorFlow import on a shared 2-core machine.
-  ids = list(cases)
-  for i in range(0, len(ids), 2):
-    for k in ids[i:i + 2]:
-      name, args, _, _ = cases[k]
-      procs[k] = _binary(name, *args)
-    for k in ids[i:i + 2]:
-      procs[k] = procs[k].communicate(timeout=180) + (procs[k].returncode,)
+  # One TensorFlow import for the eight: each case runs in a fork taken after it.
+  procs = dict(zip(cases, _helpers.run_binaries(
+      [(name, args) for name, args, _, _ in cases.values()], tmp_path / "binaries")))
   for k, (_, _, code, text) in cases.items():
     _, stderr, returncode = procs[k]
     assert returncode == code, (k, stderr[-2000:])

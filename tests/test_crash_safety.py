@@ -5,23 +5,17 @@ while pruning, once inside the attack grid) and rerun; its ``results.json``
 must hold the same rows and model facts as an uninterrupted run with the same
 seed (``seconds`` aside), which also checks that two processes with the same
 seed and flags give identical numbers; the groups of attack cells the killed
-run finished are kept, not recomputed.
+run finished are kept, not recomputed. Every run is a process of its own, forked
+from one child that imported the package once (``_helpers.BinaryServer``).
 """
 
 import json
-import os
-import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
+import _helpers
 from keras_defense import data
 from keras_defense.evaluation import grid as evaluation
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The tiny data and the training flags the train and prune stages share.
 _DATA = """--dataset=mnist
@@ -56,9 +50,9 @@ def flagfiles(tmp_path_factory):
   return d
 
 
-def _command(flagfiles, run_dir):
-  return [sys.executable, "-m", "keras_defense.bin.experiment",
-          f"--run_dir={run_dir}", f"--train_flagfile={flagfiles / 'train.flags'}",
+def _args(flagfiles, run_dir):
+  """kd-experiment's command line on the tiny configuration."""
+  return [f"--run_dir={run_dir}", f"--train_flagfile={flagfiles / 'train.flags'}",
           f"--prune_flagfile={flagfiles / 'prune.flags'}",
           f"--augment_flagfile={flagfiles / 'augment.flags'}",
           "--eval_size=100", "--epsilons=0.3", "--attacks=fgsm,bim", "--bim_steps=3",
@@ -69,28 +63,9 @@ def _command(flagfiles, run_dir):
           "--autoattack_version=none"]
 
 
-_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-
-
-def _run(cmd):
-  done = subprocess.run(cmd, cwd=REPO, env=_ENV, capture_output=True, text=True,
-                        timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-
-
-def _kill_when(cmd, ready, what):
-  """Starts ``cmd`` and SIGKILLs it as soon as ``ready()``; fails if it ends first."""
-  proc = subprocess.Popen(cmd, cwd=REPO, env=_ENV, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  deadline = time.time() + 300
-  try:
-    while not ready():
-      assert proc.poll() is None, f"the run finished before {what}"
-      assert time.time() < deadline, f"no {what} within 300 s"
-      time.sleep(0.1)
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def _run(server, args):
+  _, stderr, code = server.run("experiment", args)
+  assert code == 0, stderr[-3000:]
 
 
 def _numbers(run_dir):
@@ -101,40 +76,44 @@ def _numbers(run_dir):
 
 def test_sigkill_anywhere_then_rerun_gives_the_uninterrupted_results(tmp_path, flagfiles):
   clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-  _run(_command(flagfiles, clean))
+  # Each run is a process of its own, forked from one that imported the package once.
+  with _helpers.BinaryServer(["experiment"], tmp_path / "server", timeout=600) as server:
+    _run(server, _args(flagfiles, clean))
 
-  # Kill 1: in the pruning stage, once it has loaded M0 and claimed its run
-  # directory, before its first epoch checkpoint. (A kill after an epoch
-  # checkpoint resumes from it with the same weights but a restarted shuffle
-  # order and dropout RNG, so the final numbers differ slightly: see
-  # docs/RELIABILITY.md.)
-  _kill_when(_command(flagfiles, crashed), (crashed / "m1" / "run.json").is_file,
-             "the pruning stage")
-  assert (crashed / "stages" / "train.json").is_file()
-  assert not (crashed / "stages" / "prune.json").exists()
-  assert not any((crashed / "m1" / "backup").rglob("*.index")), "killed too late"
-  # Kill 2: inside the attack grid, once its first group of cells (one crafted
-  # batch, scored on each model it targets) is on disk.
-  cells = crashed / "attack" / "cells"
-  groups = [[cells / f"{evaluation.cell_key(p, g.attack, g.targeted, g.epsilon)}.json"
-             for p in g.plans] for g in evaluation.build_groups(
-                 ["m0", "m1", "m2"], "m0", evaluation.EvalConfig(
-                     attacks=("fgsm", "bim"), epsilons=(0.3,), targeted_modes=(False,),
-                     cw_attacks=()))]
-  _kill_when(_command(flagfiles, crashed), lambda: all(f.is_file() for f in groups[0]),
-             "a finished group of attack cells")
-  assert not (crashed / "stages" / "attack.json").exists()
-  # No half-written artifact is left under its final name. (A kill inside a
-  # write may leave a hidden .tmp sibling, which nothing reads.)
-  for path in crashed.rglob("*.json"):
-    json.loads(path.read_text())
-  finished = [f for g in groups if all(f.is_file() for f in g) for f in g]
-  before = {f: f.stat().st_mtime_ns for f in finished}
-  assert 0 < len(before) < sum(map(len, groups)), "killed too late"
-  _run(_command(flagfiles, crashed))
-  # The rerun kept the groups the killed run finished: not recomputed. (A
-  # group cut off mid-way is computed again, whole.)
-  assert {f: f.stat().st_mtime_ns for f in finished} == before
+    # Kill 1: in the pruning stage, once it has loaded M0 and claimed its run
+    # directory, before its first epoch checkpoint. (A kill after an epoch
+    # checkpoint resumes from it with the same weights but a restarted shuffle
+    # order and dropout RNG, so the final numbers differ slightly: see
+    # docs/RELIABILITY.md.)
+    server.kill_9_when("experiment", _args(flagfiles, crashed),
+                       (crashed / "m1" / "run.json").is_file, timeout=300,
+                       what="the pruning stage")
+    assert (crashed / "stages" / "train.json").is_file()
+    assert not (crashed / "stages" / "prune.json").exists()
+    assert not any((crashed / "m1" / "backup").rglob("*.index")), "killed too late"
+    # Kill 2: inside the attack grid, once its first group of cells (one crafted
+    # batch, scored on each model it targets) is on disk.
+    cells = crashed / "attack" / "cells"
+    groups = [[cells / f"{evaluation.cell_key(p, g.attack, g.targeted, g.epsilon)}.json"
+               for p in g.plans] for g in evaluation.build_groups(
+                   ["m0", "m1", "m2"], "m0", evaluation.EvalConfig(
+                       attacks=("fgsm", "bim"), epsilons=(0.3,), targeted_modes=(False,),
+                       cw_attacks=()))]
+    server.kill_9_when("experiment", _args(flagfiles, crashed),
+                       lambda: all(f.is_file() for f in groups[0]), timeout=300,
+                       what="a finished group of attack cells")
+    assert not (crashed / "stages" / "attack.json").exists()
+    # No half-written artifact is left under its final name. (A kill inside a
+    # write may leave a hidden .tmp sibling, which nothing reads.)
+    for path in crashed.rglob("*.json"):
+      json.loads(path.read_text())
+    finished = [f for g in groups if all(f.is_file() for f in g) for f in g]
+    before = {f: f.stat().st_mtime_ns for f in finished}
+    assert 0 < len(before) < sum(map(len, groups)), "killed too late"
+    _run(server, _args(flagfiles, crashed))
+    # The rerun kept the groups the killed run finished: not recomputed. (A
+    # group cut off mid-way is computed again, whole.)
+    assert {f: f.stat().st_mtime_ns for f in finished} == before
 
   rows, models, results = _numbers(crashed)
   clean_rows, clean_models, _ = _numbers(clean)

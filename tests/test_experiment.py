@@ -22,7 +22,7 @@ _SMALL = dict(train_limit=4000, test_limit=1000, validation_size=500, verbose=0)
 
 def _config(run_dir, **eval_overrides):
   eval_kwargs = dict(
-      attacks=("fgsm", "bim"), epsilons=(0.3,), eval_size=200, cw_attacks=("cw_l2",),
+      attacks=("fgsm", "bim"), epsilons=(0.3,), eval_size=100, cw_attacks=("cw_l2",),
       cw_eval_size=10, cw_targeted_modes=(False,),
       cw_options={"cw_l2": {"binary_search_steps": 2,
                                              "max_iterations": 30}})
@@ -60,7 +60,7 @@ def test_pipeline_writes_the_report(pipeline):
   assert {r["threat_model"] for r in rows} == {"grey_box", "transfer", "adaptive"}
   assert all(r["epsilon"] is None for r in rows if r["attack"] == "cw_l2")
   assert results["versions"]["tensorflow"].startswith("2.")
-  assert results["config"]["eval"]["eval_size"] == 200
+  assert results["config"]["eval"]["eval_size"] == 100
   report = (run_dir / "report.md").read_text()
   for threat in ("grey_box", "transfer", "adaptive"):
     assert f"### {threat}" in report

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 
+import _helpers
 from keras_defense import data
 from keras_defense.models import export
 from keras_defense.util.compat import keras
@@ -25,7 +26,6 @@ from keras_defense.util.errors import UserError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SAVED_MODELS = sorted(p.parent for p in (REPO / "saved_models").glob("*/*/saved_model.pb"))
-CLI = pathlib.Path(sys.executable).with_name("saved_model_cli")
 # A serving host has neither our package nor our Keras choice.
 ENV = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
 ENV["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -246,34 +246,44 @@ def test_only_builtin_keras_layers(served):
   assert b"Lambda" not in metadata and b"Custom>" not in metadata
 
 
-# saved_model_cli (two subprocesses per model, ~10 s) on the two models whose
+# saved_model_cli (show and run per model) on the two models whose
 # export differs most from a plain Keras net: M2 (pruned, logits x21) and M1-AT
 # (pruned from an adversarially trained model). Every model's SavedModel is
 # checked with plain TensorFlow above; the CLI reads the same signatures.
 CLI_MODELS = ("mnist_m2/1", "mnist_m1_at_pgd/1")
 
 
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+  """saved_model_cli, each call a fork of one plain-TensorFlow child that imported it once.
+
+  What the ``saved_model_cli`` script runs (``sys.exit(main())`` of its module), in
+  ``ENV`` (no legacy-Keras switch) and outside the repository, as a serving host would.
+  """
+  tmp = tmp_path_factory.mktemp("cli")
+  script = "tensorflow.python.tools.saved_model_cli:main"  # what saved_model_cli runs
+  with _helpers.BinaryServer([script], tmp, env=ENV, cwd=tmp, timeout=120) as server:
+    yield lambda *args: server.run(script, args)
+
+
 @pytest.mark.parametrize("name", CLI_MODELS)
-def test_saved_model_cli_show_and_run(name, tmp_path):
+def test_saved_model_cli_show_and_run(name, tmp_path, cli):
   assert name in SHIPPED
   path = REPO / "saved_models" / name
   model = export.load_model(path)
-  show = subprocess.run([str(CLI), "show", "--all", "--dir", str(path)],
-                        capture_output=True, text=True, env=ENV, timeout=120)
-  assert show.returncode == 0, show.stderr[-2000:]
+  stdout, stderr, code = cli("show", "--all", "--dir", path)
+  assert code == 0, stderr[-2000:]
   for text in ("signature_def['serving_default']", "signature_def['serving_uint8']",
                "dtype: DT_FLOAT", "dtype: DT_UINT8", "outputs['probabilities']",
                "outputs['classes']", "outputs['logits']"):
-    assert text in show.stdout, text
-  sample = np.zeros((3, *_input_shape(show.stdout)), np.float32)
+    assert text in stdout, text
+  sample = np.zeros((3, *_input_shape(stdout)), np.float32)
   sample[1] += 0.5
   np.save(tmp_path / "in.npy", sample)
-  run = subprocess.run(
-      [str(CLI), "run", "--dir", str(path), "--tag_set", "serve",
-       "--signature_def", "serving_default", "--inputs", f"images={tmp_path / 'in.npy'}",
-       "--outdir", str(tmp_path / "cli")],
-      capture_output=True, text=True, env=ENV, timeout=120)
-  assert run.returncode == 0, run.stderr[-2000:]
+  _, stderr, code = cli("run", "--dir", path, "--tag_set", "serve",
+                        "--signature_def", "serving_default",
+                        "--inputs", f"images={tmp_path / 'in.npy'}", "--outdir", tmp_path / "cli")
+  assert code == 0, stderr[-2000:]
   logits = np.load(tmp_path / "cli" / "logits.npy")
   expected = model(sample, training=False).numpy()
   assert np.max(np.abs(logits - expected)) <= _tolerance(expected)

@@ -1,13 +1,10 @@
 """Tests for keras_defense.training.loop and the kd-train binary."""
 
 import json
-import os
 import pathlib
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +13,7 @@ from keras_defense import data
 from keras_defense.models import export
 from keras_defense import training
 from keras_defense.util.compat import keras
+import _helpers
 import fake_cifar10
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -120,48 +118,35 @@ def test_bfloat16_training_learns_and_returns_a_float32_model(tmp_path, monkeypa
   np.testing.assert_allclose(served(x).numpy(), result.model(x).numpy(), atol=1e-5)
 
 
-def _train_cmd(run_dir, export_dir, epochs):
-  return [sys.executable, "-m", "keras_defense.bin.train",
-          f"--flagfile={REPO / 'flags' / 'mnist_m0.flags'}",
+def _train_args(run_dir, export_dir, epochs):
+  return [f"--flagfile={REPO / 'flags' / 'mnist_m0.flags'}",
           f"--run_dir={run_dir}", f"--export_dir={export_dir}",
           f"--epochs={epochs}", "--train_limit=1500", "--test_limit=500",
           "--validation_size=500", "--lr_decay_epochs=3", "--deterministic"]
 
 
 def test_sigkill_then_rerun_resumes_and_matches_an_uninterrupted_run(tmp_path):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   run_dir, export_dir = tmp_path / "run", tmp_path / "sm"
-  proc = subprocess.Popen(_train_cmd(run_dir, export_dir, 6), cwd=REPO, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   backup = run_dir / "backup"
-  deadline = time.time() + 180
-  try:
-    # Kill -9 once two epochs have been checkpointed, four before the end.
-    while time.time() < deadline:
-      if training.resume_epoch(backup) >= 2:
-        break
-      assert proc.poll() is None, "training ended before it could be killed"
-      time.sleep(0.1)
-    else:
-      pytest.fail("no checkpoint within 180 s")
-  finally:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-  assert not (run_dir / "train_result.json").exists()
-  resumed_at = training.resume_epoch(backup)
-  assert 2 <= resumed_at < 6
-  done = subprocess.run(_train_cmd(run_dir, export_dir, 6), cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert done.returncode == 0, done.stderr[-2000:]
-  resumed = json.loads((run_dir / "train_result.json").read_text())
-  assert resumed["epochs_run"] == 6 - resumed_at  # the killed run's epochs were not redone
-  assert (export_dir / "1" / "saved_model.pb").is_file()
-  # The same seed and flags without the kill: the same numbers (epoch-seeded
-  # batch order, checkpointed weights/optimizer/RNG, op determinism).
-  ref_dir = tmp_path / "reference"
-  ref = subprocess.run(_train_cmd(ref_dir, tmp_path / "ref_sm", 6), cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert ref.returncode == 0, ref.stderr[-2000:]
+  with _helpers.BinaryServer(["train"], tmp_path / "out") as server:
+    # Kill -9 once two epochs have been checkpointed, two before the end (the
+    # learning-rate step at epoch 3 among them).
+    server.kill_9_when("train", _train_args(run_dir, export_dir, 4),
+                       lambda: training.resume_epoch(backup) >= 2, timeout=180,
+                       what="two epoch checkpoints")
+    assert not (run_dir / "train_result.json").exists()
+    resumed_at = training.resume_epoch(backup)
+    assert 2 <= resumed_at < 4
+    _, err, code = server.run("train", _train_args(run_dir, export_dir, 4))
+    assert code == 0, err[-2000:]
+    resumed = json.loads((run_dir / "train_result.json").read_text())
+    assert resumed["epochs_run"] == 4 - resumed_at  # the killed run's epochs were not redone
+    assert (export_dir / "1" / "saved_model.pb").is_file()
+    # The same seed and flags without the kill, in a process of its own: the same
+    # numbers (epoch-seeded batch order, checkpointed weights/optimizer/RNG, op determinism).
+    ref_dir = tmp_path / "reference"
+    _, err, code = server.run("train", _train_args(ref_dir, tmp_path / "ref_sm", 4))
+    assert code == 0, err[-2000:]
   reference = json.loads((ref_dir / "train_result.json").read_text())
   assert resumed["test_loss"] == reference["test_loss"]
   assert resumed["test_accuracy"] == reference["test_accuracy"]
@@ -174,28 +159,33 @@ def _without_tf_native_log(stderr):
           and not line.startswith("WARNING: All log messages before absl::InitializeLog()")]
 
 
-def test_binary_bad_flag_is_one_line_no_traceback(tmp_path):
-  out = subprocess.run(
-      [sys.executable, "-m", "keras_defense.bin.train", "--epochs=0"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+@pytest.fixture(scope="module")
+def binary_runs(tmp_path_factory):
+  """kd-train with a bad flag, then with a missing MNIST folder: one TensorFlow import."""
+  tmp = tmp_path_factory.mktemp("binaries")
+  missing = tmp / "nope"
+  runs = _helpers.run_binaries(
+      [("train", ["--epochs=0"]),
+       ("train", ["--dataset=mnist", f"--manual_dir={missing}", f"--data_dir={tmp / 'tfds'}",
+                  f"--run_dir={tmp / 'run'}"])], tmp / "out")
+  return dict(zip(("bad_flag", "user_error"), runs))
+
+
+def test_binary_bad_flag_is_one_line_no_traceback(binary_runs):
+  stdout, stderr, returncode = binary_runs["bad_flag"]
   # docs/RELIABILITY.md, section 2: absl's one-line flag error, exit 1.
-  assert out.returncode == 1
-  assert "Traceback" not in out.stderr
-  assert out.stdout == ""
-  assert _without_tf_native_log(out.stderr) == [
+  assert returncode == 1
+  assert "Traceback" not in stderr
+  assert stdout == ""
+  assert _without_tf_native_log(stderr) == [
       "FATAL Flags parsing error: flag --epochs=0: 0 is not a positive integer",
-      "Pass --helpshort or --helpfull to see help on flags."], out.stderr
+      "Pass --helpshort or --helpfull to see help on flags."], stderr
 
 
-def test_binary_user_error_is_one_line_no_traceback(tmp_path):
-  missing = tmp_path / "nope"
-  out = subprocess.run(
-      [sys.executable, "-m", "keras_defense.bin.train", "--dataset=mnist",
-       f"--manual_dir={missing}", f"--data_dir={tmp_path / 'tfds'}",
-       f"--run_dir={tmp_path / 'run'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
-  assert out.returncode == 2
-  assert "error: MNIST folder" in out.stderr and "Traceback" not in out.stderr
+def test_binary_user_error_is_one_line_no_traceback(binary_runs):
+  _, stderr, returncode = binary_runs["user_error"]
+  assert returncode == 2
+  assert "error: MNIST folder" in stderr and "Traceback" not in stderr
 
 
 _MOVED_MODULES = {"distribution": "training.distribution", "io_utils": "util.io_utils",
