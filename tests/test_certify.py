@@ -75,6 +75,19 @@ def _conv_net():
   return keras.Model(i, keras.layers.Dense(4)(h))
 
 
+def _gap_net():
+  """A residual block ending in global average pooling, as examples/residual_mnist.py."""
+  keras.utils.set_random_seed(2)
+  i = keras.layers.Input((6, 6, 2))
+  h = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(i)
+  h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+  h = keras.layers.Add()([h, keras.layers.Conv2D(4, 1)(i)])
+  h = keras.layers.ReLU()(h)
+  h = keras.layers.GlobalAveragePooling2D()(h)
+  h = keras.layers.Dense(8, activation="relu")(h)
+  return keras.Model(i, keras.layers.Dense(4)(h))
+
+
 def _randomize_batch_norm(model, rng):
   """Moving statistics and affine parameters away from the identity."""
   for layer in model.layers:
@@ -84,9 +97,9 @@ def _randomize_batch_norm(model, rng):
                          rng.normal(0, 0.3, mean.shape), rng.uniform(0.5, 2, var.shape)])
 
 
-@pytest.fixture(scope="module", params=["dense", "conv"])
+@pytest.fixture(scope="module", params=["dense", "conv", "gap"])
 def net(request):
-  model = _dense_net() if request.param == "dense" else _conv_net()
+  model = {"dense": _dense_net, "conv": _conv_net, "gap": _gap_net}[request.param]()
   rng = np.random.default_rng(0)
   _randomize_batch_norm(model, rng)
   x = rng.uniform(0, 1, (4,) + model.input_shape[1:]).astype(np.float32)

@@ -5,7 +5,7 @@
 
 * ``linear``: an affine map ``x -> L(x) + b`` with its transpose ``L^T`` and
   ``|L|`` (the map with absolute weights): Dense, Conv2D, AveragePooling2D,
-  Flatten/Reshape, BatchNormalization (inference: a per-channel scale and
+  GlobalAveragePooling2D, Flatten/Reshape, BatchNormalization (inference: a per-channel scale and
   shift) and Rescaling. A Dense or Conv2D with ``activation="relu"`` becomes a
   linear node followed by a relu node.
 * ``relu``: ReLU (layer, ``Activation("relu")`` or a layer's activation).
@@ -39,8 +39,8 @@ from keras_defense.util.errors import UserError
 
 INPUT = -1  # the node id of the model input
 SUPPORTED_LAYERS = ("InputLayer", "Dense", "Conv2D", "ReLU", "Activation", "MaxPooling2D",
-                    "AveragePooling2D", "Flatten", "Reshape", "BatchNormalization", "Add",
-                    "Dropout", "Rescaling")
+                    "AveragePooling2D", "GlobalAveragePooling2D", "Flatten", "Reshape",
+                    "BatchNormalization", "Add", "Dropout", "Rescaling")
 
 
 @dataclasses.dataclass
@@ -165,6 +165,25 @@ def _avg_pool(layer, in_shape, out_shape) -> Node:
               transpose=_batched(transpose, out_shape, in_shape))
 
 
+def _global_avg_pool(layer, in_shape, out_shape) -> Node:
+  """GlobalAveragePooling2D: the mean over height and width, (H, W, C) -> (C,) or (1, 1, C)."""
+  cfg = layer.get_config()
+  if cfg.get("data_format", "channels_last") != "channels_last":
+    raise _unsupported(layer, ", data_format channels_first")
+  h, w, c = in_shape
+  keepdims = bool(cfg.get("keepdims", False))
+
+  def pool(x):
+    return tf.reduce_mean(x, axis=[-3, -2], keepdims=keepdims)
+
+  def transpose(a):  # each input pixel gets 1/(H*W) of its channel's coefficient
+    if not keepdims:
+      a = a[..., tf.newaxis, tf.newaxis, :]
+    return a * tf.ones((h, w, c), a.dtype) / float(h * w)
+  return Node(layer.name, "linear", [], in_shape, out_shape, apply=pool, apply_abs=pool,
+              transpose=transpose)
+
+
 def _reshape(layer, in_shape, out_shape) -> Node:
   def fwd(x):
     return tf.reshape(x, (-1,) + out_shape)
@@ -224,6 +243,8 @@ def _layer_nodes(layer, in_shape, out_shape) -> list[Node]:
     nodes = [_conv(layer, in_shape, out_shape)]
   elif cls == "AveragePooling2D":
     return [_avg_pool(layer, in_shape, out_shape)]
+  elif cls == "GlobalAveragePooling2D":
+    return [_global_avg_pool(layer, in_shape, out_shape)]
   elif cls in ("Flatten", "Reshape"):
     return [_reshape(layer, in_shape, out_shape)]
   elif cls == "BatchNormalization":
