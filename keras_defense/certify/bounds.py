@@ -292,6 +292,7 @@ class BoundedNetwork:
   """A parsed model with its bound computations (uncompiled; see ``bounded``)."""
 
   def __init__(self, model: keras.Model, pixels: pixels_lib.PixelConvention | None = None):
+    self.pixels = pixels  # None: [0, 1] pixels (``bounded`` passes None for the identity)
     self.network = net_lib.parse(model, pixels)
     shape = self.network.output_shape
     if len(shape) != 1:
@@ -367,9 +368,8 @@ def bounded(model: keras.Model,
 
 def _compiled(model: keras.Model, pixels, key: tuple, fn) -> Any:
   net = bounded(model, pixels)
-  pixels = None if pixels is None or pixels.is_identity else pixels
   shape = (None,) + net.network.input_shape
-  return runtime.cached(model, ("certify", pixels) + key, lambda: tf.function(
+  return runtime.cached(model, ("certify", net.pixels) + key, lambda: tf.function(
       lambda x, y, eps: fn(net, x, y, eps), input_signature=[
           tf.TensorSpec(shape, tf.float32), tf.TensorSpec((None,), tf.int32),
           tf.TensorSpec((None,), tf.float32)], reduce_retracing=True))
@@ -426,7 +426,8 @@ def margin_bounds(model: keras.Model, x: Any, y: Any, epsilon: Any, *, method: s
   """
   x, y, eps = _prepare(model, x, y, epsilon, batch_size)
   bounded(model, pixels).check(method, norm, lower_slope)
-  fn = _compiled(model, pixels, ("margins", method, norm, lower_slope, with_ibp, clip_min, clip_max),
+  fn = _compiled(model, pixels,
+                 ("margins", method, norm, lower_slope, with_ibp, clip_min, clip_max),
                  lambda net, xb, yb, eb: net.margins(
                      xb, yb, eb, method=method, norm=norm, lower_slope=lower_slope,
                      with_ibp=with_ibp, clip_min=clip_min, clip_max=clip_max))

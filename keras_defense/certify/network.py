@@ -5,8 +5,8 @@
 
 * ``linear``: an affine map ``x -> L(x) + b`` with its transpose ``L^T`` and
   ``|L|`` (the map with absolute weights): Dense, Conv2D, AveragePooling2D,
-  GlobalAveragePooling2D, Flatten/Reshape, BatchNormalization (inference: a per-channel scale and
-  shift) and Rescaling. A Dense or Conv2D with ``activation="relu"`` becomes a
+  GlobalAveragePooling2D, Flatten/Reshape, BatchNormalization (inference: a
+  per-channel scale and shift) and Rescaling. A Dense or Conv2D with ``activation="relu"`` becomes a
   linear node followed by a relu node.
 * ``relu``: ReLU (layer, ``Activation("relu")`` or a layer's activation).
 * ``maxpool``: MaxPooling2D.
@@ -193,12 +193,12 @@ def _reshape(layer, in_shape, out_shape) -> Node:
                                  in_shape))
 
 
-def _scale_shift(layer, in_shape, out_shape, scale_shift) -> Node:
-  """An elementwise affine map x * s + t (BatchNormalization, Rescaling)."""
+def _scale_shift(name, in_shape, out_shape, scale_shift) -> Node:
+  """An elementwise affine map x * s + t (BatchNormalization, Rescaling, a pixel convention)."""
   def apply(x):
     return x * scale_shift()[0]
 
-  return Node(layer.name, "linear", [], in_shape, out_shape, apply=apply,
+  return Node(name, "linear", [], in_shape, out_shape, apply=apply,
               apply_abs=lambda r: r * tf.abs(scale_shift()[0]), transpose=apply,
               bias=lambda: scale_shift()[1])
 
@@ -215,13 +215,13 @@ def _batch_norm(layer, in_shape, out_shape) -> Node:
     if layer.center:
       shift = shift + layer.beta
     return scale, shift
-  return _scale_shift(layer, in_shape, out_shape, scale_shift)
+  return _scale_shift(layer.name, in_shape, out_shape, scale_shift)
 
 
 def _rescaling(layer, in_shape, out_shape) -> Node:
   scale = tf.constant(np.asarray(layer.scale, np.float32))
   offset = tf.constant(np.asarray(layer.offset, np.float32))
-  return _scale_shift(layer, in_shape, out_shape, lambda: (scale, offset))
+  return _scale_shift(layer.name, in_shape, out_shape, lambda: (scale, offset))
 
 
 def _activation_name(layer, activation) -> str:
@@ -282,11 +282,9 @@ def _inbound_names(layer_config: dict) -> list[str]:
 def _pixel_node(pixels: pixels_lib.PixelConvention, shape: tuple[int, ...]) -> Node:
   """The map from [0, 1] pixels to the model's input convention, as a linear node."""
   scale, shift = (tf.constant(v, tf.float32) for v in pixels.scale_shift())
-
-  def apply(x):
-    return x * scale
-  return Node("pixels", "linear", [INPUT], shape, shape, apply=apply,
-              apply_abs=lambda r: r * tf.abs(scale), transpose=apply, bias=lambda: shift)
+  node = _scale_shift("pixels", shape, shape, lambda: (scale, shift))
+  node.inputs = [INPUT]
+  return node
 
 
 def parse(model: keras.Model,
@@ -318,12 +316,12 @@ def parse(model: keras.Model,
   sequential = isinstance(model, keras.Sequential)
   configs = {} if sequential else {c["name"]: c for c in model.get_config()["layers"]}
   nodes: list[Node] = []
-  entry = INPUT  # the node the model's input layer reads
   if pixels is not None and not pixels.is_identity:
     shape = _shape(model.input_shape)
     pixels.validate(channels=shape[-1])
     nodes.append(_pixel_node(pixels, shape))
-    entry = 0
+  entry = len(nodes) - 1  # the node the model's input layer reads: INPUT or the pixel map
+  prefix = len(nodes)
   out_id: dict[str, int] = {}   # layer name -> id of the node holding its output
   previous = entry
   for layer in model.layers:
@@ -366,7 +364,7 @@ def parse(model: keras.Model,
         out_id[layer.name] = previous = inputs[0]
         continue
     out_id[layer.name] = previous = len(nodes) - 1
-  if len(nodes) == (entry != INPUT):
+  if len(nodes) == prefix:
     raise UserError(f"model {model.name!r} has no layer to bound.")
   if not sequential:
     last = model.get_config()["output_layers"][0][0]
