@@ -14,7 +14,7 @@ from keras_defense import models
 from keras_defense import training
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
-from keras_defense.defenses import training_attack
+from keras_defense.training import attack as training_attack
 from keras_defense.defenses import guards
 from keras_defense.defenses import trainer
 

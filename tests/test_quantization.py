@@ -117,6 +117,30 @@ def test_qat_one_epoch_converts(setup):
   assert _agreement(model, content, x_test) >= 0.9
 
 
+def test_robust_qat_trains_on_each_attack(setup):
+  """Robust QAT's loss is the attacked one: above the clean CE when the model stands still."""
+  model, _, x_train, y_train, _ = setup
+  q = qat.quantize_for_training(model, preserve="none")
+  x, y = x_train[:64], y_train[:64]
+  train = tf.data.Dataset.from_tensor_slices((x, y)).batch(64)
+  # One clean epoch at a learning rate of 1e-9 calibrates the fake-quant ranges and leaves the
+  # weights as they are; the robust epochs below keep them too, so their loss is the attack's.
+  qat.fine_tune(q, train, epochs=1, learning_rate=1e-9, verbose=0)
+  clean_ce = float(tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+      y, q(x, training=False), from_logits=True)))
+  for method in ("pgd", "fgsm_rs", "trades"):
+    attack = qat.fine_tuning_attack(method, epsilon=0.2, steps=None if method == "fgsm_rs" else 3)
+    (loss,) = qat.fine_tune(q, train, epochs=1, learning_rate=1e-9, adversarial=attack,
+                            verbose=0)
+    assert loss > clean_ce + 0.5, (method, loss, clean_ce)
+  with pytest.raises(UserError, match="adv_steps"):
+    qat.fine_tune(q, train, epochs=1, adversarial=qat.fine_tuning_attack("fgsm_rs", steps=3))
+  with pytest.raises(UserError, match="`adversarial` must be None or one of"):
+    qat.fine_tune(q, train, epochs=1, adversarial=qat.fine_tuning_attack("bim"))
+  with pytest.raises(UserError, match="training.AdversarialSpec"):
+    qat.fine_tune(q, train, epochs=1, adversarial="pgd")
+
+
 def test_prune_preserving_qat_keeps_zeros(setup):
   model, _, x_train, y_train, _ = setup
   pruned = keras.models.clone_model(model)
@@ -222,7 +246,7 @@ def test_quantize_writes_tflite_and_provenance(setup, tmp_path):
   result = compression.quantize(compression.QuantizeConfig(
       base_model_path=path, export_path=str(out), dataset="mnist", method="qat_int8",
       clusters=4, epochs=1, train_limit=128, representative_size=50, agreement_size=100,
-      adversarial="pgd", adversarial_settings=qat.AdversarialSettings(epsilon=0.1, steps=2),
+      adversarial=qat.fine_tuning_attack("pgd", epsilon=0.1, steps=2),
       qat_twin_path=str(tmp_path / "twin"), verbose=0))
   assert {p.name for p in out.parent.iterdir()} == {"m.tflite", "m.tflite.json"}
   record = json.loads(pathlib.Path(result.provenance_path).read_text())
@@ -236,7 +260,8 @@ def test_quantize_writes_tflite_and_provenance(setup, tmp_path):
   assert [s["stage"] for s in record["stages"]] == ["cluster", "qat"]
   assert record["stages"][1]["preserve"] == "clusters"
   assert all(c <= 4 for c in record["stages"][0]["unique_weights"].values())
-  assert record["fine_tuning"]["adversarial"] == "pgd"
+  assert record["fine_tuning"]["adversarial"] == {
+      "adversarial": "pgd", "adv_epsilon": 0.1, "adv_steps": 2, "adv_step_size": 0.125}
   assert "ai_edge_litert" in record["versions"]
   m = record["measurement"]
   assert m["tflite_bytes"] == out.stat().st_size and m["agreement_images"] == 100
@@ -270,7 +295,19 @@ def test_flags_make_the_config():
       "qat_int8", 16, 2, 1e-4)
   config = _quantize_config("--base_model_path=m", "--export_path=/tmp/m.tflite", "--epochs=3",
                             "--adversarial=pgd", "--adv_epsilon=0.1")
-  assert config.epochs == 3 and config.adversarial_settings.epsilon == 0.1
+  assert config.epochs == 3 and config.adversarial.identity() == {
+      "adversarial": "pgd", "adv_epsilon": 0.1, "adv_steps": qat.FINE_TUNE_STEPS,
+      "adv_step_size": 2.5 * 0.1 / qat.FINE_TUNE_STEPS}
+  trades = _quantize_config("--base_model_path=m", "--export_path=/tmp/m.tflite",
+                            "--method=qat_int8", "--adversarial=trades", "--trades_beta=3",
+                            "--adv_steps=5")
+  trades.validate()
+  assert trades.adversarial.identity()["trades_beta"] == 3.0
+  assert trades.adversarial.attack_steps() == (5, 2.5 * 0.3 / 5)
+  fgsm = _quantize_config("--base_model_path=m", "--export_path=/tmp/m.tflite",
+                          "--method=qat_int8", "--adversarial=fgsm_rs")
+  fgsm.validate()
+  assert fgsm.adversarial.attack_steps() == (1, 1.25 * 0.3)
   with pytest.raises(UserError, match="`adversarial` fine-tunes, so it needs method qat_int8"):
     config.validate()
   with pytest.raises(UserError, match="--export_path is required"):

@@ -4,7 +4,8 @@ A package of its own, one layer between ``defenses`` and ``training``
 (``.importlinter``): compression is not a defense (it is what a user does to
 any model, defended or not, before deploying it) and it needs nothing from the
 defenses, while defenses and pipelines may use it (a future registry entry, the
-deployment table). It imports ``attacks`` only for robust QAT's PGD batches.
+deployment table). Robust QAT's adversarial batches come from ``training.attack``,
+the inner maximisation adversarial training runs.
 The TFLite *runtime* side, a flatbuffer as a model, lives in
 ``models.tflite`` so that every layer can evaluate one.
 
@@ -31,8 +32,8 @@ from keras_defense.compression.conversion import convert
 from keras_defense.compression.conversion import CONVERSIONS
 from keras_defense.compression.conversion import PTQ_METHODS
 from keras_defense.compression.conversion import representative_digest
-from keras_defense.compression.qat import AdversarialSettings
 from keras_defense.compression.qat import fine_tune
+from keras_defense.compression.qat import fine_tuning_attack
 from keras_defense.compression.qat import kernel_sparsity
 from keras_defense.compression.qat import quantize_for_training
 from keras_defense.compression.quantization import METHODS

@@ -15,31 +15,32 @@ https://www.tensorflow.org/model_optimization/guide/combine/collaborative_optimi
   (CQAT), with the zeros kept too when the model is also sparse.
 
 ``preserve_for(model)`` picks it from the weights. ``fine_tune`` trains with
-Keras ``fit``, or, with ``adversarial="pgd"``, on PGD examples crafted on the
-fake-quantized model itself (robust QAT: adversarial fine-tuning under the
-rounding the device applies; the attack differentiates through the fake-quant
-ops with their straight-through gradient).
+Keras ``fit``, or, with ``adversarial`` (a ``training.AdversarialSpec``: PGD,
+FGSM-RS or TRADES, the attacks of adversarial training), on adversarial
+examples crafted on the fake-quantized model itself (robust QAT: adversarial
+fine-tuning under the rounding the device applies; the attack differentiates
+through the fake-quant ops with their straight-through gradient).
 
 Example:
   >>> q = quantize_for_training(m1, preserve=preserve_for(m1))
-  >>> fine_tune(q, train_ds, epochs=2)
+  >>> fine_tune(q, train_ds, epochs=2, adversarial=fine_tuning_attack("trades"))
   >>> content = conversion.convert(q, "qat_int8", representative=x[:500])
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable
 
 import numpy as np
 
-from keras_defense import attacks
+from keras_defense import training
+from keras_defense.training import attack
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
 
 PRESERVE = ("none", "sparsity", "clusters")
-ADVERSARIAL_METHODS = ("pgd",)
+ADVERSARIAL_METHODS = training.ADVERSARIAL_METHODS  # ("pgd", "fgsm_rs", "trades")
 # A model counts as pruned when at least this fraction of its Conv2D/Dense
 # kernel weights is exactly zero (a trained dense model has ~none; M1 has 90-95%).
 PRUNED_SPARSITY = 0.5
@@ -95,32 +96,34 @@ def quantize_for_training(model: keras.Model, *, preserve: str = "none") -> kera
   return qk.quantize_apply(annotated, scheme)
 
 
-@dataclasses.dataclass(frozen=True)
-class AdversarialSettings:
-  """The attack of robust fine-tuning (L-inf PGD; Madry et al. 2018)."""
-  epsilon: float = 0.3
-  steps: int = 10
-  step_size: float | None = None  # default 2.5 * epsilon / steps (Madry et al.)
-  seed: int = 0
+# kd-quantize's robust fine-tuning attack when --adv_steps is not given: PGD-10 (the
+# shared default of 40 is for training from scratch; fine-tuning an already robust model
+# with 10 steps of 2.5 eps / 10 is Madry's rule at a quarter of the cost).
+FINE_TUNE_STEPS = 10
 
-  def validate(self) -> None:
-    if not self.epsilon > 0:
-      raise UserError(f"`adv_epsilon` must be > 0; got {self.epsilon!r}.")
-    if self.steps < 1:
-      raise UserError(f"`adv_steps` must be >= 1; got {self.steps!r}.")
-    if self.step_size is not None and not self.step_size > 0:
-      raise UserError(f"`adv_step_size` must be > 0; got {self.step_size!r}.")
 
-  @property
-  def resolved_step_size(self) -> float:
-    return self.step_size if self.step_size is not None else 2.5 * self.epsilon / self.steps
+def fine_tuning_attack(method: str, *, epsilon: float = 0.3, steps: int | None = None,
+                       step_size: float | None = None, trades_beta: float = 6.0
+                       ) -> training.AdversarialSpec:
+  """The ``AdversarialSpec`` of robust fine-tuning: PGD/TRADES 10 steps unless given."""
+  if steps is None and method != "fgsm_rs":
+    steps = FINE_TUNE_STEPS
+  return training.AdversarialSpec(method, epsilon=epsilon, steps=steps, step_size=step_size,
+                                  trades_beta=trades_beta, robust_val_size=0)
 
 
 def fine_tune(model: keras.Model, train: Iterable, *, epochs: int,
-              learning_rate: float = 1e-4, adversarial: str | None = None,
-              adversarial_settings: AdversarialSettings | None = None,
+              learning_rate: float = 1e-4,
+              adversarial: training.AdversarialSpec | None = None, seed: int = 0,
               verbose: int = 2) -> list[float]:
   """Fine-tunes ``model`` (QAT or clustered) with Adam on cross-entropy of logits.
+
+  With ``adversarial``, each batch is first attacked with adversarial
+  training's own inner maximisation (``training.attack.craft``: PGD from a
+  random start, FGSM-RS, or TRADES' KL ascent) on ``model`` in inference mode
+  (through the fake-quant ops' straight-through gradient for a QAT model),
+  then the step minimises CE on the adversarial batch (pgd, fgsm_rs) or
+  TRADES' CE(clean) + β·KL(clean || adversarial), in one compiled step.
 
   Args:
     model: images -> logits, trained in place.
@@ -128,23 +131,23 @@ def fine_tune(model: keras.Model, train: Iterable, *, epochs: int,
       ``data.load_split(name, "train", shuffle=True)``; iterated once per epoch.
     epochs: >= 0 (0 returns at once).
     learning_rate: Adam's, > 0 (small: the model is already trained).
-    adversarial: None, or "pgd" to train on PGD examples of each batch.
-    adversarial_settings: the attack's settings (default ``AdversarialSettings()``).
+    adversarial: None, or the attack of robust fine-tuning
+      (``training.AdversarialSpec``; ``fine_tuning_attack`` has kd-quantize's defaults).
+    seed: seeds the attack's random starts (one stateless seed per batch).
     verbose: Keras fit verbosity; the adversarial loop logs one line per epoch if > 0.
 
   Returns:
     The mean training loss of each epoch.
 
   Raises:
-    UserError: bad ``epochs``, ``learning_rate``, ``adversarial`` or settings.
+    UserError: bad ``epochs``, ``learning_rate`` or ``adversarial``.
   """
   if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
     raise UserError(f"`epochs` must be an integer >= 0; got {epochs!r}.")
   if not learning_rate > 0:
     raise UserError(f"`learning_rate` must be > 0; got {learning_rate!r}.")
-  if adversarial is not None and adversarial not in ADVERSARIAL_METHODS:
-    raise UserError(f"`adversarial` must be None or one of {', '.join(ADVERSARIAL_METHODS)}; "
-                    f"got {adversarial!r}.")
+  if adversarial is not None:
+    check_attack(adversarial)
   if epochs == 0:
     return []
   optimizer = keras.optimizers.Adam(learning_rate)
@@ -154,13 +157,26 @@ def fine_tune(model: keras.Model, train: Iterable, *, epochs: int,
     history = model.fit(train, epochs=epochs, verbose=verbose)
     return [float(v) for v in history.history["loss"]]
 
-  settings = adversarial_settings or AdversarialSettings()
-  settings.validate()
+  steps, step_size = adversarial.attack_steps()
+  method, beta = adversarial.method, float(adversarial.trades_beta)
+
+  def logits(x, training_mode):
+    return tf.cast(model(x, training=training_mode), tf.float32)
 
   @tf.function
-  def step(x, y):
+  def step(x, y, batch_seed):
+    y = tf.cast(y, tf.int64)
+    x_adv = attack.craft(lambda xa: logits(xa, False), x, y, method=method,
+                         epsilon=float(adversarial.epsilon), step_size=step_size, steps=steps,
+                         seed=batch_seed)
     with tf.GradientTape() as tape:
-      loss = loss_fn(y, model(x, training=True))
+      if method == "trades":
+        clean = logits(x, True)
+        per_example = (attack.cross_entropy(y, clean)
+                       + beta * attack.kl_divergence(clean, logits(x_adv, True)))
+      else:
+        per_example = attack.cross_entropy(y, logits(x_adv, True))
+      loss = tf.reduce_mean(per_example)
     grads = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))
     return loss
@@ -170,12 +186,17 @@ def fine_tune(model: keras.Model, train: Iterable, *, epochs: int,
   for epoch in range(epochs):
     total, count = 0.0, 0
     for x, y in train:
-      x_adv = attacks.pgd(model, x, y, settings.epsilon, step_size=settings.resolved_step_size,
-                          steps=settings.steps, seed=settings.seed + batch)
-      total += float(step(tf.convert_to_tensor(x_adv), y))
+      total += float(step(x, y, tf.constant([seed, batch], tf.int64)))
       count += 1
       batch += 1
     losses.append(total / max(count, 1))
     if verbose:
-      print(f"robust fine-tuning epoch {epoch + 1}/{epochs}: PGD loss {losses[-1]:.4f}")
+      print(f"robust fine-tuning epoch {epoch + 1}/{epochs}: {method} loss {losses[-1]:.4f}")
   return losses
+
+
+def check_attack(spec) -> None:
+  """Raises UserError unless ``spec`` is a valid ``training.AdversarialSpec``."""
+  if not isinstance(spec, training.AdversarialSpec):
+    raise UserError(f"`adversarial` must be None or a training.AdversarialSpec; got {spec!r}.")
+  spec.validate()  # ConfigError (a UserError) naming the flag

@@ -8,7 +8,7 @@ The stages, each optional but the conversion:
    model), fine-tune ``epochs`` epochs, strip (``clustering``);
 3. ``method="qat_int8"``: fake-quantize (prune- or cluster-preserving when the
    model is pruned or clustered), fine-tune ``epochs`` epochs, optionally on
-   PGD examples (robust QAT) (``qat``);
+   adversarial examples, PGD, FGSM-RS or TRADES (robust QAT) (``qat``);
 4. convert (``conversion.convert``; a SavedModel untouched by 2-3 converts
    from its ``serving_default`` signature, anything else from the Keras model);
    ``ptq_int8``/``qat_int8`` calibrate on ``representative_size`` images of the
@@ -39,6 +39,7 @@ import time
 import numpy as np
 
 from keras_defense import data
+from keras_defense import training
 from keras_defense.compression import clustering
 from keras_defense.compression import conversion
 from keras_defense.compression import measurement
@@ -69,9 +70,8 @@ class QuantizeConfig:
   batch_size: int = 128
   learning_rate: float = 1e-4  # Adam, fine-tuning an already trained model
   train_limit: int | None = None
-  adversarial: str | None = None  # None or "pgd": robust QAT / clustering fine-tuning
-  adversarial_settings: qat.AdversarialSettings = dataclasses.field(
-      default_factory=qat.AdversarialSettings)
+  # None, or robust QAT / clustering fine-tuning's attack (qat.fine_tuning_attack("pgd"|...)).
+  adversarial: training.AdversarialSpec | None = None
   agreement_size: int = 1000  # test images for the agreement check (0: skip)
   qat_twin_path: str | None = None  # qat_int8: also export the QAT twin (SavedModel) here
   seed: int = 0
@@ -94,13 +94,10 @@ class QuantizeConfig:
     if self.epochs < 0:
       raise UserError(f"`epochs` must be >= 0; got {self.epochs!r}.")
     if self.adversarial is not None:
-      if self.adversarial not in qat.ADVERSARIAL_METHODS:
-        raise UserError(f"`adversarial` must be one of {', '.join(qat.ADVERSARIAL_METHODS)}; "
-                        f"got {self.adversarial!r}.")
+      qat.check_attack(self.adversarial)
       if self.method != "qat_int8" and not self.clusters:
         raise UserError(f"`adversarial` fine-tunes, so it needs method qat_int8 or "
                         f"clusters >= 2; got method {self.method!r} without clustering.")
-      self.adversarial_settings.validate()
     if not str(self.export_path).endswith(".tflite"):
       raise UserError(f"`export_path` must end in .tflite; got {self.export_path!r}.")
     if self.qat_twin_path and self.method != "qat_int8":
@@ -165,8 +162,7 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
                            seed=config.seed, limit=config.train_limit, **data_kwargs)
 
   fine_tune = dict(epochs=config.epochs, learning_rate=config.learning_rate,
-                   adversarial=config.adversarial,
-                   adversarial_settings=config.adversarial_settings, verbose=config.verbose)
+                   adversarial=config.adversarial, seed=config.seed, verbose=config.verbose)
   if config.clusters:
     sparse = qat.kernel_sparsity(model) >= qat.PRUNED_SPARSITY
     wrapped = clustering.cluster_model(model, number_of_clusters=config.clusters,
@@ -227,9 +223,7 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
           "epochs": config.epochs, "batch_size": config.batch_size,
           "learning_rate": config.learning_rate, "optimizer": "adam",
           "train_limit": config.train_limit, "seed": config.seed,
-          "adversarial": config.adversarial,
-          "adversarial_settings": (dataclasses.asdict(config.adversarial_settings)
-                                   if config.adversarial else None)},
+          "adversarial": (config.adversarial.identity() if config.adversarial else None)},
       "stages": stages, "measurement": m, "wall_seconds": time.time() - start,
       # Only when written: sidecars made before it read as before.
       **({"qat_twin": twin} if twin else {})})

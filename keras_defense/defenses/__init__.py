@@ -14,7 +14,7 @@ model a plain functional model that ``export.export_saved_model`` exports and
   ``train``, which gives ``training.train`` that step: what ``kd-train``,
   ``kd.train`` and the pipelines call.
 - ``adversarial_training``: PGD-AT, FGSM-RS, TRADES on ``train``
-  (``training_attack``: the inner maximisation inside the step).
+  (``training.attack``: the inner maximisation inside the step).
 - ``distillation``: defensive distillation at temperature T.
 - ``dropout``: Defensive Dropout, dropout active at inference.
 - ``pruning``: tfmot magnitude pruning, M0 -> M1 (``prune``, ``prune_defense``).
@@ -43,7 +43,7 @@ from keras_defense.defenses.trainer import DefenseTrainer
 from keras_defense.defenses.guards import robust_accuracy
 from keras_defense.defenses.guards import RobustAccuracyGuard
 from keras_defense.defenses.trainer import train
-from keras_defense.defenses.training_attack import craft
+from keras_defense.training.attack import craft
 
 REGISTRY = {
     "adversarial_training": (AdversarialTrainingConfig, adversarially_train),

@@ -1,6 +1,6 @@
 """Adversarial training: PGD-AT, FGSM-RS and TRADES on the one training loop.
 
-The inner maximisation (``training_attack.craft``) runs inside the compiled
+The inner maximisation (``training.attack.craft``) runs inside the compiled
 train step (``trainer``), on tensors, with a ``GradientTape`` on the inputs;
 ``training.train`` does the rest (checkpoints and resume, TensorBoard, tf.distribute, export), so an
 adversarially trained model is a plain functional model like M0.

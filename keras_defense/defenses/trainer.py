@@ -1,7 +1,7 @@
 """The training step of the trained defenses, and the robust-accuracy guard.
 
 ``DefenseTrainer`` wraps a functional classifier in a ``keras.Model`` whose
-``train_step`` crafts the adversarial batch (``training_attack.craft``)
+``train_step`` crafts the adversarial batch (``training.attack.craft``)
 on tensors inside the compiled step, or trains at a softmax temperature on
 labels or on a teacher's soft labels (defensive distillation). It is what
 ``training.train`` fits when a defense is on (``DefenseSetup``, made by
@@ -43,7 +43,7 @@ import pathlib
 from keras_defense import data
 from keras_defense import training
 from keras_defense.certify import losses as cert_losses
-from keras_defense.defenses import training_attack as at
+from keras_defense.training import attack as at
 from keras_defense.defenses.guards import CertifiedAccuracyGuard
 from keras_defense.defenses.guards import RobustAccuracyGuard
 from keras_defense.models import export

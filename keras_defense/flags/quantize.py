@@ -2,10 +2,12 @@
 
 Reuses ``common``'s data and training flags (--dataset, --data_dir,
 --manual_dir, --validation_size, --train_limit, --seed, --batch_size,
---epochs, --learning_rate) and ``train``'s --adversarial/--adv_* flags, with
-fine-tuning defaults of its own when those flags are not given: --epochs 2
-and Adam at 1e-4, since the model is already trained (the shared defaults,
-10 epochs of SGD at 0.05, are for training from scratch).
+--epochs, --learning_rate) and ``train``'s --adversarial (pgd, fgsm_rs, trades:
+robust QAT) and --adv_*/--trades_beta flags, with fine-tuning defaults of its own
+when those flags are not given: --epochs 2 and Adam at 1e-4, since the model is
+already trained (the shared defaults, 10 epochs of SGD at 0.05, are for training
+from scratch), and 10 attack steps (``compression.qat.FINE_TUNE_STEPS``) instead
+of adversarial training's 40.
 """
 
 from __future__ import annotations
@@ -67,15 +69,15 @@ def quantize_config(fv=None):
     tuned["epochs"] = fv.epochs
   if fv["learning_rate"].present:
     tuned["learning_rate"] = fv.learning_rate
-  settings = compression.AdversarialSettings(
-      epsilon=fv.adv_epsilon, steps=fv.adv_steps if fv.adv_steps is not None else 10,
-      step_size=fv.adv_step_size, seed=fv.seed)
+  attack = None if fv.adversarial is None else compression.fine_tuning_attack(
+      fv.adversarial, epsilon=fv.adv_epsilon, steps=fv.adv_steps, step_size=fv.adv_step_size,
+      trades_beta=fv.trades_beta)
   return compression.QuantizeConfig(
       base_model_path=fv.base_model_path, export_path=fv.export_path,
       dataset=common.dataset_name(fv), method=fv.method, clusters=fv.clusters,
       representative_size=fv.representative_size, int8_io=fv.int8_io,
-      batch_size=fv.batch_size, train_limit=fv.train_limit, adversarial=fv.adversarial,
-      adversarial_settings=settings, agreement_size=fv.agreement_size, seed=fv.seed,
+      batch_size=fv.batch_size, train_limit=fv.train_limit, adversarial=attack,
+      agreement_size=fv.agreement_size, seed=fv.seed,
       qat_twin_path=fv.qat_twin_path,
       data_dir=fv.data_dir, manual_dir=fv.manual_dir, validation_size=fv.validation_size,
       **tuned)

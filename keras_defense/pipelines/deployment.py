@@ -102,7 +102,8 @@ def _artifact(config: DeploymentConfig, parent: str, variant: str, out: pathlib.
   method, clusters, adversarial = spec
   result = compression.quantize(compression.QuantizeConfig(
       base_model_path=parent, export_path=str(path), dataset=config.dataset, method=method,
-      clusters=clusters, adversarial=adversarial, epochs=config.fine_tune_epochs,
+      clusters=clusters, epochs=config.fine_tune_epochs,
+      adversarial=compression.fine_tuning_attack(adversarial) if adversarial else None,
       train_limit=config.train_limit, seed=config.seed, agreement_size=0, verbose=0,
       qat_twin_path=str(out / f"{variant}_twin") if method == "qat_int8" else None))
   return str(path), result.record.get("qat_twin")

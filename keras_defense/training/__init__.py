@@ -2,8 +2,10 @@
 
 The package face re-exports ``config`` (``TrainConfig``, ``AdversarialSpec``, ``CertifiedSpec``,
 the checks, the run-dir claim) and ``loop`` (``train`` and its parts);
-``distribution`` makes the strategies. A trained defense's training step is
-not here: ``train`` takes it from its caller (``keras_defense.defenses``).
+``distribution`` makes the strategies; ``attack`` is adversarial training's inner
+maximisation (``craft``), shared by the defenses' step and robust QAT. A trained
+defense's training step is not here: ``train`` takes it from its caller
+(``keras_defense.defenses``).
 """
 
 from keras_defense.training.config import ADVERSARIAL_FLAGS

@@ -5,7 +5,9 @@ TRADES (``adversarial_training`` has the papers); ``linf_ascent`` is their one
 loop of signed-gradient steps kept in the eps-ball and the box, a
 ``tf.while_loop`` with no numpy round trip, run inside the compiled train step
 (``trainer.DefenseTrainer``). ``cross_entropy`` and ``kl_divergence`` are the
-per-example losses it ascends and the step minimises.
+per-example losses it ascends and the step minimises. Robust QAT
+(``compression.qat.fine_tune``) runs the same inner maximisation on the
+fake-quantized model, which is why it lives in ``training`` (below both).
 """
 
 from __future__ import annotations
