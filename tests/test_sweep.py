@@ -74,9 +74,9 @@ class _LoadOnce:
   The sweep loads M0 and the point's model afresh for every point, and every new
   model object traces its attack graphs again (~1 s each here): 13 FGSM traces and 8
   loads for this grid's 4 points, 8 traces and 4 loads with one object per SavedModel
-  (the standard, unpruned point's model is M0 itself). The numbers cannot differ: the
-  kill -9 and shard tests recompute every point unpatched and compare their sweep.csv
-  with this run's byte for byte.
+  (the standard, unpruned point's model is M0 itself). A number changed by the sharing
+  would not go unseen: the kill -9 and shard tests recompute every point unpatched and
+  compare their sweep.csv with this run's byte for byte.
   """
 
   def __init__(self):
