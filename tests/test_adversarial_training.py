@@ -32,14 +32,14 @@ TINY = dict(dataset="mnist", train_limit=2048, test_limit=200, validation_size=2
 def _spec(method, **kwargs):
   if method is None:
     return None
-  return training.AdversarialSpec(method, epsilon=EPS, robust_val_size=100,
-                                  steps=None if method == "fgsm_rs" else 3, **kwargs)
+  return training.AdversarialSpec(method, epsilon=EPS, **{
+      "robust_val_size": 100, "steps": None if method == "fgsm_rs" else 3, **kwargs})
 
 
-def _config(tmp_path, name, method, epochs=2, **kwargs):
+def _config(tmp_path, name, method, epochs=2, robust_val_size=100, **kwargs):
   return training.TrainConfig(
-      run_dir=str(tmp_path / name), epochs=epochs, adversarial=_spec(method),
-      **{**TINY, **kwargs})
+      run_dir=str(tmp_path / name), epochs=epochs,
+      adversarial=_spec(method, robust_val_size=robust_val_size), **{**TINY, **kwargs})
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +153,13 @@ class _Killed(Exception):
   pass
 
 
+def _resume_config(tmp_path, name):
+  """Two epochs on 256 images, the guard on 50 of 100 validation images: the resumed
+  run redoes the last epoch (5 epochs in all, not 7 as with 3 epochs on 512)."""
+  return _config(tmp_path, name, "pgd", epochs=2, robust_val_size=50, train_limit=256,
+                 validation_size=100, test_limit=100)
+
+
 def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
   # The worst moment: epoch 2's robust check is on disk, its checkpoint is not.
   backup_save = keras.callbacks.BackupAndRestore.on_epoch_end
@@ -162,7 +169,7 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
       raise _Killed()
     return backup_save(self, epoch, logs)
 
-  config = _config(tmp_path, "run", "pgd", epochs=3, train_limit=512)
+  config = _resume_config(tmp_path, "run")
   with mock.patch.object(keras.callbacks.BackupAndRestore, "on_epoch_end", killed_at_epoch_2):
     with pytest.raises(_Killed):
       defenses.train(config)
@@ -170,8 +177,8 @@ def test_interrupted_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
   held = json.loads((tmp_path / "run" / "robust_guard.json").read_text())
   assert set(held["history"]) == {"0", "1"}  # epoch 2 was measured before the "kill"
   resumed = defenses.train(config)
-  assert resumed.epochs_run == 2
-  reference = defenses.train(_config(tmp_path, "reference", "pgd", epochs=3, train_limit=512))
+  assert resumed.epochs_run == 1  # epoch 2 again, from epoch 1's checkpoint
+  reference = defenses.train(_resume_config(tmp_path, "reference"))
   for a, b in zip(resumed.model.get_weights(), reference.model.get_weights()):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   assert resumed.defense["robust_guard"]["history"] == pytest.approx(

@@ -34,7 +34,7 @@ from keras_defense import training
 from keras_defense.util.compat import keras
 run = sys.argv[3]
 result = training.train(training.TrainConfig(
-    run_dir=run + "/train", epochs=1, batch_size=64, train_limit=1024, test_limit=200,
+    run_dir=run + "/train", epochs=1, batch_size=64, train_limit=512, test_limit=100,
     validation_size=0, lr_decay_epochs=(2,), optimizer="adam", learning_rate=1e-3,
     dropout=0.0, strategy=name,
     num_cpu_devices=2 if name == "mirrored" else None, export_dir=run + "/sm",

@@ -17,24 +17,28 @@ from keras_defense import training
 from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
 
-_SMALL = dict(train_limit=4000, test_limit=1000, validation_size=500, verbose=0)
+# M0: one epoch of Adam on 4,000 images (88.6% clean when tried; two epochs of SGD at
+# 0.05 gave 86.9% in twice the time); M1 fine-tunes on 2,000. The test splits are
+# only read for the stages' own accuracy lines: 500 images each.
+_SMALL = dict(test_limit=500, validation_size=200, verbose=0)
 
 
 def _config(run_dir, **eval_overrides):
   eval_kwargs = dict(
-      attacks=("fgsm", "bim"), epsilons=(0.3,), eval_size=100, cw_attacks=("cw_l2",),
+      attacks=("fgsm", "bim"), epsilons=(0.3,), eval_size=50, cw_attacks=("cw_l2",),
       cw_eval_size=10, cw_targeted_modes=(False,),
       cw_options={"cw_l2": {"binary_search_steps": 2,
                                              "max_iterations": 30}})
   eval_kwargs.update(eval_overrides)
   return experiment.ExperimentConfig(
       run_dir=str(run_dir),
-      train=training.TrainConfig(epochs=2, lr_decay_epochs=(100,), **_SMALL),
-      prune=pruning.PruneConfig(finetune_epochs=1, pruning_end_epoch=0.5,
+      train=training.TrainConfig(epochs=1, optimizer="adam", learning_rate=1e-3,
+                                 lr_decay_epochs=(100,), train_limit=4000, **_SMALL),
+      prune=pruning.PruneConfig(finetune_epochs=1, pruning_end_epoch=0.5, train_limit=2000,
                                 pruning_frequency=5, dense_sparsity=0.5,
                                 conv_sparsity=0.5, **_SMALL),
       # A huge epsilon, so that even this small model's softmax saturates.
-      augment=logits_augmentation.AugmentConfig(logits_epsilon=1000.0, test_limit=1000),
+      augment=logits_augmentation.AugmentConfig(logits_epsilon=1000.0, test_limit=500),
       eval=evaluation.EvalConfig(**eval_kwargs), deterministic=True)
 
 
@@ -60,7 +64,7 @@ def test_pipeline_writes_the_report(pipeline):
   assert {r["threat_model"] for r in rows} == {"grey_box", "transfer", "adaptive"}
   assert all(r["epsilon"] is None for r in rows if r["attack"] == "cw_l2")
   assert results["versions"]["tensorflow"].startswith("2.")
-  assert results["config"]["eval"]["eval_size"] == 100
+  assert results["config"]["eval"]["eval_size"] == 50
   report = (run_dir / "report.md").read_text()
   for threat in ("grey_box", "transfer", "adaptive"):
     assert f"### {threat}" in report
