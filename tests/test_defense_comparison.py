@@ -169,6 +169,17 @@ def test_report_stage_certifies_old_rows_and_a_lying_bound_fails_loudly(result, 
                                for p in cert["per_eps"]])
   assert [untimed(r["certified"]) for r in again.rows] == \
       [untimed(r["certified"]) for r in res.rows]
+  # A kept row whose model is gone, or is another model than the one attacked: n/a and why.
+  row_file = tmp_path / "run" / "rows" / "m0.json"
+  kept = json.loads(row_file.read_text())
+  row_file.write_text(json.dumps(dict(kept, saved_model=str(tmp_path / "gone" / "1"))))
+  gone = dc.run(config).rows[0]["certified"]
+  assert gone["per_eps"] == [] and "is not in this checkout" in gone["reason"]
+  other = dict(kept, autoattack=dict(kept["autoattack"], model_sha256="0" * 64))
+  row_file.write_text(json.dumps(other))
+  assert "is not the one this row's attacks ran on" in \
+      dc.run(config).rows[0]["certified"]["reason"]
+  row_file.write_text(json.dumps(kept))
   shutil.rmtree(tmp_path / "run" / "certified")
   from keras_defense.certify import bounds  # pylint: disable=g-import-not-at-top
   from keras_defense.evaluation import certified  # pylint: disable=g-import-not-at-top

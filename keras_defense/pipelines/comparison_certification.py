@@ -6,7 +6,9 @@ each AutoAttack ε on the same first images AutoAttack attacked, the union of
 ``config.certify``'s bound methods. It needs only the row's saved model and
 the test images, so it runs at the report stage (``--stages=report`` too):
 rows finished before the column existed get it without rerunning an attack.
-Randomized rows and models the bounds cannot read get "n/a" and the reason.
+Randomized rows, models the bounds cannot read, and rows whose model is not in
+the checkout or is not the one their attacks ran on (its SHA-256) get "n/a" and
+the reason.
 
 Each row's certificate is kept in ``<run_dir>/certified/<key>.json``, bound to
 the model's SHA-256, the ε, the image count and the methods (recomputed when
@@ -68,6 +70,26 @@ def _outcomes(config, row: dict, keys: Sequence[str], n: int, epsilons: Sequence
   return outcomes, clean
 
 
+def _model_unusable(row: dict) -> str | None:
+  """Why the row's model cannot be certified for it (None: it can).
+
+  A certificate speaks for the row only on the model its attacks ran on: the
+  model must be in this checkout (a row kept from an earlier run may name one
+  built there and never committed) and, when the row recorded the attacked
+  model's SHA-256, have that digest.
+  """
+  path = row["saved_model"]
+  if not pathlib.Path(path).exists():
+    return (f"the row's model {path} is not in this checkout (a row kept from the run "
+            f"that built it); rebuild the model and rerun the row to certify it")
+  attacked = (row.get("autoattack") or {}).get("model_sha256")
+  digest = clf_lib.fingerprint(path)
+  if attacked and attacked != digest:
+    return (f"the model at {path} (SHA-256 {digest[:12]}…) is not the one this row's "
+            f"attacks ran on ({attacked[:12]}…); rerun the row to certify it")
+  return None
+
+
 def certify_row(config, row: dict, keys: Sequence[str]) -> dict[str, Any]:
   """The row's ``certified`` record (cached in ``<run_dir>/certified/<key>.json``)."""
   methods = bounds.check_methods(config.certify, "certify")
@@ -75,6 +97,9 @@ def certify_row(config, row: dict, keys: Sequence[str]) -> dict[str, Any]:
   n = row["per_eps"][f"{epsilons[0]:g}"]["n_examples"]
   if row["randomized"]:
     return cert_lib.Certified(methods=methods, norm="linf", n=n, reason=RANDOMIZED).to_dict()
+  unusable = _model_unusable(row)
+  if unusable:
+    return cert_lib.Certified(methods=methods, norm="linf", n=n, reason=unusable).to_dict()
   path = pathlib.Path(config.run_dir) / "certified" / f"{row['key']}.json"
   binding = {"model_sha256": clf_lib.fingerprint(row["saved_model"]), "eps": epsilons,
              "n_examples": n, "methods": list(methods), "dataset": config.dataset}
