@@ -382,12 +382,32 @@ def test_batches_give_the_same_result_and_do_not_retrace(model, data):
   # Targeted runs share the trace too (``targeted`` is a tensor argument).
   attacks.bim(model, x, attacks.next_class_targets(y, 10), 0.1, step_size=0.02, steps=3,
               targeted=True)
-  # Key: ("iterative", shape, loss, norm, random_start, clip_min, clip_max, dtype).
+  # Key: ("iterative", shape, loss, norm, random_start, clip_min, clip_max, dtype,
+  # single_step).
   core = [v for k, v in runtime.model_cache(model).items()
           if k[0] == "iterative" and k[3] == "linf" and not k[4]
-          and k[7] == "float32" and k[2] == "cross_entropy"]
+          and k[7] == "float32" and k[2] == "cross_entropy" and not k[8]]
   assert len(core) == 1
   assert core[0].run.experimental_get_tracing_count() == 1
+
+
+def test_fgsm_runs_a_single_step_core_with_the_multi_step_result(model, data):
+  """FGSM's graph is the first step alone; its images are BIM's with one step of eps."""
+  x, y = data
+  fgsm = attacks.fgsm(model, x, y, 0.1)
+  np.testing.assert_array_equal(fgsm, attacks.bim(model, x, y, 0.1, step_size=0.1, steps=1))
+  cores = {k[8]: v for k, v in runtime.model_cache(model).items()
+           if k[0] == "iterative" and k[3] == "linf" and not k[4]
+           and k[7] == "float32" and k[2] == "cross_entropy"}
+  loops = {single: sum("While" in op.type for op in
+                       core.run.get_concrete_function().graph.get_operations())
+           for single, core in cores.items()}
+  assert loops == {True: 0, False: 2}  # BIM keeps its chunk loop and its tail loop
+  args = [tf.constant(x[:2]), tf.constant(y[:2], tf.int64), tf.constant(0.1),
+          tf.constant(0.1), tf.constant(2), tf.constant([0, 0], tf.int64),
+          tf.constant(False)]
+  with pytest.raises(tf.errors.InvalidArgumentError, match="a single-step core runs steps = 1"):
+    cores[True].run(*args)
 
 
 def test_bfloat16_matches_float32_and_restores_policy(model, data):

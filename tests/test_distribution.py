@@ -56,6 +56,10 @@ single = (evaluation.evaluate(models, x, y, config, source="m0", num_classes=10)
           if distribution.is_chief(strategy) else None)
 dist, _ = evaluation.evaluate(models, x, y, config, source="m0", num_classes=10,
                               strategy=strategy)
+# Each crafter's distributed step, traced once for both targeted modes.
+from keras_defense.attacks import runtime
+traces = sorted(step.experimental_get_tracing_count() for m in models.values()
+                for key, step in runtime.model_cache(m).items() if key[0] == "distributed")
 # kd-evaluate --strategy=mirrored: the attacks' batches split across the
 # replicas give the one-device run's per-image outcomes (same seeds, batches).
 evaluated = None
@@ -80,7 +84,8 @@ with open(out, "w") as f:
   json.dump({"evaluated": evaluated, "replicas": strategy.num_replicas_in_sync,
              "chief": distribution.is_chief(strategy), "epochs_run": result.epochs_run,
              "saved": result.saved_model_path,
-             "single": single and counts(single), "distributed": counts(dist)}, f)
+             "single": single and counts(single), "distributed": counts(dist),
+             "traces": traces}, f)
 '''
 
 
@@ -104,6 +109,8 @@ def _check_equal_counts(report):
   assert len(report["single"]) == 2 * 3  # modes x (2 grey_box + 1 transfer) cells
   assert any(row[6] > 0 for row in report["single"])  # some attacks succeed
   assert report["distributed"] == report["single"]
+  # One step per crafter (m0 and m1), one trace for both targeted modes.
+  assert report["traces"] == [1, 1]
 
 
 def test_mirrored_two_cpu_devices_train_and_attack_counts_equal(worker_script, tmp_path):

@@ -67,39 +67,53 @@ def _script_args(run_dir, **overrides) -> list:
   return [run_dir, json.dumps(overrides)]
 
 
-class _LoadOnce:
-  """``keras_defense.models.export`` as the sweep module sees it, but ``load_model``
-  returns one model object per path, kept for the whole run.
-
-  The sweep loads M0 and the point's model afresh for every point, and every new
-  model object traces its attack graphs again (~1 s each here): 13 FGSM traces and 8
-  loads for this grid's 4 points, 8 traces and 4 loads with one object per SavedModel
-  (the standard, unpruned point's model is M0 itself). A number changed by the sharing
-  would not go unseen: the kill -9 and shard tests recompute every point unpatched and
-  compare their sweep.csv with this run's byte for byte.
-  """
+class _CountLoads:
+  """``keras_defense.models.export`` as the sweep module sees it, counting ``load_model``
+  calls per path (the loading itself is export's)."""
 
   def __init__(self):
-    self._models = {}
+    self.loads = {}
 
   def __getattr__(self, name):
     return getattr(export, name)
 
   def load_model(self, path, **kwargs):
-    key = (os.path.realpath(path), tuple(sorted(kwargs.items())))
-    if key not in self._models:
-      self._models[key] = export.load_model(path, **kwargs)
-    return self._models[key]
+    key = os.path.realpath(path)
+    self.loads[key] = self.loads.get(key, 0) + 1
+    return export.load_model(path, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def whole(tmp_path_factory):
-  """One uninterrupted, unsharded run: the reference (each SavedModel loaded once)."""
+  """One uninterrupted, unsharded run: the reference."""
   run_dir = tmp_path_factory.mktemp("sweep") / "whole"
+  counter = _CountLoads()
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(sweep, "export", _LoadOnce())
+    patch.setattr(sweep, "export", counter)
     result = sweep.run(_config(run_dir))
+  # The sweep loads each SavedModel once and keeps it (with the attack graphs traced
+  # on it) for the run: M0 and 3 point models (the unpruned ε = 0 point's is M0), not
+  # 2 loads per point. The kill -9 and shard tests run every point in processes of
+  # their own and compare their sweep.csv with this run's byte for byte.
+  assert sorted(counter.loads.values()) == [1, 1, 1, 1], counter.loads
   return run_dir, result
+
+
+def test_loaded_models_are_kept_for_the_last_used_paths(tmp_path, monkeypatch):
+  """``_Sweep.load_model``: one object per path while among the MODELS_KEPT last used."""
+  loads = []
+  monkeypatch.setattr(sweep, "export", type("Export", (), {"load_model": staticmethod(
+      lambda path: loads.append(path) or object())}))
+  monkeypatch.setattr(sweep, "MODELS_KEPT", 2)
+  s = sweep._Sweep(_config(tmp_path), None)  # pylint: disable=protected-access
+  a = s.load_model(str(tmp_path / "a"))
+  assert s.load_model(str(tmp_path / "x" / ".." / "a")) is a  # the same real path
+  s.load_model(str(tmp_path / "b"))
+  assert s.load_model(str(tmp_path / "a")) is a  # a used last: b goes first
+  s.load_model(str(tmp_path / "c"))
+  assert s.load_model(str(tmp_path / "a")) is a
+  s.load_model(str(tmp_path / "b"))
+  assert [pathlib.Path(p).name for p in loads] == ["a", "b", "c", "b"]
 
 
 def test_run_writes_one_json_per_point_the_csv_and_the_report(whole):

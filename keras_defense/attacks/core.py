@@ -4,8 +4,8 @@ random start -> gradient of the loss -> normalised step -> project into the
 epsilon-ball -> clip to [clip_min, clip_max], repeated ``steps`` times inside
 one ``tf.function`` (a ``tf.while_loop`` whose body runs ``UNROLL`` steps;
 no numpy round trip per step).
-FGSM is one step of size epsilon without random start; BIM is PGD without
-random start (Kurakin et al. 2016, https://arxiv.org/abs/1607.02533; Madry et
+FGSM is one step of size epsilon without random start (its graph holds that
+one step and no loop); BIM is PGD without random start (Kurakin et al. 2016, https://arxiv.org/abs/1607.02533; Madry et
 al. 2018, https://arxiv.org/abs/1706.06083).
 """
 
@@ -26,7 +26,8 @@ _TINY = 1e-12
 # fifth of a gradient step of the C&W MNIST model at batch 1,000 (fp32: a
 # one-step loop ran BIM at 0.84-0.88x the compiled input-gradient ceiling,
 # unrolled chunks of 8 at 0.96-1.01x; benchmarks/README.md, run 5), so the
-# loop body runs UNROLL steps; the graph holds UNROLL + 2 copies of the step.
+# loop body runs UNROLL steps; the graph holds UNROLL + 2 copies of the step
+# (a single-step core, FGSM's, one).
 UNROLL = 8
 
 
@@ -79,16 +80,23 @@ class IterativeAttack:
   towards ``y`` instead of ascending it away from ``y``) are tensor arguments,
   so changing them never retraces; the batch dimension is ``None`` in the
   signature.
+
+  ``single_step=True`` (FGSM) builds only the first step: no unrolled chunk
+  and no loop, which a one-step attack never runs (one copy of the step to
+  trace instead of ``UNROLL + 2``); ``steps`` must then be 1. The step is the same ops either way, so
+  FGSM's images are those of the multi-step graph run with ``steps=1``.
   """
 
   def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
                image_shape: tuple[int, ...], loss: str, norm: str,
-               random_start: bool, clip_min: float, clip_max: float):
+               random_start: bool, clip_min: float, clip_max: float,
+               single_step: bool = False):
     self._logits = logits_fn
     self._loss = losses.LOSSES[loss]
     self._norm = norm
     self._random_start = random_start
     self._clip = (clip_min, clip_max)
+    self._single_step = single_step
     self.run = tf.function(self._run, input_signature=[
         tf.TensorSpec([None, *image_shape], tf.float32),
         tf.TensorSpec([None], tf.int64),
@@ -128,9 +136,13 @@ class IterativeAttack:
         x_adv = step(x_adv)
       return i + 1, x_adv
 
-    # steps = 1 + UNROLL * chunks + rest: the first step outside any loop (so
-    # FGSM has no loop at all), then chunks of UNROLL unrolled steps, then the
-    # rest one per iteration.
+    # steps = 1 + UNROLL * chunks + rest: the first step outside any loop, then
+    # chunks of UNROLL unrolled steps, then the rest one per iteration; a
+    # single-step core (FGSM) stops after the first.
+    if self._single_step:
+      with tf.control_dependencies([tf.debugging.assert_equal(
+          steps, 1, message="a single-step core runs steps = 1")]):
+        return step(x_adv)
     with tf.control_dependencies([tf.debugging.assert_positive(
         steps, message="steps must be >= 1")]):
       x_adv = step(x_adv)
@@ -143,17 +155,20 @@ class IterativeAttack:
 
 def cached_attack(model: Any, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,
                   image_shape: tuple[int, ...], loss: str, norm: str, random_start: bool,
-                  clip_min: float, clip_max: float, compute_dtype: str) -> IterativeAttack:
+                  clip_min: float, clip_max: float, compute_dtype: str,
+                  single_step: bool = False) -> IterativeAttack:
   """``model``'s compiled core for these options, built on first use and kept with it.
 
-  FGSM, BIM, PGD and the distributed grid share the entry; targeted and
+  BIM, PGD and the distributed grid's BIM share the entry, FGSM and the
+  distributed grid's FGSM the single-step one (``single_step``); targeted and
   untargeted runs share its one trace (``targeted`` is a tensor argument).
   """
   key = ("iterative", image_shape, loss, norm, bool(random_start), clip_min, clip_max,
-         compute_dtype)
+         compute_dtype, bool(single_step))
   return runtime.cached(model, key, lambda: IterativeAttack(
       logits_fn, image_shape=image_shape, loss=loss, norm=norm,
-      random_start=bool(random_start), clip_min=clip_min, clip_max=clip_max))
+      random_start=bool(random_start), clip_min=clip_min, clip_max=clip_max,
+      single_step=bool(single_step)))
 
 
 def check_step_args(epsilon: Any, step_size: Any, steps: Any
@@ -173,8 +188,10 @@ def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
                      compute_dtype: str, batch_size: int, seed: int | None) -> Any:
   """Validates the arguments and runs the compiled core in batches.
 
-  ``step_size=None`` means one step of exactly ``epsilon`` (FGSM).
+  ``step_size=None`` means one step of exactly ``epsilon`` (FGSM), on the
+  single-step core.
   """
+  fgsm = step_size is None
   clip_min, clip_max = validation.check_clip_range(clip_min, clip_max)
   epsilon, step_size, steps = check_step_args(epsilon, step_size, steps)
   batch_size = validation.check_int("batch_size", batch_size, minimum=1)
@@ -186,7 +203,8 @@ def iterative_attack(model: Any, x: Any, y: Any, epsilon: float, *,
   inputs = runtime.prepare(x, y, clip_min, clip_max, logits_fn)
   attack = cached_attack(model, logits_fn, image_shape=tuple(inputs.x.shape[1:]), loss=loss,
                          norm=norm, random_start=random_start, clip_min=clip_min,
-                         clip_max=clip_max, compute_dtype=compute_dtype)
+                         clip_max=clip_max, compute_dtype=compute_dtype,
+                         single_step=fgsm)
   if seed is None:
     seed = int(np.random.default_rng().integers(2**31))
   seeds = iter(range(10**9))

@@ -99,18 +99,19 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
   # The same compiled core (and cache entry) the single-device fgsm/bim use.
   crafted = core.cached_attack(
       crafter, logits_fn, image_shape=tuple(inputs.x.shape[1:]), loss=loss, norm="linf",
-      random_start=False, clip_min=clip_min, clip_max=clip_max, compute_dtype=compute_dtype)
+      random_start=False, clip_min=clip_min, clip_max=clip_max, compute_dtype=compute_dtype,
+      single_step=attack == "fgsm")
   names = list(targets)
-  # Built once per (strategy, crafter's core, targeted, targets), like the core's
-  # steps; epsilon, step size and steps are tensors, so a new epsilon does not retrace.
+  # Built once per (strategy, crafter's core, targets), like the core's steps;
+  # epsilon, step size, steps and targeted are tensors, so a new epsilon or the
+  # other mode does not retrace.
   step = runtime.cached(
-      crafter, ("distributed", id(strategy), id(crafted), bool(targeted),
+      crafter, ("distributed", id(strategy), id(crafted),
                 tuple(id(targets[k]) for k in names)),
       lambda: _distributed_step(strategy, crafted, [
-          runtime.logits_function(targets[k], compute_dtype) for k in names],
-          bool(targeted)))
+          runtime.logits_function(targets[k], compute_dtype) for k in names]))
   constants = (tf.constant(epsilon, tf.float32), tf.constant(step_size, tf.float32),
-               tf.constant(steps, tf.int32))
+               tf.constant(steps, tf.int32), tf.constant(bool(targeted)))
 
   n = len(inputs.x)
   dataset = tf.data.Dataset.from_tensor_slices(
@@ -141,18 +142,21 @@ def attack_and_score(strategy: tf.distribute.Strategy, crafter: Any,
       successes={k: int(totals[1, j]) for j, k in enumerate(names)})
 
 
-def _distributed_step(strategy, crafted, scorers, targeted: bool):
-  """A tf.function: global batch -> all-gathered per-image results and summed counts."""
+def _distributed_step(strategy, crafted, scorers):
+  """A tf.function: global batch -> all-gathered per-image results and summed counts.
+
+  ``targeted`` is a scalar bool tensor argument, so both modes share one trace.
+  """
   seed = tf.constant([0, 0], tf.int64)  # FGSM/BIM have no random start
 
-  def replica_step(index, xb, yb, gb, epsilon, step_size, steps):
-    x_adv = crafted.run(xb, gb, epsilon, step_size, steps, seed, tf.constant(targeted))
+  def replica_step(index, xb, yb, gb, epsilon, step_size, steps, targeted):
+    x_adv = crafted.run(xb, gb, epsilon, step_size, steps, seed, targeted)
     success, counted = [], []
     for logits in scorers:
       correct = tf.argmax(logits(xb), -1) == yb
       pred = tf.argmax(logits(x_adv), -1)
-      c = correct & (gb != yb) if targeted else correct
-      reached = pred == gb if targeted else pred != yb
+      c = tf.where(targeted, correct & (gb != yb), correct)
+      reached = tf.where(targeted, pred == gb, pred != yb)
       success.append(reached & c)
       counted.append(c)
     success, counted = tf.stack(success, 1), tf.stack(counted, 1)  # (b, T)
@@ -162,9 +166,9 @@ def _distributed_step(strategy, crafted, scorers, targeted: bool):
     return index, x_adv, tf.cast(success, tf.int32), tf.cast(counted, tf.int32), counts
 
   @tf.function
-  def step(batch, epsilon, step_size, steps):
+  def step(batch, epsilon, step_size, steps, targeted):
     index, x_adv, success, counted, counts = strategy.run(
-        replica_step, args=(*batch, epsilon, step_size, steps))
+        replica_step, args=(*batch, epsilon, step_size, steps, targeted))
     return (strategy.gather(index, 0), strategy.gather(x_adv, 0),
             strategy.gather(success, 0), strategy.gather(counted, 0),
             strategy.reduce(tf.distribute.ReduceOp.SUM, counts, axis=None))

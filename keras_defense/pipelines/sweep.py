@@ -34,6 +34,13 @@ Run-directory layout::
   <run_dir>/points/<key>.json          one finished point (written last, atomically)
   <run_dir>/sweep.csv, report.md, plots/, tensorboard/   (sweep_report)
 
+Loaded models: each SavedModel is loaded once per run and the object kept
+(``_Sweep.load_model``, by real path, the last ``MODELS_KEPT`` used): M0 serves
+every point of its method (the transfer source, and the model of the unpruned
+ε = 0 point), a float model its quantized points, and a kept object keeps the
+attack graphs traced on it (``attacks.runtime``'s per-model cache), so they
+are traced once per model, not once per point.
+
 Resuming: a point whose JSON exists is skipped; a parent whose done.json
 exists is reused; an interrupted parent resumes from its epoch checkpoint, an
 interrupted point from its last attack cell / AutoAttack step.
@@ -54,9 +61,11 @@ Example:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 import time
 from typing import Any, Callable
@@ -87,6 +96,12 @@ SOURCE = "m0"  # the attack grid's name of the method's M0 (transfer source)
 
 Progress = progress_lib.Progress
 
+# Loaded models kept by a run. Grid order (method, sparsity, logits ε, quantization)
+# uses M0 at every point of its method and a float model at its consecutive
+# quantized points, so the last few used hold every model needed again, while a
+# long grid does not hold all its models in memory.
+MODELS_KEPT = 4
+
 
 @dataclasses.dataclass
 class SweepResult:
@@ -108,6 +123,19 @@ class _Sweep:
     self.dir = pathlib.Path(config.run_dir)
     self.progress = progress or (lambda done, total, desc: None)
     self._test = None
+    self._models: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+  def load_model(self, path: str) -> Any:
+    """The SavedModel at ``path`` (``export.load_model``), loaded once and kept while it
+    is among the ``MODELS_KEPT`` last used, so its traced attack graphs are reused."""
+    key = os.path.realpath(path)
+    if key in self._models:
+      self._models.move_to_end(key)
+    else:
+      self._models[key] = export.load_model(path)
+      while len(self._models) > MODELS_KEPT:
+        self._models.popitem(last=False)
+    return self._models[key]
 
   def point_path(self, key: str) -> pathlib.Path:
     return self.dir / "points" / f"{key}.json"
@@ -223,7 +251,7 @@ class _Sweep:
     t0 = time.time()
     m0_path, path = self.m0(p), self.model(p)
     start = time.time()
-    m0, model = export.load_model(m0_path), export.load_model(path)
+    m0, model = self.load_model(m0_path), self.load_model(path)
     x, y = self.test_arrays()
     info = data.info(c.dataset, data_dir=c.data_dir, manual_dir=c.manual_dir)
     name = p.model_name

@@ -48,7 +48,6 @@ from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.evaluation.sweep_grid import Point
 from keras_defense.evaluation.sweep_grid import SweepConfig
 from keras_defense.models import architectures
-from keras_defense.models import export
 from keras_defense.models import tflite
 from keras_defense.pipelines import evaluate as evaluate_pipeline
 from keras_defense.util import io_utils
@@ -107,7 +106,7 @@ def check_built(config: SweepConfig, p: Point, pdir: pathlib.Path, path: str
 
 def evaluate(sweep: Any, p: Point) -> dict:
   """A quantized point's record (see the module doc); ``sweep`` is ``pipelines.sweep``'s
-  run-directory object (its parents, test images and progress)."""
+  run-directory object (its parents, loaded models, test images and progress)."""
   c, e = sweep.c, sweep.c.eval
   t0 = time.time()
   m0_path, float_path = sweep.m0(p), sweep.model(p.float_point())
@@ -115,7 +114,7 @@ def evaluate(sweep: Any, p: Point) -> dict:
   start = time.time()
   x, y = sweep.test_arrays()
   lite = tflite.TFLiteModel(lite_path)
-  float_model = export.load_model(float_path)
+  float_model = sweep.load_model(float_path)
   pred = lite.predict_classes(x)
   float_pred = attacks.predict_classes(float_model, x)
   n = len(x) if e.eval_size is None else min(len(x), int(e.eval_size))
@@ -137,7 +136,7 @@ def evaluate(sweep: Any, p: Point) -> dict:
   masks = robustness.robust_masks(bb_dir)
   mask = next(v for eps, v in masks.items() if np.isclose(eps, c.epsilon))
   per_eps = result.to_dict()["per_eps"][0]
-  total0, _ = architectures.count_weights(export.load_model(m0_path))
+  total0, _ = architectures.count_weights(sweep.load_model(m0_path))
   total, nonzero = architectures.count_weights(float_model)
   return {
       **sweep_grid.record_head(
