@@ -40,7 +40,6 @@ from keras_defense.util.compat import tf
 from keras_defense.util.errors import UserError
 
 PRESERVE = ("none", "sparsity", "clusters")
-ADVERSARIAL_METHODS = training.ADVERSARIAL_METHODS  # ("pgd", "fgsm_rs", "trades")
 # A model counts as pruned when at least this fraction of its Conv2D/Dense
 # kernel weights is exactly zero (a trained dense model has ~none; M1 has 90-95%).
 PRUNED_SPARSITY = 0.5
@@ -170,12 +169,8 @@ def fine_tune(model: keras.Model, train: Iterable, *, epochs: int,
                          epsilon=float(adversarial.epsilon), step_size=step_size, steps=steps,
                          seed=batch_seed)
     with tf.GradientTape() as tape:
-      if method == "trades":
-        clean = logits(x, True)
-        per_example = (attack.cross_entropy(y, clean)
-                       + beta * attack.kl_divergence(clean, logits(x_adv, True)))
-      else:
-        per_example = attack.cross_entropy(y, logits(x_adv, True))
+      per_example, _ = attack.step_loss(lambda xa: logits(xa, True), x, x_adv, y,
+                                        method=method, trades_beta=beta)
       loss = tf.reduce_mean(per_example)
     grads = tape.gradient(loss, model.trainable_variables)
     optimizer.apply_gradients(zip(grads, model.trainable_variables))

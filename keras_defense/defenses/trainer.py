@@ -168,13 +168,9 @@ class DefenseTrainer(keras.Model):
       return self.certified_step(x, y)
     x_adv = self.adversarial_batch(x, y) if self._adversarial else None
     with tf.GradientTape() as tape:
-      if self._adversarial == "trades":
-        clean = self._logits(x, True)
-        scored = self._logits(x_adv, True)
-        per_example = at.cross_entropy(y, clean) + self._beta * at.kl_divergence(clean, scored)
-      elif self._adversarial:
-        scored = self._logits(x_adv, True)
-        per_example = at.cross_entropy(y, scored)
+      if self._adversarial:
+        per_example, scored = at.step_loss(lambda xa: self._logits(xa, True), x, x_adv, y,
+                                           method=self._adversarial, trades_beta=self._beta)
       else:
         scored = self._logits(x, True)
         if self.teacher is not None:

@@ -5,7 +5,8 @@ TRADES (``adversarial_training`` has the papers); ``linf_ascent`` is their one
 loop of signed-gradient steps kept in the eps-ball and the box, a
 ``tf.while_loop`` with no numpy round trip, run inside the compiled train step
 (``trainer.DefenseTrainer``). ``cross_entropy`` and ``kl_divergence`` are the
-per-example losses it ascends and the step minimises. Robust QAT
+per-example losses it ascends and the step minimises; ``step_loss`` is the
+step's loss on the crafted batch. Robust QAT
 (``compression.qat.fine_tune``) runs the same inner maximisation on the
 fake-quantized model, which is why it lives in ``training`` (below both).
 """
@@ -30,6 +31,27 @@ def kl_divergence(p_logits: tf.Tensor, q_logits: tf.Tensor) -> tf.Tensor:
   log_p = tf.nn.log_softmax(p_logits, axis=-1)
   log_q = tf.nn.log_softmax(q_logits, axis=-1)
   return tf.reduce_sum(tf.exp(log_p) * (log_p - log_q), axis=-1)
+
+
+def step_loss(logits_fn: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, x_adv: tf.Tensor,
+              y: tf.Tensor, *, method: str, trades_beta: float) -> tuple[tf.Tensor, tf.Tensor]:
+  """(per-example loss, adversarial logits) of adversarial training's step.
+
+  PGD-AT and FGSM-RS: CE on the adversarial batch; TRADES: CE(clean) +
+  β·KL(clean || adversarial), the clean batch scored first.
+
+  Args:
+    logits_fn: images -> float32 logits, the model in training mode.
+    x: the clean batch; x_adv: ``craft``'s images for it; y: int64 labels.
+    method: "pgd", "fgsm_rs" or "trades".
+    trades_beta: TRADES' β.
+  """
+  if method == "trades":
+    clean = logits_fn(x)
+    scored = logits_fn(x_adv)
+    return cross_entropy(y, clean) + trades_beta * kl_divergence(clean, scored), scored
+  scored = logits_fn(x_adv)
+  return cross_entropy(y, scored), scored
 
 
 def linf_ascent(loss_fn: Callable[[tf.Tensor], tf.Tensor], x: tf.Tensor, start: tf.Tensor,
