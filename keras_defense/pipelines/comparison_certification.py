@@ -70,8 +70,8 @@ def _outcomes(config, row: dict, keys: Sequence[str], n: int, epsilons: Sequence
   return outcomes, clean
 
 
-def _model_unusable(row: dict) -> str | None:
-  """Why the row's model cannot be certified for it (None: it can).
+def _model_digest(row: dict) -> tuple[str | None, str | None]:
+  """(the row's model SHA-256, None), or (None, why it cannot be certified for the row).
 
   A certificate speaks for the row only on the model its attacks ran on: the
   model must be in this checkout (a row kept from an earlier run may name one
@@ -80,14 +80,14 @@ def _model_unusable(row: dict) -> str | None:
   """
   path = row["saved_model"]
   if not pathlib.Path(path).exists():
-    return (f"the row's model {path} is not in this checkout (a row kept from the run "
-            f"that built it); rebuild the model and rerun the row to certify it")
+    return None, (f"the row's model {path} is not in this checkout (a row kept from the run "
+                  f"that built it); rebuild the model and rerun the row to certify it")
   attacked = (row.get("autoattack") or {}).get("model_sha256")
   digest = clf_lib.fingerprint(path)
   if attacked and attacked != digest:
-    return (f"the model at {path} (SHA-256 {digest[:12]}…) is not the one this row's "
-            f"attacks ran on ({attacked[:12]}…); rerun the row to certify it")
-  return None
+    return None, (f"the model at {path} (SHA-256 {digest[:12]}…) is not the one this row's "
+                  f"attacks ran on ({attacked[:12]}…); rerun the row to certify it")
+  return digest, None
 
 
 def certify_row(config, row: dict, keys: Sequence[str]) -> dict[str, Any]:
@@ -97,11 +97,11 @@ def certify_row(config, row: dict, keys: Sequence[str]) -> dict[str, Any]:
   n = row["per_eps"][f"{epsilons[0]:g}"]["n_examples"]
   if row["randomized"]:
     return cert_lib.Certified(methods=methods, norm="linf", n=n, reason=RANDOMIZED).to_dict()
-  unusable = _model_unusable(row)
+  digest, unusable = _model_digest(row)
   if unusable:
     return cert_lib.Certified(methods=methods, norm="linf", n=n, reason=unusable).to_dict()
   path = pathlib.Path(config.run_dir) / "certified" / f"{row['key']}.json"
-  binding = {"model_sha256": clf_lib.fingerprint(row["saved_model"]), "eps": epsilons,
+  binding = {"model_sha256": digest, "eps": epsilons,
              "n_examples": n, "methods": list(methods), "dataset": config.dataset}
   if path.is_file():
     saved = io_utils.read_json(path)
