@@ -5,8 +5,9 @@ epsilon-ball -> clip to [clip_min, clip_max], repeated ``steps`` times inside
 one ``tf.function`` (a ``tf.while_loop`` whose body runs ``UNROLL`` steps;
 no numpy round trip per step).
 FGSM is one step of size epsilon without random start (its graph holds that
-one step and no loop); BIM is PGD without random start (Kurakin et al. 2016, https://arxiv.org/abs/1607.02533; Madry et
-al. 2018, https://arxiv.org/abs/1706.06083).
+one step and no loop); BIM is PGD without random start (Kurakin et al. 2016,
+https://arxiv.org/abs/1607.02533; Madry et al. 2018,
+https://arxiv.org/abs/1706.06083).
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ class IterativeAttack:
 
   ``single_step=True`` (FGSM) builds only the first step: no unrolled chunk
   and no loop, which a one-step attack never runs (one copy of the step to
-  trace instead of ``UNROLL + 2``); ``steps`` must then be 1. The step is the same ops either way, so
-  FGSM's images are those of the multi-step graph run with ``steps=1``.
+  trace instead of ``UNROLL + 2``); ``steps`` must then be 1. The step is the
+  same ops either way, so FGSM's images are those of the multi-step graph run
+  with ``steps=1``.
   """
 
   def __init__(self, logits_fn: Callable[[tf.Tensor], tf.Tensor], *,

@@ -10,16 +10,17 @@ from keras_defense.flags import common
 
 FLAGS = flags.FLAGS
 
-# --- adversarial training (kd-train; kd-prune: robust pruning; keras_defense.defenses)
+# --- adversarial training (kd-train; kd-prune: robust pruning; kd-quantize: robust QAT)
 flags.DEFINE_enum("adversarial", None, list(training.ADVERSARIAL_METHODS),
-                  "Train (kd-train) or fine-tune while pruning (kd-prune: robust pruning) on "
+                  "Train (kd-train), fine-tune while pruning (kd-prune: robust pruning) or "
+                  "under fake quantization (kd-quantize --method=qat_int8: robust QAT) on "
                   "adversarial examples crafted in every step: pgd (Madry et al. 2018), "
                   "fgsm_rs (FGSM from a random start, Wong et al. 2020) or trades (Zhang et "
                   "al. 2019). Default: standard training.")
 flags.DEFINE_float("adv_epsilon", 0.3, "L-inf radius of the training attack (MNIST papers: 0.3).")
 common.define_count("adv_steps", None,
-                    "Steps of the training attack (default: 40 for pgd/trades, Madry's MNIST; "
-                    "fgsm_rs takes 1).")
+                    "Steps of the training attack (default: 40 for pgd/trades, Madry's MNIST, "
+                    "10 in kd-quantize's fine-tuning; fgsm_rs takes 1).")
 flags.DEFINE_float("adv_step_size", None,
                    "Step of the training attack (default: 2.5 * eps / steps for pgd/trades; "
                    "1.25 * eps for fgsm_rs, Wong et al.).")
