@@ -18,6 +18,7 @@ from keras_defense import data
 from keras_defense.compression import conversion
 from keras_defense.evaluation import black_box
 from keras_defense.evaluation import robustness
+from keras_defense.evaluation import transfer_cache
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.models import classifier as clf_lib
 from keras_defense.models import export
@@ -160,6 +161,39 @@ def test_gradient_attacks_on_a_tflite_are_refused(setup, tmp_path):
     RobustnessConfig(model=sm, run_dir=str(tmp_path / "r"), surrogate=sm).validate()
   with pytest.raises(UserError, match="no gradients"):
     evaluate.run(_config(tmp_path / "b", lite, surrogate=lite))
+
+
+def test_transfer_cache_crafts_each_image_once(setup, tmp_path):
+  _, sm, lite, x, y = setup
+  calls = []
+
+  def craft(target, xb, yb, epsilon, *, seed, batch_size, compute_dtype):  # a stand-in attack
+    calls.append(len(xb))
+    return np.clip(xb + epsilon * (1 + seed) * np.sign(0.5 - xb), 0, 1)
+
+  fn = transfer_cache.cached(craft, tmp_path / "c", "ab" * 32, "transfer-pgd", "linf")
+  kw = {"seed": 0, "batch_size": 8, "compute_dtype": "float32"}
+  first = fn(None, x[:10], y[:10], 0.3, **kw)
+  again = fn(None, x[5:15], y[5:15], 0.3, **kw)  # 5 stored, 5 new: only those are crafted
+  assert calls == [10, 5]
+  np.testing.assert_array_equal(again[:5], first[5:])
+  # Another seed or ε is another file; the same image twice in a call is stored once.
+  fn(None, x[:3], y[:3], 0.3, **{**kw, "seed": 1})
+  fn(None, np.concatenate([x[:2], x[:2]]), np.concatenate([y[:2], y[:2]]), 0.1, **kw)
+  assert calls == [10, 5, 3, 4]
+  with np.load(transfer_cache.cache_path(tmp_path / "c", "ab" * 32, "transfer-pgd", "linf",
+                                         0.1, 0)) as z:
+    assert len(z["keys"]) == 2
+  # Through the plan: the transfer members write the cache of that surrogate file, BPDA none.
+  config = _config(tmp_path, lite, surrogate=sm, transfer_cache=str(tmp_path / "tc"))
+  fns = dict(black_box.plan_factory(config)("standard", "linf", None))
+  a = fns["transfer-pgd"](None, x[:6], y[:6], 0.3, **kw)
+  b = fns["transfer-pgd"](None, x[:6], y[:6], 0.3, **kw)
+  np.testing.assert_array_equal(a, b)
+  sha = clf_lib.fingerprint(sm)
+  assert transfer_cache.cache_path(tmp_path / "tc", sha, "transfer-pgd", "linf", 0.3, 0).is_file()
+  with pytest.raises(UserError, match="transfer_cache"):
+    _config(tmp_path, lite, transfer_cache=str(tmp_path / "tc")).validate()
 
 
 def test_deployment_report_rows_intervals_and_masking_warning(tmp_path):

@@ -35,7 +35,11 @@ The QAT twin is ``--qat_twin`` (kd-quantize ``--qat_twin_path`` writes it), or
 the surrogate itself when it holds fake-quant ops (``qat_twin_path``); then
 APGD on it is BPDA, so its APGD members are the ``bpda-*`` ones and
 ``transfer-pgd`` stays as the plain PGD baseline (the same attack is not run
-twice). Without a surrogate or twin the ensemble is Square alone (a
+twice). With ``transfer_cache`` (a directory), the ``transfer-*`` examples are
+crafted once per image on that surrogate file and reused by later runs
+(``transfer_cache``: the deployment table's artifacts of one parent share
+them); the BPDA members, whose twin is the artifact's own, are never cached.
+Without a surrogate or twin the ensemble is Square alone (a
 score-based attack is still a real attack on the artifact; the report says the
 evaluation is weaker). The surrogate's own white-box AutoAttack is a separate
 kd-evaluate run of the surrogate (the deployment table runs it). Without
@@ -59,6 +63,7 @@ from keras_defense.attacks.apgd import apgd
 from keras_defense.attacks.gradient_attacks import pgd
 from keras_defense.attacks.square import square
 from keras_defense.data import test_images as inputs
+from keras_defense.evaluation import transfer_cache
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.models import classifier as clf_lib
 from keras_defense.models import scan
@@ -238,8 +243,16 @@ def plan_factory(config: RobustnessConfig, *, surrogate: clf_lib.Classifier | No
       path = qat_twin_path(config)
       twin = clf if (clf is not None and _same(path, config.surrogate)) else load_surrogate(
           config, path, what="qat_twin")
-    return [(n, _square_fn(config) if n == "square" else
-             _transfer_fn(n, twin if n in BPDA else clf, norm)) for n in names]
+    sha = (clf_lib.fingerprint(config.surrogate)
+           if config.transfer_cache and any(n in TRANSFER for n in names) else None)
+
+    def fn(n):
+      if n == "square":
+        return _square_fn(config)
+      run = _transfer_fn(n, twin if n in BPDA else clf, norm)
+      return transfer_cache.cached(run, config.transfer_cache, sha, n, norm) if (
+          sha and n in TRANSFER) else run
+    return [(n, fn(n)) for n in names]
   return make
 
 

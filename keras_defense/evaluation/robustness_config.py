@@ -83,6 +83,12 @@ class RobustnessConfig(pixels_lib.PixelFields):
       computed (up to floating-point summation order), not what is computed.
     num_cpu_devices: with "mirrored" and no GPU, logical CPU devices
       (default 2).
+    transfer_cache: for a ``.tflite`` model with a surrogate: a directory where
+      the ``transfer-*`` examples are stored per image and reused by later
+      runs on the same surrogate file, attack, norm, ε and seed
+      (``evaluation.transfer_cache``); None: crafted every run. Not part of
+      the run's identity: the examples are the same attack's on the same
+      surrogate either way.
     certify: bound methods (``certify.bounds.METHODS``) whose certified
       accuracy is reported beside the robust accuracy (``evaluation.certified``:
       an image counts when any method proves it; n/a with the reason for a
@@ -116,6 +122,7 @@ class RobustnessConfig(pixels_lib.PixelFields):
   strategy: str = "default"
   num_cpu_devices: int | None = None
   certify: tuple[str, ...] = ()
+  transfer_cache: str | None = None
 
   def validate(self) -> "RobustnessConfig":
     """Checks every field; returns self.
@@ -179,6 +186,9 @@ class RobustnessConfig(pixels_lib.PixelFields):
     need(self.qat_twin is None or str(self.model).endswith(".tflite"),
          f"`qat_twin` is for a .tflite model (no gradients); {self.model!r} is attacked "
          f"white-box. Fix: drop --qat_twin, or evaluate the .tflite.")
+    need(self.transfer_cache is None or self.surrogate is not None,
+         f"`transfer_cache` stores the examples crafted on `surrogate`; no surrogate was "
+         f"given for {self.model!r}. Fix: add --surrogate=PATH, or drop --transfer_cache.")
     _bounds.check_methods(self.certify, "certify")
     self.pixels().validate()
     return self

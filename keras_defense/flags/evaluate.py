@@ -73,6 +73,11 @@ flags.DEFINE_string("qat_twin", None,
                     "members bpda-apgd-ce/bpda-apgd-t: APGD through the twin's fake "
                     "quantization with straight-through gradients, judged on the interpreter. "
                     "Default: --surrogate when it is itself a QAT model.")
+flags.DEFINE_string("transfer_cache", None,
+                    "kd-evaluate on a .tflite with --surrogate: a directory where the transfer "
+                    "examples are stored per image and reused by later runs on the same "
+                    "surrogate file, attack, norm, ε and seed (several artifacts of one parent "
+                    "craft them once; evaluation/transfer_cache.py). Default: crafted every run.")
 common.define_count("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
                     "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).")
 
@@ -210,5 +215,5 @@ def evaluate_config(command: str | None = None, fv=None) -> _rob.RobustnessConfi
       slice_size=fv.slice_size, shard_index=fv.shard_index, num_shards=fv.num_shards, compute_dtype=fv.compute_dtype, data_dir=fv.data_dir,
       manual_dir=fv.manual_dir, command=command,
       **pixel_fields(fv), surrogate=fv.surrogate, square_queries=fv.square_queries,
-      qat_twin=fv.qat_twin, strategy=fv.strategy,
+      qat_twin=fv.qat_twin, transfer_cache=fv.transfer_cache, strategy=fv.strategy,
       num_cpu_devices=fv.num_cpu_devices, certify=tuple(fv.certify or ()))

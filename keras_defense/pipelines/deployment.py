@@ -14,7 +14,9 @@ For each (parent, variant) row, in ``<run_dir>/<parent>/<variant>/``:
    transfer from the parent + Square on the interpreter; the QAT rows also BPDA
    through their QAT twin, which kd-quantize exports to ``<variant>_twin/1``), the
    float row by white-box AutoAttack (``twin_attacks``); the float parent's
-   white-box number is shown beside every row.
+   white-box number is shown beside every row. The transfer examples are
+   crafted on the parent once per image and reused by its other artifacts
+   (``<run_dir>/<parent>/transfer_cache/``, ``evaluation.transfer_cache``).
 
 A finished row writes ``row.json``; a rerun skips it, and an interrupted
 evaluation resumes (kd-evaluate's state). The report is rendered from the rows
@@ -110,7 +112,8 @@ def _artifact(config: DeploymentConfig, parent: str, variant: str, out: pathlib.
 
 
 def _evaluate(config: DeploymentConfig, model: str, parent: str, run_dir: pathlib.Path,
-              *, white_box: bool, qat_twin: str | None = None):
+              *, white_box: bool, qat_twin: str | None = None,
+              transfer_cache: pathlib.Path | None = None):
   rc = RobustnessConfig(
       model=model, run_dir=str(run_dir), dataset=config.dataset,
       epsilons=tuple(config.epsilons), n_examples=config.robust_size,
@@ -118,7 +121,7 @@ def _evaluate(config: DeploymentConfig, model: str, parent: str, run_dir: pathli
       attacks=tuple(config.twin_attacks) if (white_box and config.twin_attacks) else None,
       output_key="logits" if model == parent else None, seed=config.seed,
       batch_size=config.batch_size, surrogate=None if white_box else parent,
-      qat_twin=qat_twin,
+      qat_twin=qat_twin, transfer_cache=str(transfer_cache) if transfer_cache else None,
       square_queries=config.square_queries,
       slice_size=max(1, config.robust_size))  # one slice, as auto_attack
   return evaluate.run(rc).to_dict()
@@ -150,8 +153,10 @@ def run_row(config: DeploymentConfig, name: str, parent: str, variant: str,
     lite = tflite.TFLiteModel(artifact, num_threads=1)
     pred = lite.predict_classes(x)
     latency = measurement.latency_seconds(lite, x[0], repeats=config.latency_repeats)
+  # The parent's transfer examples are crafted once, then judged on each of its artifacts.
   results = twin if is_float else _evaluate(config, artifact, parent, out / "evaluate",
-                                            white_box=False, qat_twin=qat_twin)
+                                            white_box=False, qat_twin=qat_twin,
+                                            transfer_cache=out.parent / "transfer_cache")
   row = {"parent": name, "parent_path": parent, "variant": variant, "artifact": artifact,
          "runtime": "TensorFlow (SavedModel)" if is_float else "LiteRT",
          "bytes": measurement.file_bytes(sized), "gzip_bytes": measurement.gzipped_bytes(sized),

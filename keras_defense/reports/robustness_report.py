@@ -136,10 +136,12 @@ def _black_box_lines(r: dict) -> list[str]:
   bb = r.get("black_box")
   if not bb:
     return []
+  cache = (f" (examples crafted once per image and reused from `{bb['transfer_cache']}`)"
+           if bb.get("transfer_cache") else "")
   lines = ["- **Black-box evaluation**: the model runs on the LiteRT interpreter and has no "
            "gradients, so white-box AutoAttack cannot run on it (it would be masked). "
            + (f"Transfer attacks are crafted on the surrogate `{bb['surrogate']}` and judged "
-              f"on the interpreter; " if bb.get("surrogate") else
+              f"on the interpreter{cache}; " if bb.get("surrogate") else
               "No surrogate was given, so Square alone runs: a weaker evaluation (pass "
               "--surrogate=PATH, the float parent or QAT twin, for the transfer attacks); ")
            + (f"BPDA: APGD-CE and APGD-T on the QAT twin `{bb['qat_twin']}` (forward through "
@@ -182,6 +184,7 @@ def write(run_dir: str | os.PathLike, result: RobustnessResult) -> dict[str, str
     results["black_box"] = {"surrogate": result.config.surrogate,
                             "qat_twin": black_box.qat_twin_path(result.config),
                             "square_queries": result.config.square_queries,
+                            "transfer_cache": result.config.transfer_cache,
                             "queries": black_box.query_summary(str(run_dir))}
   paths = {"results.json": str(run_dir / "results.json"),
            "report.md": str(run_dir / "report.md"),
