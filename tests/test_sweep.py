@@ -320,6 +320,8 @@ def test_quantized_point_is_the_tflite_attacked_black_box(whole, tmp_path):
   pred = tflite.TFLiteModel(parent / "model.tflite").predict_classes(x)
   assert int(mask.sum()) == point["n_robust"] and np.all(pred[mask] == y[mask])
   assert point["n_robust"] + sum(bb["broken"].values()) == int(np.sum(pred == y))
+  # The transfer examples are stored for the other quantized points of the same float point.
+  assert list((tmp_path / "q" / "work" / "transfer_cache").rglob("transfer-pgd-*.npz"))
   float_model = tmp_path / "q" / point["float_saved_model"]
   assert point["bytes"] == (parent / "model.tflite").stat().st_size
   assert 0 < point["gzip_bytes"] and point["bytes"] < 0.5 * measurement.file_bytes(

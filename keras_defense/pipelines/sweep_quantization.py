@@ -14,7 +14,8 @@ attacked: kd-evaluate's black-box ensemble (``evaluation.black_box`` through
 resumable) on the LiteRT interpreter, with the float point as the surrogate
 (transfer-pgd, transfer-apgd-ce, transfer-apgd-t), the QAT twin for BPDA
 (bpda-apgd-ce, bpda-apgd-t; qat_int8 only) and Square
-(``SweepConfig.square_queries``), on the images the float points' robust
+(``SweepConfig.square_queries``; the transfer examples crafted once per float
+point, in ``<run_dir>/work/transfer_cache/``), on the images the float points' robust
 accuracy uses (the AutoAttack sample). Its record has the float points'
 fields (robust accuracy = the ensemble's per-image worst case, Wilson
 interval; clean accuracy on the interpreter; the float model's weight counts)
@@ -131,7 +132,8 @@ def evaluate(sweep: Any, p: Point) -> dict:
       epsilons=(c.epsilon,), n_examples=n, version="standard", seed=e.seed,
       batch_size=e.autoattack_batch_size, data_dir=c.data_dir, manual_dir=c.manual_dir,
       surrogate=float_path, qat_twin=twin, square_queries=c.square_queries,
-      slice_size=max(1, n)),
+      # ptq_int8 and qat_int8 of one float point judge the same transfer examples.
+      transfer_cache=str(sweep.dir / "work" / "transfer_cache"), slice_size=max(1, n)),
       progress=progress_lib.labelled(sweep.progress, f"{p.key} black-box"))
   masks = robustness.robust_masks(bb_dir)
   mask = next(v for eps, v in masks.items() if np.isclose(eps, c.epsilon))
