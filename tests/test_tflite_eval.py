@@ -192,6 +192,9 @@ def test_transfer_cache_crafts_each_image_once(setup, tmp_path):
   np.testing.assert_array_equal(a, b)
   sha = clf_lib.fingerprint(sm)
   assert transfer_cache.cache_path(tmp_path / "tc", sha, "transfer-pgd", "linf", 0.3, 0).is_file()
+  # The same file under another pixel convention is another surrogate.
+  other = _config(tmp_path, lite, surrogate=sm, mean=(0.5,), std=(0.5,))
+  assert transfer_cache.surrogate_key(sha, other.pixels()) != sha
   with pytest.raises(UserError, match="transfer_cache"):
     _config(tmp_path, lite, transfer_cache=str(tmp_path / "tc")).validate()
 

@@ -243,7 +243,7 @@ def plan_factory(config: RobustnessConfig, *, surrogate: clf_lib.Classifier | No
       path = qat_twin_path(config)
       twin = clf if (clf is not None and _same(path, config.surrogate)) else load_surrogate(
           config, path, what="qat_twin")
-    sha = (clf_lib.fingerprint(config.surrogate)
+    sha = (transfer_cache.surrogate_key(clf_lib.fingerprint(config.surrogate), config.pixels())
            if config.transfer_cache and any(n in TRANSFER for n in names) else None)
 
     def fn(n):

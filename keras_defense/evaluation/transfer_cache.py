@@ -11,10 +11,11 @@ evaluation).
 ``cached(fn, directory, surrogate_sha256, name, norm)`` wraps an attack
 function of the runner's signature. Examples are stored per image, keyed by a
 SHA-1 of the image's float32 bytes and its label, in
-``<directory>/<surrogate SHA-256[:16]>/<name>-<norm>-eps<ε>-seed<seed>.npz``;
+``<directory>/<surrogate SHA-256[:16]>/<name>-<norm>-eps<ε>-seed<seed>.npz`` (the
+SHA-256 also covers the pixel convention when it is not [0, 1], ``surrogate_key``);
 a call crafts only the images the file lacks (in one call, as the runner
 would) and returns the stored example for the others. An example is reused
-only for the same surrogate file (its SHA-256), attack, norm, ε and seed, so a
+only for the same surrogate file (its SHA-256) and pixel convention, attack, norm, ε and seed, so a
 retrained parent or another seed never sees another model's examples. Which
 images were crafted together (hence the random starts they drew) depends on
 the order the artifacts ran; every example is still the attack's own output on
@@ -27,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import pathlib
 from typing import Callable
 
@@ -43,6 +45,15 @@ def image_keys(x: np.ndarray, y: np.ndarray) -> np.ndarray:
   y = np.asarray(y, np.int64)
   return np.array([np.frombuffer(hashlib.sha1(xi.tobytes() + yi.tobytes()).digest(), np.uint8)
                    for xi, yi in zip(x, y)], np.uint8).reshape(len(x), 20)
+
+
+def surrogate_key(sha256: str, pixels) -> str:
+  """The surrogate's SHA-256, or, when its pixel convention is not [0, 1], a SHA-256 of both:
+  the same file under another --mean/--std is another function of the images."""
+  if pixels.is_identity:
+    return sha256
+  return hashlib.sha256((sha256 + json.dumps(pixels.to_dict(), sort_keys=True)).encode()
+                        ).hexdigest()
 
 
 def cache_path(directory: str | pathlib.Path, surrogate_sha256: str, name: str, norm: str,
