@@ -63,11 +63,11 @@ from keras_defense.attacks.apgd import apgd
 from keras_defense.attacks.gradient_attacks import pgd
 from keras_defense.attacks.square import square
 from keras_defense.data import test_images as inputs
+from keras_defense.evaluation import robustness_state as state_lib
 from keras_defense.evaluation import transfer_cache
 from keras_defense.evaluation.robustness_config import RobustnessConfig
 from keras_defense.models import classifier as clf_lib
 from keras_defense.models import scan
-from keras_defense.util import io_utils
 from keras_defense.util.errors import UserError
 
 TRANSFER = ("transfer-pgd", "transfer-apgd-ce", "transfer-apgd-t")
@@ -200,10 +200,6 @@ def _transfer_fn(name: str, surrogate: clf_lib.Classifier, norm: str) -> AttackF
   return run
 
 
-def _eps_dir(eps: float) -> str:
-  return f"eps_{eps:.6g}"  # as robustness._eps_dir
-
-
 def _square_fn(config: RobustnessConfig) -> AttackFn:
   state = pathlib.Path(config.run_dir) / "state"
 
@@ -211,10 +207,8 @@ def _square_fn(config: RobustnessConfig) -> AttackFn:
     x_adv, counts = square(target, x, y, epsilon, norm=config.norm,
                            queries=config.square_queries, p_init=P_INIT, seed=seed,
                            batch_size=batch_size, return_queries=True)
-    path = state / _eps_dir(epsilon) / QUERIES_FILE
-    with io_utils.atomic_path(path) as tmp:
-      with open(tmp, "wb") as f:
-        np.savez(f, queries=counts.astype(np.int64))
+    state_lib.save_npz(state / state_lib.eps_dir(epsilon) / QUERIES_FILE,
+                       queries=counts.astype(np.int64))
     return x_adv
   return run
 

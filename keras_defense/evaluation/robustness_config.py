@@ -85,8 +85,8 @@ class RobustnessConfig(pixels_lib.PixelFields):
       (default 2).
     transfer_cache: for a ``.tflite`` model with a surrogate: a directory where
       the ``transfer-*`` examples are stored per image and reused by later
-      runs on the same surrogate file, attack, norm, ε and seed
-      (``evaluation.transfer_cache``); None: crafted every run. Not part of
+      runs on the same surrogate file and pixel convention, attack, norm, ε
+      and seed (``evaluation.transfer_cache``); None: crafted every run. Not part of
       the run's identity: the examples are the same attack's on the same
       surrogate either way.
     certify: bound methods (``certify.bounds.METHODS``) whose certified

@@ -15,10 +15,10 @@ SHA-1 of the image's float32 bytes and its label, in
 SHA-256 also covers the pixel convention when it is not [0, 1], ``surrogate_key``);
 a call crafts only the images the file lacks (in one call, as the runner
 would) and returns the stored example for the others. An example is reused
-only for the same surrogate file (its SHA-256) and pixel convention, attack, norm, ε and seed, so a
-retrained parent or another seed never sees another model's examples. Which
-images were crafted together (hence the random starts they drew) depends on
-the order the artifacts ran; every example is still the attack's own output on
+only for the same surrogate file (its SHA-256) and pixel convention, attack,
+norm, ε and seed, so a retrained parent or another seed never sees another
+model's examples. Which images were crafted together (hence the random starts
+they drew) depends on the order the artifacts ran; every example is still the attack's own output on
 the surrogate for that image.
 
 Example:
@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from keras_defense.util import io_utils
+from keras_defense.evaluation import robustness_state as state_lib
 
 AttackFn = Callable[..., np.ndarray]
 
@@ -63,19 +63,6 @@ def cache_path(directory: str | pathlib.Path, surrogate_sha256: str, name: str, 
           / f"{name}-{norm}-eps{float(epsilon):.6g}-seed{int(seed)}.npz")
 
 
-def _read(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray] | None:
-  if not path.is_file():
-    return None
-  with np.load(path) as z:
-    return z["keys"], z["x_adv"]
-
-
-def _write(path: pathlib.Path, keys: np.ndarray, x_adv: np.ndarray) -> None:
-  with io_utils.atomic_path(path) as tmp:
-    with open(tmp, "wb") as f:
-      np.savez(f, keys=keys, x_adv=x_adv)
-
-
 def cached(fn: AttackFn, directory: str | pathlib.Path, surrogate_sha256: str, name: str,
            norm: str) -> AttackFn:
   """``fn`` with its examples stored in and read from ``directory`` (see the module doc)."""
@@ -83,9 +70,11 @@ def cached(fn: AttackFn, directory: str | pathlib.Path, surrogate_sha256: str, n
   def run(target, x, y, epsilon, *, seed, batch_size, compute_dtype):
     path = cache_path(directory, surrogate_sha256, name, norm, epsilon, seed)
     keys = image_keys(x, y)
-    stored = _read(path)
-    old_keys, old_adv = stored if stored is not None else (
-        np.zeros((0, 20), np.uint8), np.zeros((0, *x.shape[1:]), np.float32))
+    if path.is_file():
+      stored = state_lib.load_npz(path)
+      old_keys, old_adv = stored["keys"], stored["x_adv"]
+    else:
+      old_keys, old_adv = np.zeros((0, 20), np.uint8), np.zeros((0, *x.shape[1:]), np.float32)
     index = {k.tobytes(): i for i, k in enumerate(old_keys)}
     where = np.array([index.get(k.tobytes(), -1) for k in keys], np.int64)
     out = np.empty(x.shape, np.float32)
@@ -98,7 +87,7 @@ def cached(fn: AttackFn, directory: str | pathlib.Path, surrogate_sha256: str, n
       out[miss] = new
       # The same image twice in one call is stored once.
       _, first = np.unique(keys[miss], axis=0, return_index=True)
-      _write(path, np.concatenate([old_keys, keys[miss][first]]),
-             np.concatenate([old_adv, new[first]]))
+      state_lib.save_npz(path, keys=np.concatenate([old_keys, keys[miss][first]]),
+                         x_adv=np.concatenate([old_adv, new[first]]))
     return out
   return run

@@ -76,8 +76,9 @@ flags.DEFINE_string("qat_twin", None,
 flags.DEFINE_string("transfer_cache", None,
                     "kd-evaluate on a .tflite with --surrogate: a directory where the transfer "
                     "examples are stored per image and reused by later runs on the same "
-                    "surrogate file, attack, norm, ε and seed (several artifacts of one parent "
-                    "craft them once; evaluation/transfer_cache.py). Default: crafted every run.")
+                    "surrogate file and --mean/--std, attack, norm, ε and seed (several "
+                    "artifacts of one parent craft them once; evaluation/transfer_cache.py). "
+                    "Default: crafted every run.")
 common.define_count("square_queries", _rob.DEFAULT_SQUARE_QUERIES,
                     "kd-evaluate on a .tflite: Square's queries per image (AutoAttack: 5000).")
 
