@@ -384,7 +384,7 @@ def test_a_certified_image_an_attack_broke_fails_loudly(tmp_path, monkeypatch, l
       return np.ones(len(y), bool)
     return np.argmax(model(x).numpy(), axis=1) == y
   monkeypatch.setattr(bounds, "certify", lying)
-  # M0-IBP misclassifies 1 of its first 50 images (index 42); plain M0 none of its first 20.
+  # M0-IBP misclassifies 3 of its first 50 images (18, 30, 42); plain M0 none of its first 20.
   config = _config(IBP if lie == "all" else M0, tmp_path / "run", epsilons=(0.3,),
                    n_examples=50 if lie == "all" else 20, output_key="logits",
                    certify=("ibp",))
