@@ -101,6 +101,49 @@ def test_rerun_computes_nothing(result):
   assert again.rows == res.rows
 
 
+def test_a_row_whose_model_changed_is_set_aside_and_evaluated_again(result, tmp_path,
+                                                                   monkeypatch):
+  tmp, res = result
+  assert [r["model_sha256"] for r in res.rows] == [
+      dc.clf_lib.fingerprint(r["saved_model"]) for r in res.rows]
+  shutil.copytree(tmp / "run", tmp_path / "run")
+  run = tmp_path / "run"
+  config = _config(tmp_path)
+  # The Dropout row was evaluated on another model than the one on disk now.
+  row_file = run / "rows" / "dropout_p_0_1.json"
+  kept = json.loads(row_file.read_text())
+  row_file.write_text(json.dumps(dict(kept, model_sha256="ab" * 32)))
+  cells = sorted(p.name for p in (run / "attack" / "cells").glob("*__dropout_p_0_1__*"))
+  m0_cells = sorted(p.name for p in (run / "attack" / "cells").glob("*__m0__*"))
+  assert cells and m0_cells
+  evaluated = []
+  def evaluate(self, row, path, reference):  # the real one is the fixture's; record the call
+    evaluated.append((row.key, path, reference))
+    return {k: v for k, v in kept.items() if k not in ("saved_model", "model_sha256")}
+  monkeypatch.setattr(dc._Comparison, "evaluate", evaluate)  # pylint: disable=protected-access
+  again = dc.run(config)
+  assert again.computed == ["Dropout p=0.1"]
+  assert evaluated == [("dropout_p_0_1", str(run / "models" / "dropout_p_0_1" / "1"),
+                        res.rows[0]["saved_model"])]
+  stale = run / "stale" / f"dropout_p_0_1-{'ab' * 6}"
+  assert json.loads((stale / "rows" / "dropout_p_0_1.json").read_text())["model_sha256"] == \
+      "ab" * 32
+  assert sorted(p.name for p in (stale / "attack" / "cells").iterdir()) == cells
+  assert (stale / "autoattack" / "dropout_p_0_1").is_dir()
+  assert (stale / "autoattack" / "dropout_p_0_1_rand").is_dir()
+  assert not (run / "autoattack" / "dropout_p_0_1").exists()
+  # The reference's cells stay; the new row names the model it describes.
+  assert sorted(p.name for p in (run / "attack" / "cells").glob("*__m0__*")) == m0_cells
+  assert again.rows[1]["model_sha256"] == kept["model_sha256"]
+  assert dc.run(config).computed == []
+  # The reference changed: every row's transfer cells are stale, so the run refuses.
+  m0_file = run / "rows" / "m0.json"
+  m0_file.write_text(json.dumps(dict(json.loads(m0_file.read_text()), model_sha256="cd" * 32)))
+  with pytest.raises(UserError, match=r"row 'M0' is the reference, and its model .* changed "
+                                      r"since the row was evaluated .*a new `run_dir`"):
+    dc.run(config)
+
+
 def test_other_settings_refused(result):
   tmp, _ = result
   config = _config(tmp)

@@ -43,10 +43,15 @@ Run-directory layout::
   <run_dir>/autoattack/<key>/<tag>/  evaluate.run per row (and <key>_rand, _sanity)
   <run_dir>/rows/<key>.json          one finished row (written last, atomically)
   <run_dir>/certified/<key>.json     its certified record (made at report time)
+  <run_dir>/stale/<key>-<sha>/       a row's results set aside when its model changed
 
 A rerun skips finished rows and resumes an interrupted one (its build from
 the step's checkpoints, the grid from its last cell, AutoAttack from its last
-(ε, attack)). ``defense_comparison_report.write`` renders the report;
+(ε, attack)). A finished row whose model changed since (its SHA-256 is in the
+row) is evaluated again: its row file, the grid cells that scored it and its
+AutoAttack runs move to ``<run_dir>/stale/<key>-<old SHA-256[:12]>/`` first. If
+the reference's model changed, every row's transfer cells are stale: the run
+refuses and asks for a new run directory. ``defense_comparison_report.write`` renders the report;
 ``report_only`` renders it from the rows finished so far (while another
 process is still working on the rest), listing the missing ones.
 
@@ -65,6 +70,7 @@ import hashlib
 import json
 import pathlib
 import re
+import shutil
 import time
 from typing import Any
 
@@ -77,6 +83,7 @@ from keras_defense.certify import bounds
 from keras_defense.evaluation import diagnostics
 from keras_defense.pipelines import bound_run
 from keras_defense.evaluation import grid as evaluation
+from keras_defense.models import classifier as clf_lib
 from keras_defense.models import export
 from keras_defense.util import io_utils
 from keras_defense import models as models_lib
@@ -260,6 +267,41 @@ class _Comparison:
 
   def row_path(self, row: Row) -> pathlib.Path:
     return self.dir / "rows" / f"{row.key}.json"
+
+  def changed(self, kept: dict) -> str | None:
+    """Why a finished row no longer describes its model (None: it does, or cannot tell)."""
+    attacked = kept.get("model_sha256") or (kept.get("autoattack") or {}).get("model_sha256")
+    path = kept.get("saved_model")
+    if not attacked or not path or not (pathlib.Path(path) / "saved_model.pb").is_file():
+      return None
+    now = clf_lib.fingerprint(path)
+    if now == attacked:
+      return None
+    return (f"its model {path!r} changed since the row was evaluated (SHA-256 "
+            f"{attacked[:12]}... then, {now[:12]}... now)")
+
+  def set_aside(self, row: Row, kept: dict) -> pathlib.Path:
+    """Moves a changed row's results to ``<run_dir>/stale/<key>-<old sha>/``; returns it.
+
+    The grid cells that scored the row's model and its AutoAttack runs move
+    first, the row file last: a run killed in between finds the row file and
+    moves the rest next time.
+    """
+    attacked = kept.get("model_sha256") or kept["autoattack"]["model_sha256"]
+    dest = self.dir / "stale" / f"{row.key}-{attacked[:12]}"
+    moves = [(f, dest / "attack" / "cells" / f.name)
+             for f in sorted((self.dir / "attack" / "cells").glob("*"))
+             if f.name.split("__")[1:2] == [row.key]]
+    moves += [(self.dir / "autoattack" / name, dest / "autoattack" / name)
+              for name in (row.key, f"{row.key}_rand")]
+    moves.append((self.row_path(row), dest / "rows" / self.row_path(row).name))
+    for src, dst in moves:
+      if src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.exists():  # set aside before from the same old model: keep the newer copy
+          shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        src.rename(dst)
+    return dest
 
   # ------------------------------------------------------------------ models
 
@@ -463,16 +505,28 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
   for i, row in enumerate(() if config.report_only else config.rows):
     comp.progress(i, len(config.rows), row.name)
     if comp.row_path(row).is_file():
-      logging.info("row %s: finished, skipped", row.name)
-      if reference is None:
-        reference = io_utils.read_json(comp.row_path(row))["saved_model"]
-      continue
+      kept = io_utils.read_json(comp.row_path(row))
+      why = comp.changed(kept)
+      if why is None:
+        logging.info("row %s: finished, skipped", row.name)
+        reference = reference or kept["saved_model"]
+        continue
+      if i == 0:
+        raise UserError(
+            f"row {row.name!r} is the reference, and {why}: every row's transfer cells in "
+            f"{str(comp.dir)!r} were crafted on the old model. Fix: a new `run_dir` (or "
+            f"put the old model back).")
+      where = comp.set_aside(row, kept)
+      logging.warning("row %s: %s; its old results moved to %s, evaluating it again.",
+                      row.name, why, where)
     start = time.time()
     path, steps = comp.model(row)
     reference = reference or path
     built = time.time()
+    sha256 = clf_lib.fingerprint(path)
     record = comp.evaluate(row, path, reference)
-    record.update({"saved_model": path, "steps": steps, "command": config.command,
+    record.update({"saved_model": path, "model_sha256": sha256, "steps": steps,
+                   "command": config.command,
                    "build_seconds": sum(s["seconds"] or 0 for s in steps)
                    if any(s["seconds"] is not None for s in steps) else None,
                    "built_here_seconds": built - start,
