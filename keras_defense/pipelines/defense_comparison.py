@@ -51,9 +51,9 @@ the step's checkpoints, the grid from its last cell, AutoAttack from its last
 row) is evaluated again: its row file, the grid cells that scored it and its
 AutoAttack runs move to ``<run_dir>/stale/<key>-<old SHA-256[:12]>/`` first. If
 the reference's model changed, every row's transfer cells are stale: the run
-refuses and asks for a new run directory. ``defense_comparison_report.write`` renders the report;
-``report_only`` renders it from the rows finished so far (while another
-process is still working on the rest), listing the missing ones.
+refuses and asks for a new run directory. ``defense_comparison_report.write``
+renders the report; ``report_only`` renders it from the rows finished so far
+(while another process is still working on the rest), listing the missing ones.
 
 Example:
   >>> run(ComparisonConfig(run_dir="runs/mnist_defenses", report_dir="reports/mnist/defenses",
@@ -298,8 +298,10 @@ class _Comparison:
     for src, dst in moves:
       if src.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.exists():  # set aside before from the same old model: keep the newer copy
-          shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        if dst.is_dir():  # set aside before from the same old model: keep the newer copy
+          shutil.rmtree(dst)
+        elif dst.exists():
+          dst.unlink()
         src.rename(dst)
     return dest
 
