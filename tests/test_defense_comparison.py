@@ -26,6 +26,7 @@ from keras_defense.evaluation import grid as evaluation
 from keras_defense import flags as kd_flags
 from keras_defense.util import io_utils
 from keras_defense.defenses import dropout
+from keras_defense.models import classifier
 from keras_defense.util.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -105,7 +106,7 @@ def test_a_row_whose_model_changed_is_set_aside_and_evaluated_again(result, tmp_
                                                                    monkeypatch):
   tmp, res = result
   assert [r["model_sha256"] for r in res.rows] == [
-      dc.clf_lib.fingerprint(r["saved_model"]) for r in res.rows]
+      classifier.fingerprint(r["saved_model"]) for r in res.rows]
   shutil.copytree(tmp / "run", tmp_path / "run")
   run = tmp_path / "run"
   config = _config(tmp_path)

@@ -49,7 +49,8 @@ A rerun skips finished rows and resumes an interrupted one (its build from
 the step's checkpoints, the grid from its last cell, AutoAttack from its last
 (ε, attack)). A finished row whose model changed since (its SHA-256 is in the
 row) is evaluated again: its row file, the grid cells that scored it and its
-AutoAttack runs move to ``<run_dir>/stale/<key>-<old SHA-256[:12]>/`` first. If
+AutoAttack runs move to ``<run_dir>/stale/<key>-<old SHA-256[:12]>/`` first
+(``comparison_rows``). If
 the reference's model changed, every row's transfer cells are stale: the run
 refuses and asks for a new run directory. ``defense_comparison_report.write``
 renders the report; ``report_only`` renders it from the rows finished so far
@@ -70,7 +71,6 @@ import hashlib
 import json
 import pathlib
 import re
-import shutil
 import time
 from typing import Any
 
@@ -82,6 +82,7 @@ from keras_defense import defenses
 from keras_defense.certify import bounds
 from keras_defense.evaluation import diagnostics
 from keras_defense.pipelines import bound_run
+from keras_defense.pipelines import comparison_rows
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.models import classifier as clf_lib
 from keras_defense.models import export
@@ -266,44 +267,7 @@ class _Comparison:
     return self._test
 
   def row_path(self, row: Row) -> pathlib.Path:
-    return self.dir / "rows" / f"{row.key}.json"
-
-  def changed(self, kept: dict) -> str | None:
-    """Why a finished row no longer describes its model (None: it does, or cannot tell)."""
-    attacked = kept.get("model_sha256") or (kept.get("autoattack") or {}).get("model_sha256")
-    path = kept.get("saved_model")
-    if not attacked or not path or not (pathlib.Path(path) / "saved_model.pb").is_file():
-      return None
-    now = clf_lib.fingerprint(path)
-    if now == attacked:
-      return None
-    return (f"its model {path!r} changed since the row was evaluated (SHA-256 "
-            f"{attacked[:12]}... then, {now[:12]}... now)")
-
-  def set_aside(self, row: Row, kept: dict) -> pathlib.Path:
-    """Moves a changed row's results to ``<run_dir>/stale/<key>-<old sha>/``; returns it.
-
-    The grid cells that scored the row's model and its AutoAttack runs move
-    first, the row file last: a run killed in between finds the row file and
-    moves the rest next time.
-    """
-    attacked = kept.get("model_sha256") or kept["autoattack"]["model_sha256"]
-    dest = self.dir / "stale" / f"{row.key}-{attacked[:12]}"
-    moves = [(f, dest / "attack" / "cells" / f.name)
-             for f in sorted((self.dir / "attack" / "cells").glob("*"))
-             if f.name.split("__")[1:2] == [row.key]]
-    moves += [(self.dir / "autoattack" / name, dest / "autoattack" / name)
-              for name in (row.key, f"{row.key}_rand")]
-    moves.append((self.row_path(row), dest / "rows" / self.row_path(row).name))
-    for src, dst in moves:
-      if src.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if dst.is_dir():  # set aside before from the same old model: keep the newer copy
-          shutil.rmtree(dst)
-        elif dst.exists():
-          dst.unlink()
-        src.rename(dst)
-    return dest
+    return comparison_rows.row_path(self.dir, row.key)
 
   # ------------------------------------------------------------------ models
 
@@ -474,18 +438,6 @@ class _Comparison:
             "warnings": warnings}
 
 
-def load_rows(config: ComparisonConfig) -> tuple[list[dict], list[str]]:
-  """The finished rows (in order) and the names still missing."""
-  found, missing = [], []
-  for row in config.rows:
-    path = pathlib.Path(config.run_dir) / "rows" / f"{row.key}.json"
-    if path.is_file():
-      found.append(io_utils.read_json(path))
-    else:
-      missing.append(row.name)
-  return found, missing
-
-
 @dataclasses.dataclass
 class ComparisonResult:
   rows: list[dict]
@@ -508,7 +460,7 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
     comp.progress(i, len(config.rows), row.name)
     if comp.row_path(row).is_file():
       kept = io_utils.read_json(comp.row_path(row))
-      why = comp.changed(kept)
+      why = comparison_rows.changed(kept)
       if why is None:
         logging.info("row %s: finished, skipped", row.name)
         reference = reference or kept["saved_model"]
@@ -518,7 +470,7 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
             f"row {row.name!r} is the reference, and {why}: every row's transfer cells in "
             f"{str(comp.dir)!r} were crafted on the old model. Fix: a new `run_dir` (or "
             f"put the old model back).")
-      where = comp.set_aside(row, kept)
+      where = comparison_rows.set_aside(comp.dir, row.key, kept)
       logging.warning("row %s: %s; its old results moved to %s, evaluating it again.",
                       row.name, why, where)
     start = time.time()
@@ -536,7 +488,7 @@ def run(config: ComparisonConfig, *, progress: Progress | None = None) -> Compar
     io_utils.write_json(comp.row_path(row), record)
     computed.append(row.name)
   comp.progress(len(config.rows), len(config.rows), "rows done")
-  rows, missing = load_rows(config)
+  rows, missing = comparison_rows.load_rows(config.run_dir, config.rows)
   if config.certify:  # from the saved models alone: also at the report stage
     from keras_defense.pipelines import comparison_certification as cc  # pylint: disable=g-import-not-at-top
     comp.progress(len(config.rows), len(config.rows), "certifying")
