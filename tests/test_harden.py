@@ -211,6 +211,15 @@ def test_init_model_of_another_image_shape_is_refused_before_training(tmp_path):
   assert not (tmp_path / "run" / "backup").exists()
 
 
+def test_a_missing_init_model_is_named_before_training(tmp_path):
+  missing = tmp_path / "stage1" / "1"
+  config = training.TrainConfig(init_model=str(missing), run_dir=str(tmp_path / "run"), **TINY)
+  with pytest.raises(training.ConfigError,
+                     match=r"`init_model` '.*stage1/1' does not exist; .* Make it first"):
+    defenses.train(config)
+  assert not (tmp_path / "run" / "backup").exists()
+
+
 def test_the_flagfile_fills_an_init_model_pgd_config():
   import pathlib  # pylint: disable=g-import-not-at-top
   from keras_defense import flags as kd_flags  # pylint: disable=g-import-not-at-top

@@ -35,10 +35,15 @@ def load_initial(path: str, image_shape, num_classes: int) -> user_model.UserMod
     num_classes: the dataset's number of classes.
 
   Raises:
-    ConfigError: the model's input or output does not fit the data, or it ends
-      in a softmax (training takes logits).
+    ConfigError: nothing at ``path``; the model's input or output does not fit
+      the data, or it ends in a softmax (training takes logits).
     ModelLoadError, BridgeError: the model cannot be loaded or bridged.
   """
+  if not pathlib.Path(path).exists():
+    raise ConfigError(
+        f"`init_model` {path!r} does not exist; expected a .keras or .h5 file or a SavedModel "
+        f"directory. Make it first (a flagfile's header names the run that makes the "
+        f"models it starts from) or pass another path.")
   user = user_model.load_user_model(path)
   model = user.model
   if isinstance(model.input_shape, list) or isinstance(model.output_shape, list):
