@@ -133,6 +133,12 @@ def cell_key(plan: tm.Plan, attack: str, targeted: bool, epsilon: float | None) 
           f"{'targeted' if targeted else 'untargeted'}__{eps}")
 
 
+def cell_files(cells_dir: str | os.PathLike, model: str) -> list[pathlib.Path]:
+  """Every file (row JSON, success mask, examples) of the cells scored on ``model``."""
+  return sorted(f for f in pathlib.Path(cells_dir).glob("*")
+                if f.name.split("__")[1:2] == [model])  # cell_key: <threat model>__<model>__…
+
+
 def build_groups(model_names: Sequence[str], source: str, config: EvalConfig) -> list[Group]:
   """The attack grid as groups, in a stable order."""
   specs = [(a, t, e) for e in config.epsilons for a in config.attacks

@@ -21,6 +21,7 @@ import pathlib
 import shutil
 from typing import Any, Iterable
 
+from keras_defense.evaluation import grid
 from keras_defense.models import classifier as clf_lib
 from keras_defense.util import io_utils
 
@@ -70,8 +71,7 @@ def set_aside(run_dir: str | os.PathLike, key: str, kept: dict) -> pathlib.Path:
   run_dir = pathlib.Path(run_dir)
   dest = run_dir / "stale" / f"{key}-{attacked_sha256(kept)[:12]}"
   moves = [(f, dest / "attack" / "cells" / f.name)
-           for f in sorted((run_dir / "attack" / "cells").glob("*"))
-           if f.name.split("__")[1:2] == [key]]  # <threat model>__<model>__...
+           for f in grid.cell_files(run_dir / "attack" / "cells", key)]
   moves += [(run_dir / "autoattack" / name, dest / "autoattack" / name)
             for name in (key, f"{key}_rand")]
   moves.append((row_path(run_dir, key), dest / "rows" / f"{key}.json"))
