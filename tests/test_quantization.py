@@ -117,6 +117,45 @@ def test_qat_one_epoch_converts(setup):
   assert _agreement(model, content, x_test) >= 0.9
 
 
+def _range_values(model):
+  """The quantization ranges of a QAT model, in layer order."""
+  return [v.numpy() for v in model.non_trainable_variables
+          if v.name.endswith(("_min:0", "_max:0"))]
+
+
+def test_qat_ranges_are_calibrated_like_ptq(setup):
+  """Before any fine-tuning, the QAT flatbuffer is PTQ's: same ranges, same logits.
+
+  Uncalibrated, tfmot's ranges start at [-6, 6] (weights and activations) and
+  the int8 network is another one: the control below.
+  """
+  model, path, x_train, _, x_test = setup
+  rep = x_train[:100]
+  ptq = tflite.TFLiteModel(conversion.convert(path, "ptq_int8", representative=rep))(x_test)
+  scale = float(np.max(np.abs(ptq))) / 127  # ~ one output step
+  uncalibrated = qat.quantize_for_training(model, preserve="none")
+  far = tflite.TFLiteModel(conversion.convert(uncalibrated, "qat_int8", representative=rep))
+  assert np.max(np.abs(far(x_test) - ptq)) > 10 * scale  # the control: the test can fail
+  q = qat.quantize_for_training(model, preserve="none")
+  assert qat.calibrate_ranges(q, rep, batch_size=100) >= 5  # 4 kernels, 4 activations, input
+  lite = tflite.TFLiteModel(conversion.convert(q, "qat_int8", representative=rep))
+  assert np.max(np.abs(lite(x_test) - ptq)) <= 3 * scale
+  assert np.mean(np.argmax(lite(x_test), -1) == np.argmax(ptq, -1)) >= 0.99
+  # The ranges are the running min/max over the batches: any batching gives the same, to
+  # within half a step (1/510 of the range): a later layer sees its input through the
+  # upstream ranges as they stood at each batch.
+  batched = qat.quantize_for_training(model, preserve="none")
+  qat.calibrate_ranges(batched, rep, batch_size=32)
+  a, b = _range_values(q), _range_values(batched)
+  assert len(a) == len(b) >= 10
+  for one, other in zip(a, b):
+    np.testing.assert_allclose(one, other, rtol=1 / 510)
+  with pytest.raises(UserError, match="must not be empty"):
+    qat.calibrate_ranges(q, rep[:0])
+  with pytest.raises(UserError, match="batch_size"):
+    qat.calibrate_ranges(q, rep, batch_size=0)
+
+
 def test_robust_qat_trains_on_each_attack(setup):
   """Robust QAT's loss is the attacked one: above the clean CE when the model stands still."""
   model, _, x_train, y_train, _ = setup

@@ -32,6 +32,7 @@ from keras_defense.compression.conversion import convert
 from keras_defense.compression.conversion import CONVERSIONS
 from keras_defense.compression.conversion import PTQ_METHODS
 from keras_defense.compression.conversion import representative_digest
+from keras_defense.compression.qat import calibrate_ranges
 from keras_defense.compression.qat import fine_tune
 from keras_defense.compression.qat import fine_tuning_attack
 from keras_defense.compression.qat import kernel_sparsity

@@ -7,7 +7,8 @@ The stages, each optional but the conversion:
 2. ``clusters`` >= 2: cluster its kernels (sparsity-preserving for a pruned
    model), fine-tune ``epochs`` epochs, strip (``clustering``);
 3. ``method="qat_int8"``: fake-quantize (prune- or cluster-preserving when the
-   model is pruned or clustered), fine-tune ``epochs`` epochs, optionally on
+   model is pruned or clustered), calibrate its ranges on the representative
+   images (``qat.calibrate_ranges``: PTQ's ranges), fine-tune ``epochs`` epochs, optionally on
    adversarial examples, PGD, FGSM-RS or TRADES (robust QAT) (``qat``);
 4. convert (``conversion.convert``; a SavedModel untouched by 2-3 converts
    from its ``serving_default`` signature, anything else from the Keras model);
@@ -172,16 +173,18 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     stages.append({"stage": "cluster", "number_of_clusters": config.clusters,
                    "preserve_sparsity": sparse, "epoch_losses": losses,
                    "unique_weights": clustering.unique_weight_counts(model)})
-  if config.method == "qat_int8":
-    preserve = qat.preserve_for(model, clustered=bool(config.clusters))
-    model = qat.quantize_for_training(model, preserve=preserve)
-    losses = qat.fine_tune(model, train_batches(), **fine_tune)
-    stages.append({"stage": "qat", "preserve": preserve, "epoch_losses": losses})
-
   representative = None
   if config.method in conversion.NEEDS_REPRESENTATIVE:
     representative, _ = data.load_arrays(config.dataset, "train",
                                          limit=config.representative_size, **data_kwargs)
+  if config.method == "qat_int8":
+    preserve = qat.preserve_for(model, clustered=bool(config.clusters))
+    model = qat.quantize_for_training(model, preserve=preserve)
+    calibrated = qat.calibrate_ranges(model, representative, batch_size=config.batch_size)
+    losses = qat.fine_tune(model, train_batches(), **fine_tune)
+    stages.append({"stage": "qat", "preserve": preserve, "epoch_losses": losses,
+                   "ranges_calibrated": {"quantizers": calibrated,
+                                         "images": int(len(representative))}})
   source = config.base_model_path if model is parent else model
   content = conversion.convert(source, config.method, representative=representative,
                                int8_io=config.int8_io)
