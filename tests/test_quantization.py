@@ -123,15 +123,29 @@ def _range_values(model):
           if v.name.endswith(("_min:0", "_max:0"))]
 
 
+def _with_pruned_filters(model):
+  """``model`` with conv1's and conv2's first filters all zero and a bias of 0.3 each."""
+  pruned = keras.models.clone_model(model)
+  pruned.set_weights(model.get_weights())
+  for name in ("conv1", "conv2"):
+    kernel, bias = pruned.get_layer(name).get_weights()
+    kernel[..., 0], bias[0] = 0.0, 0.3
+    pruned.get_layer(name).set_weights([kernel, bias])
+  return pruned
+
+
 def test_qat_ranges_are_calibrated_like_ptq(setup):
   """Before any fine-tuning, the QAT flatbuffer is PTQ's: same ranges, same logits.
 
   Uncalibrated, tfmot's ranges start at [-6, 6] (weights and activations) and
-  the int8 network is another one: the control below.
+  the int8 network is another one: the control below. The model has two filters
+  pruned to zero with a bias: their weight range must not be [0, 0], whose int32
+  bias overflows in the converter.
   """
-  model, path, x_train, _, x_test = setup
+  model, _, x_train, _, x_test = setup
+  model = _with_pruned_filters(model)
   rep = x_train[:100]
-  ptq = tflite.TFLiteModel(conversion.convert(path, "ptq_int8", representative=rep))(x_test)
+  ptq = tflite.TFLiteModel(conversion.convert(model, "ptq_int8", representative=rep))(x_test)
   scale = float(np.max(np.abs(ptq))) / 127  # ~ one output step
   uncalibrated = qat.quantize_for_training(model, preserve="none")
   far = tflite.TFLiteModel(conversion.convert(uncalibrated, "qat_int8", representative=rep))
@@ -141,6 +155,11 @@ def test_qat_ranges_are_calibrated_like_ptq(setup):
   lite = tflite.TFLiteModel(conversion.convert(q, "qat_int8", representative=rep))
   assert np.max(np.abs(lite(x_test) - ptq)) <= 3 * scale
   assert np.mean(np.argmax(lite(x_test), -1) == np.argmax(ptq, -1)) >= 0.99
+  lo, hi = (v.numpy() for v in q.get_layer("quant_conv1").weights
+            if v.name.endswith(("kernel_min:0", "kernel_max:0")))
+  assert hi[0] > 0 and lo[0] < 0 and hi[0] == np.max(np.maximum(-lo, hi))  # the widest
+  np.testing.assert_array_equal(lite.predict_classes(x_test),
+                                np.argmax(q(x_test, training=False), -1))
   # The ranges are the running min/max over the batches: any batching gives the same, to
   # within half a step (1/510 of the range): a later layer sees its input through the
   # upstream ranges as they stood at each batch.

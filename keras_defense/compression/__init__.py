@@ -37,6 +37,7 @@ from keras_defense.compression.qat import fine_tune
 from keras_defense.compression.qat import fine_tuning_attack
 from keras_defense.compression.qat import kernel_sparsity
 from keras_defense.compression.qat import quantize_for_training
+from keras_defense.compression.qat import set_weight_ranges
 from keras_defense.compression.quantization import METHODS
 from keras_defense.compression.quantization import quantize
 from keras_defense.compression.quantization import QuantizeConfig
