@@ -15,11 +15,12 @@ https://www.tensorflow.org/model_optimization/guide/combine/collaborative_optimi
   (CQAT), with the zeros kept too when the model is also sparse.
 
 ``preserve_for(model)`` picks it from the weights. ``calibrate_ranges`` sets
-the activation ranges from representative images before fine-tuning, as
-TFLite's post-training calibration does (tfmot starts every range at [-6, 6]
-and moves it by an EMA of decay 0.999 per training step: after the ~100 steps
-of a short fine-tuning it is still ~[-5.5, 5.5], 29x coarser than the
-calibrated [0, 0.38] of M1-AT's first convolution). ``fine_tune`` trains with
+the ranges from representative images before fine-tuning, as TFLite's
+post-training calibration does (tfmot starts every range at [-6, 6] and moves
+it by an EMA of decay 0.999 per training step: after the ~100 steps of a short
+fine-tuning it is still ~[-5.5, 5.5], 29x coarser than the calibrated [0, 0.38]
+of M1-AT's first convolution); ``set_weight_ranges`` sets the weights' ranges
+again before conversion, a pruned filter's included. ``fine_tune`` trains with
 Keras ``fit``, or, with ``adversarial`` (a ``training.AdversarialSpec``: PGD,
 FGSM-RS or TRADES, the attacks of adversarial training), on adversarial
 examples crafted on the fake-quantized model itself (robust QAT: adversarial
@@ -30,6 +31,7 @@ Example:
   >>> q = quantize_for_training(m1, preserve=preserve_for(m1))
   >>> calibrate_ranges(q, x[:500])
   >>> fine_tune(q, train_ds, epochs=2, adversarial=fine_tuning_attack("trades"))
+  >>> set_weight_ranges(q)
   >>> content = conversion.convert(q, "qat_int8", representative=x[:500])
 """
 
