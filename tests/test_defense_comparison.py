@@ -219,10 +219,13 @@ def test_report_stage_certifies_old_rows_and_a_lying_bound_fails_loudly(result, 
   row_file.write_text(json.dumps(dict(kept, saved_model=str(tmp_path / "gone" / "1"))))
   gone = dc.run(config).rows[0]["certified"]
   assert gone["per_eps"] == [] and "is not in this checkout" in gone["reason"]
-  other = dict(kept, autoattack=dict(kept["autoattack"], model_sha256="0" * 64))
-  row_file.write_text(json.dumps(other))
-  assert "is not the one this row's attacks ran on" in \
-      dc.run(config).rows[0]["certified"]["reason"]
+  # The attacked model's SHA-256: the row's own field, else (older rows) its AutoAttack run's.
+  old_row = {k: v for k, v in kept.items() if k != "model_sha256"}
+  for other in (dict(kept, model_sha256="0" * 64),
+                dict(old_row, autoattack=dict(kept["autoattack"], model_sha256="0" * 64))):
+    row_file.write_text(json.dumps(other))
+    assert "is not the one this row's attacks ran on" in \
+        dc.run(config).rows[0]["certified"]["reason"]
   row_file.write_text(json.dumps(kept))
   shutil.rmtree(tmp_path / "run" / "certified")
   from keras_defense.certify import bounds  # pylint: disable=g-import-not-at-top

@@ -32,6 +32,7 @@ from keras_defense.certify import bounds
 from keras_defense.evaluation import certified as cert_lib
 from keras_defense.evaluation import grid as evaluation
 from keras_defense.models import classifier as clf_lib
+from keras_defense.pipelines import comparison_rows
 from keras_defense.util import io_utils
 from keras_defense.util.errors import UserError
 
@@ -76,13 +77,13 @@ def _model_digest(row: dict) -> tuple[str | None, str | None]:
   A certificate speaks for the row only on the model its attacks ran on: the
   model must be in this checkout (a row kept from an earlier run may name one
   built there and never committed) and, when the row recorded the attacked
-  model's SHA-256, have that digest.
+  model's SHA-256 (``comparison_rows.attacked_sha256``), have that digest.
   """
   path = row["saved_model"]
   if not pathlib.Path(path).exists():
     return None, (f"the row's model {path} is not in this checkout (a row kept from the run "
                   f"that built it); rebuild the model and rerun the row to certify it")
-  attacked = (row.get("autoattack") or {}).get("model_sha256")
+  attacked = comparison_rows.attacked_sha256(row)
   digest = clf_lib.fingerprint(path)
   if attacked and attacked != digest:
     return None, (f"the model at {path} (SHA-256 {digest[:12]}…) is not the one this row's "
