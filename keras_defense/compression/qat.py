@@ -167,6 +167,9 @@ def calibrate_ranges(model: keras.Model, images: np.ndarray, *, batch_size: int 
   original_all_values = quantizers.AllValuesQuantizer.__call__
   classes = {quantizers.MovingAverageQuantizer: moving_average,
              quantizers.AllValuesQuantizer: all_values}
+  # tfmot hard-codes the EMA decay in the quantizers' __call__: the calibration pass swaps
+  # it on the two classes for its duration (a model called from another thread meanwhile
+  # would calibrate too).
   originals = {cls: cls.__dict__["__call__"] for cls in classes}
   try:
     for cls, call in classes.items():
