@@ -39,6 +39,7 @@ from typing import Iterator
 
 import numpy as np
 
+from keras_defense.compression import qat
 from keras_defense.models import export
 from keras_defense.util.compat import keras
 from keras_defense.util.compat import tf
@@ -96,8 +97,9 @@ def convert(model: str | os.PathLike | keras.Model, method: str, *,
   Args:
     model: a SavedModel directory (its ``serving_default`` signature is
       converted) or a tf_keras model mapping float32 images to logits (a QAT
-      model from ``qat.quantize_for_training`` included; strip pruning and
-      clustering wrappers first).
+      model from ``qat.quantize_for_training`` included, whose weight ranges
+      ``qat.set_weight_ranges`` sets first; strip pruning and clustering
+      wrappers first).
     method: one of ``CONVERSIONS``: "none", "ptq_dynamic", "ptq_int8",
       "ptq_float16", "qat_int8".
     representative: float32 (N, H, W, C) in [0, 1] training images; required by
@@ -120,6 +122,10 @@ def convert(model: str | os.PathLike | keras.Model, method: str, *,
   if int8_io and not needs_data:
     raise UserError(f"`int8_io` needs a full-integer method (ptq_int8 or qat_int8); "
                     f"got method {method!r}, whose tensors stay float.")
+  if method == "qat_int8" and isinstance(model, keras.Model):
+    # The weight ranges from the final weights, and none [0, 0] (a pruned filter's int32
+    # bias would overflow); a no-op for a model without fake quantization.
+    qat.set_weight_ranges(model)
   converter = _converter(model)
   if method != "none":
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -20,7 +20,7 @@ post-training calibration does (tfmot starts every range at [-6, 6] and moves
 it by an EMA of decay 0.999 per training step: after the ~100 steps of a short
 fine-tuning it is still ~[-5.5, 5.5], 29x coarser than the calibrated [0, 0.38]
 of M1-AT's first convolution); ``set_weight_ranges`` sets the weights' ranges
-again before conversion, a pruned filter's included. ``fine_tune`` trains with
+(``conversion.convert`` calls it again), a pruned filter's included. ``fine_tune`` trains with
 Keras ``fit``, or, with ``adversarial`` (a ``training.AdversarialSpec``: PGD,
 FGSM-RS or TRADES, the attacks of adversarial training), on adversarial
 examples crafted on the fake-quantized model itself (robust QAT: adversarial
@@ -31,7 +31,6 @@ Example:
   >>> q = quantize_for_training(m1, preserve=preserve_for(m1))
   >>> calibrate_ranges(q, x[:500])
   >>> fine_tune(q, train_ds, epochs=2, adversarial=fine_tuning_attack("trades"))
-  >>> set_weight_ranges(q)
   >>> content = conversion.convert(q, "qat_int8", representative=x[:500])
 """
 
@@ -157,23 +156,22 @@ def calibrate_ranges(model: keras.Model, images: np.ndarray, *, batch_size: int 
     seen.add(id(lo))
     return quant_ops.MovingAvgQuantize(inputs, lo, hi, is_training=False, **options)
 
+  # tfmot hard-codes the EMA decay in the quantizers' __call__: the calibration pass swaps
+  # it on the two classes for its duration (a model called from another thread meanwhile
+  # would calibrate too).
+  originals = {cls: cls.__dict__["__call__"]
+               for cls in (quantizers.MovingAverageQuantizer, quantizers.AllValuesQuantizer)}
+
   def all_values(quantizer, inputs, training, weights, **kwargs):  # pylint: disable=unused-argument
     seen.add(id(weights["min_var"]))
-    return original_all_values(quantizer, inputs, True, weights, **kwargs)
+    return originals[quantizers.AllValuesQuantizer](quantizer, inputs, True, weights, **kwargs)
 
   # Weights first, so the activations are calibrated through the weights as they will be
   # rounded.
   weight_ranges = set_weight_ranges(model)
-  original_all_values = quantizers.AllValuesQuantizer.__call__
-  classes = {quantizers.MovingAverageQuantizer: moving_average,
-             quantizers.AllValuesQuantizer: all_values}
-  # tfmot hard-codes the EMA decay in the quantizers' __call__: the calibration pass swaps
-  # it on the two classes for its duration (a model called from another thread meanwhile
-  # would calibrate too).
-  originals = {cls: cls.__dict__["__call__"] for cls in classes}
   try:
-    for cls, call in classes.items():
-      cls.__call__ = call
+    quantizers.MovingAverageQuantizer.__call__ = moving_average
+    quantizers.AllValuesQuantizer.__call__ = all_values
     for start in range(0, len(images), batch_size):
       model(tf.constant(images[start:start + batch_size]), training=False)
   finally:
@@ -194,9 +192,9 @@ def set_weight_ranges(model: keras.Model) -> int:
   QAT .tflite had conv1's biases off by up to 0.17 and agreed with the float
   model on 98.8% of the test images (PTQ: 99.95%), where its Keras twin, whose
   biases stay float, agreed on 99.96%. Such a channel gets its layer's widest
-  range instead (zeros stay exactly zero). Call it before converting: a
-  training step sets the ranges before its own update, so after fine-tuning
-  they lag one step behind the weights.
+  range instead (zeros stay exactly zero). ``conversion.convert`` calls it on
+  every QAT model it converts: a training step sets the ranges before its own
+  update, so after fine-tuning they lag one step behind the weights.
 
   Args:
     model: a model from ``quantize_for_training``.
@@ -211,10 +209,10 @@ def set_weight_ranges(model: keras.Model) -> int:
       lo, hi = quantizer_vars["min_var"], quantizer_vars["max_var"]
       width = tf.maximum(tf.abs(lo), tf.abs(hi))
       widest = tf.reduce_max(width)
-      fallback = tf.where(widest > 0, widest, tf.ones_like(widest))
+      fallback = tf.where(widest > 0, widest, 1.0)
       empty = width <= 1e-6 * widest
-      lo.assign(tf.where(empty, -fallback * tf.ones_like(lo), lo))
-      hi.assign(tf.where(empty, fallback * tf.ones_like(hi), hi))
+      lo.assign(tf.where(empty, -fallback, lo))
+      hi.assign(tf.where(empty, fallback, hi))
       count += 1
   return count
 

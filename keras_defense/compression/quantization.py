@@ -9,10 +9,10 @@ The stages, each optional but the conversion:
 3. ``method="qat_int8"``: fake-quantize (prune- or cluster-preserving when the
    model is pruned or clustered), calibrate its ranges on the representative
    images (``qat.calibrate_ranges``: PTQ's ranges), fine-tune ``epochs`` epochs,
-   optionally on adversarial examples, PGD, FGSM-RS or TRADES (robust QAT),
-   then set the weight ranges from the final weights (``qat.set_weight_ranges``);
+   optionally on adversarial examples, PGD, FGSM-RS or TRADES (robust QAT);
 4. convert (``conversion.convert``; a SavedModel untouched by 2-3 converts
-   from its ``serving_default`` signature, anything else from the Keras model);
+   from its ``serving_default`` signature, anything else from the Keras model,
+   a QAT model with its weight ranges set from the final weights);
    ``ptq_int8``/``qat_int8`` calibrate on ``representative_size`` images of the
    training split;
 5. write ``export_path`` and its provenance ``<export_path>.json`` atomically,
@@ -183,7 +183,6 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     model = qat.quantize_for_training(model, preserve=preserve)
     calibrated = qat.calibrate_ranges(model, representative, batch_size=config.batch_size)
     losses = qat.fine_tune(model, train_batches(), **fine_tune)
-    qat.set_weight_ranges(model)  # the final weights' (and no pruned filter at [0, 0])
     stages.append({"stage": "qat", "preserve": preserve, "epoch_losses": losses,
                    "ranges_calibrated": {"quantizers": calibrated,
                                          "images": int(len(representative))}})

@@ -27,7 +27,7 @@ common.define_nonnegative("clusters", 0,
                           "cluster_weights; 16 in tfmot's examples), fine-tuned --epochs; 0: none.")
 common.define_count("representative_size", 500,
                     "Training images that calibrate int8 activation ranges (TFLite's guide: "
-                    "~100-500).")
+                    "~100-500); qat_int8 starts its fine-tuning from these ranges.")
 flags.DEFINE_bool("int8_io", False,
                   "int8 input and output tensors (ptq_int8/qat_int8); default float32 in/out.")
 flags.DEFINE_string("export_path", None, "The .tflite to write; its provenance goes to "
@@ -49,8 +49,8 @@ def quantize_flags(fv=None) -> None:
   flags.DEFINE_enum("method", "ptq_int8", list(_METHODS),
                     "ptq_dynamic: int8 weights, float activations; ptq_int8: full-integer "
                     "int8, calibrated on --representative_size training images; ptq_float16: "
-                    "float16 weights; qat_int8: tfmot quantization-aware fine-tuning "
-                    "(--epochs, default 2; prune-preserving for a pruned model, "
+                    "float16 weights; qat_int8: tfmot quantization-aware fine-tuning from "
+                    "PTQ's ranges (--epochs, default 2; prune-preserving for a pruned model, "
                     "cluster-preserving with --clusters), then int8.",
                     flag_values=fv, allow_override=True)
 
