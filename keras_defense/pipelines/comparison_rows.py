@@ -74,7 +74,7 @@ def set_aside(run_dir: str | os.PathLike, key: str, kept: dict) -> pathlib.Path:
            for f in grid.cell_files(run_dir / "attack" / "cells", key)]
   moves += [(run_dir / "autoattack" / name, dest / "autoattack" / name)
             for name in (key, f"{key}_rand")]
-  moves.append((row_path(run_dir, key), dest / "rows" / f"{key}.json"))
+  moves.append((row_path(run_dir, key), row_path(dest, key)))
   for src, dst in moves:
     if src.exists():
       dst.parent.mkdir(parents=True, exist_ok=True)
